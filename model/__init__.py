@@ -1,0 +1,1 @@
+"""Architectures, loaders and the tokenizer."""

@@ -1,0 +1,1 @@
+"""Fused Pallas kernels (one package per op) and their per-platform lowerings."""

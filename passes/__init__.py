@@ -1,0 +1,54 @@
+"""The IR (graph capture, printer, pass manager) and one module per pass."""
+
+from __future__ import annotations
+
+from pallax.passes.cast import CAST_DTYPES, Cast, cast
+from pallax.passes.ir import CacheLayout, Graph, StepSpec, capture
+from pallax.passes.manager import Pass, describe, run_passes
+from pallax.passes.printer import format_graph
+from pallax.passes.rewrite import rewrite
+from pallax.passes.verify import GraphError, verify
+
+# Pass names accepted on the command line and as strings in `pallax.compile`:
+# "name" or "name:arg" (e.g. "cast:bfloat16", "bf16").
+PASS_FACTORIES = {"cast": cast}
+ALIASES = {"bf16": "cast:bfloat16", "bfloat16": "cast:bfloat16", "fp16": "cast:float16"}
+
+
+def parse_pass(spec: str):
+    """A pass from its textual form, e.g. "cast:bfloat16"."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"pass {spec!r} must be a non-empty string")
+    spec = ALIASES.get(spec, spec)
+    name, _, arg = spec.partition(":")
+    factory = PASS_FACTORIES.get(name)
+    if factory is None:
+        raise ValueError(
+            f"unknown pass {name!r}; known passes: {sorted(PASS_FACTORIES)} "
+            f"(aliases: {sorted(ALIASES)})"
+        )
+    return factory(arg) if arg else factory()
+
+
+def resolve_passes(passes) -> tuple:
+    """Pass objects from a list of pass objects and/or names; validated before compiling."""
+    if passes is None:
+        return ()
+    if isinstance(passes, str) or not isinstance(passes, (list, tuple)):
+        raise ValueError(f"passes must be a list of passes or pass names, got {passes!r}")
+    out = []
+    for p in passes:
+        if isinstance(p, str):
+            out.append(parse_pass(p))
+        elif callable(p) and hasattr(p, "name"):
+            out.append(p)
+        else:
+            raise ValueError(f"{p!r} is not a pass (a pass object or one of {sorted(PASS_FACTORIES)})")
+    return tuple(out)
+
+
+__all__ = [
+    "CAST_DTYPES", "CacheLayout", "Cast", "Graph", "GraphError", "Pass", "StepSpec", "capture",
+    "cast", "describe", "format_graph", "parse_pass", "resolve_passes", "rewrite", "run_passes",
+    "verify",
+]  # fmt: skip

@@ -1,0 +1,51 @@
+"""cast: weights, activations and the KV cache to a floating dtype (e.g. bfloat16).
+
+Semantic ops compute in float32 internally and return their input's dtype, so
+casting the weights and the cache is enough: re-tracing the graph propagates the
+dtype through every op. Logits stay float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallax.passes.ir import Graph
+from pallax.passes.manager import map_weights
+from pallax.passes.rewrite import rewrite
+
+CAST_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cast:
+    dtype: str = "bfloat16"
+    name: str = dataclasses.field(default="cast", init=False)
+
+    def __post_init__(self):
+        if self.dtype not in CAST_DTYPES:
+            raise ValueError(f"cast dtype {self.dtype!r} is not supported; allowed: {CAST_DTYPES}")
+
+    def __call__(self, graph: Graph) -> Graph:
+        dtype = jnp.dtype(self.dtype)
+
+        def convert(weights):
+            def one(w):
+                if jnp.issubdtype(w.dtype, jnp.floating):
+                    return jax.device_put(jnp.asarray(w).astype(dtype))
+                return w
+
+            return {k: jax.tree.map(one, v) for k, v in weights.items()}
+
+        weights = map_weights(("cast", self.dtype), graph.weights, convert)
+        graph = rewrite(graph, weights=weights, cache=graph.cache.with_dtype(dtype))
+        return graph.replace(meta={**graph.meta, "dtype": self.dtype})
+
+
+def cast(dtype: str = "bfloat16") -> Cast:
+    """The cast pass: weights, activations and KV cache to `dtype`."""
+    if not isinstance(dtype, str):
+        dtype = jnp.dtype(dtype).name
+    return Cast(dtype)

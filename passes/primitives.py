@@ -1,0 +1,278 @@
+"""The semantic ops models are written in.
+
+Each op is a JAX primitive with an abstract eval and a pure-jnp reference; the
+reference is also the CPU lowering, so it is written to be fast under XLA:CPU.
+Pallas kernels are registered as the `tpu` / `cuda` lowerings in
+`pallax.pallas_kernels.lowerings`; model code never chooses a kernel.
+
+Shape letters: B batch, T query length, S cache length, N heads, K kv heads,
+H head dim, D model dim, F ffn dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+F32 = jnp.float32
+MLP_KINDS = ("swiglu", "geglu_tanh")
+
+
+def widen(w: jax.Array) -> jax.Array:
+    """Float32 view of a weight, exact for bf16/f16/f32.
+
+    XLA:CPU runs a bf16 matmul by converting the whole operand array; widening a
+    bf16 weight with an integer shift and a bitcast is exact and lets XLA fuse
+    the conversion into the consumer instead of materialising a float copy.
+    """
+    if w.dtype == jnp.bfloat16:
+        bits = lax.bitcast_convert_type(w, jnp.uint16).astype(jnp.uint32)
+        return lax.bitcast_convert_type(lax.shift_left(bits, jnp.uint32(16)), F32)
+    return w.astype(F32)
+
+
+def _define(name: str, reference, abstract, *, multiple_results: bool = False) -> Primitive:
+    prim = Primitive(name)
+    prim.multiple_results = multiple_results
+    prim.def_impl(lambda *args, **params: jax.jit(functools.partial(reference, **params))(*args))
+    prim.def_abstract_eval(abstract)
+    mlir.register_lowering(prim, mlir.lower_fun(reference, multiple_results=multiple_results))
+    prim.reference = reference  # type: ignore[attr-defined]
+    return prim
+
+
+# --------------------------------------------------------------------------- embed
+def embed_reference(ids, table, *, scale):
+    """ids [B, T] int32, table [V, D] -> [B, T, D] in table dtype (times `scale`)."""
+    rows = jnp.take(table, ids, axis=0, mode="clip")  # [B, T, D]
+    if scale is None:
+        return rows
+    return (widen(rows) * jnp.asarray(scale, F32)).astype(table.dtype)
+
+
+def _embed_abstract(ids, table, *, scale):
+    del scale
+    return ShapedArray((*ids.shape, table.shape[1]), table.dtype)
+
+
+embed_p = _define("embed", embed_reference, _embed_abstract)
+
+
+def embed(ids, table, *, scale=None):
+    return embed_p.bind(ids, table, scale=None if scale is None else float(scale))
+
+
+# ------------------------------------------------------------------------ rms_norm
+def rms_norm_reference(x, w, *, eps):
+    """x [..., D], w [D] -> x.dtype; statistics in float32."""
+    x32 = x.astype(F32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    return (x32 * lax.rsqrt(var + eps) * widen(w)).astype(x.dtype)
+
+
+def _rms_norm_abstract(x, w, *, eps):
+    del eps
+    if w.shape != (x.shape[-1],):
+        raise TypeError(f"rms_norm weight shape {w.shape} does not match x {x.shape}")
+    return ShapedArray(x.shape, x.dtype)
+
+
+rms_norm_p = _define("rms_norm", rms_norm_reference, _rms_norm_abstract)
+
+
+def rms_norm(x, w, *, eps):
+    return rms_norm_p.bind(x, w, eps=float(eps))
+
+
+# -------------------------------------------------------------------------- linear
+def linear_reference(x, w):
+    """x [..., D_in] @ w [D_in, D_out] -> x.dtype, accumulated in float32."""
+    y = jnp.einsum("...i,io->...o", x.astype(F32), widen(w), preferred_element_type=F32)
+    return y.astype(x.dtype)
+
+
+def _linear_abstract(x, w):
+    if x.shape[-1] != w.shape[0]:
+        raise TypeError(f"linear: x {x.shape} and w {w.shape} do not contract")
+    return ShapedArray((*x.shape[:-1], w.shape[1]), x.dtype)
+
+
+linear_p = _define("linear", linear_reference, _linear_abstract)
+
+
+def linear(x, w):
+    return linear_p.bind(x, w)
+
+
+# ---------------------------------------------------------------------------- rope
+def rope_reference(x, positions, *, theta, scaling=1.0):
+    """Rotary embedding, rotate-half layout. x [B, T, N, H], positions [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=F32) * 2.0 / x.shape[-1]))
+    angles = (positions.astype(F32) / scaling)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(F32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _rope_abstract(x, positions, *, theta, scaling):
+    del theta, scaling
+    if positions.shape != x.shape[:2]:
+        raise TypeError(f"rope: positions {positions.shape} vs x {x.shape}")
+    return ShapedArray(x.shape, x.dtype)
+
+
+rope_p = _define("rope", rope_reference, _rope_abstract)
+
+
+def rope(x, positions, *, theta, scaling=1.0):
+    return rope_p.bind(x, positions, theta=float(theta), scaling=float(scaling))
+
+
+# ----------------------------------------------------------------------- attention
+def write_kv(cache, new, pos):
+    """cache [B, K, S, H] <- new [B, T, K, H] at rows pos[b] .. pos[b] + T."""
+    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)  # [B, K, T, H]
+    return jax.vmap(lambda c, n, p: lax.dynamic_update_slice(c, n, (0, p, 0)))(cache, new, pos)
+
+
+def attention_mask(pos, t, s, sliding_window):
+    """[B, T, S] bool: query at pos[b] + t sees key j iff j <= it (and within the window)."""
+    q_pos = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    k_pos = jnp.arange(s, dtype=jnp.int32)
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]
+    if sliding_window is not None:
+        mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    return mask
+
+
+def attention_core(q, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
+    """Grouped-query attention of q [B, T, N, H] over the cache [B, K, S, H]."""
+    b, t, n, h = q.shape
+    kv, s = k_cache.shape[1], k_cache.shape[2]
+    qg = q.astype(F32).reshape(b, t, kv, n // kv, h) * scale
+    logits = jnp.einsum(
+        "BTKGH,BKSH->BKGTS", qg, k_cache.astype(F32), preferred_element_type=F32
+    )
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    mask = attention_mask(pos, t, s, sliding_window)  # [B, T, S]
+    logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_cache.astype(F32), preferred_element_type=F32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def attention_reference(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
+    """Write k/v [B, T, K, H] into the caches at pos [B], then attend causally.
+
+    Returns (out [B, T, N, H], k_cache, v_cache). Cache slots past a sequence's
+    position may hold anything: they are masked with `where`, never multiplied.
+    """
+    k_cache = write_kv(k_cache, k, pos)
+    v_cache = write_kv(v_cache, v, pos)
+    out = attention_core(
+        q, k_cache, v_cache, pos, scale=scale, sliding_window=sliding_window, softcap=softcap
+    )
+    return out, k_cache, v_cache
+
+
+def _attention_abstract(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
+    del scale, sliding_window, softcap
+    b, t, n, h = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != h:
+        raise TypeError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} disagree")
+    kv = k.shape[2]
+    if n % kv:
+        raise TypeError(f"attention: {n=} query heads not divisible by {kv=} kv heads")
+    if k_cache.shape != v_cache.shape or k_cache.shape[:2] != (b, kv) or k_cache.shape[3] != h:
+        raise TypeError(f"attention: cache {k_cache.shape} does not match k {k.shape}")
+    if pos.shape != (b,):
+        raise TypeError(f"attention: pos {pos.shape} must be [{b}]")
+    return (
+        ShapedArray(q.shape, q.dtype),
+        ShapedArray(k_cache.shape, k_cache.dtype),
+        ShapedArray(v_cache.shape, v_cache.dtype),
+    )
+
+
+attention_p = _define(
+    "attention", attention_reference, _attention_abstract, multiple_results=True
+)
+
+
+def attention(q, k, v, k_cache, v_cache, pos, *, scale=None, sliding_window=None, softcap=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return attention_p.bind(
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        pos,
+        scale=scale,
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        softcap=None if softcap is None else float(softcap),
+    )
+
+
+# ------------------------------------------------------------------------- mlp_act
+def mlp_act_reference(gate, up, *, kind):
+    """SwiGLU: silu(gate) * up; GeGLU: gelu_tanh(gate) * up. Computed in float32."""
+    g = gate.astype(F32)
+    if kind == "swiglu":
+        act = g * jax.nn.sigmoid(g)
+    else:
+        act = jax.nn.gelu(g, approximate=True)
+    return (act * up.astype(F32)).astype(gate.dtype)
+
+
+def _mlp_act_abstract(gate, up, *, kind):
+    if kind not in MLP_KINDS:
+        raise TypeError(f"mlp_act {kind=} not in {MLP_KINDS}")
+    if gate.shape != up.shape:
+        raise TypeError(f"mlp_act: gate {gate.shape} vs up {up.shape}")
+    return ShapedArray(gate.shape, gate.dtype)
+
+
+mlp_act_p = _define("mlp_act", mlp_act_reference, _mlp_act_abstract)
+
+
+def mlp_act(gate, up, *, kind):
+    return mlp_act_p.bind(gate, up, kind=kind)
+
+
+# ------------------------------------------------------------------------- lm_head
+def lm_head_reference(x, table, *, softcap):
+    """x [..., D] against the (tied) table [V, D] -> float32 logits [..., V]."""
+    logits = jnp.einsum("...d,vd->...v", x.astype(F32), widen(table), preferred_element_type=F32)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logits
+
+
+def _lm_head_abstract(x, table, *, softcap):
+    del softcap
+    if x.shape[-1] != table.shape[1]:
+        raise TypeError(f"lm_head: x {x.shape} vs table {table.shape}")
+    return ShapedArray((*x.shape[:-1], table.shape[0]), F32)
+
+
+lm_head_p = _define("lm_head", lm_head_reference, _lm_head_abstract)
+
+
+def lm_head(x, table, *, softcap=None):
+    return lm_head_p.bind(x, table, softcap=None if softcap is None else float(softcap))
+
+
+SEMANTIC_PRIMITIVES = (embed_p, rms_norm_p, linear_p, rope_p, attention_p, mlp_act_p, lm_head_p)

@@ -1,0 +1,1 @@
+"""KV caches, sampling, generation loops."""

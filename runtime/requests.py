@@ -1,0 +1,167 @@
+"""Generation requests: validation at the API boundary, and turning tokens into results."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from pallax.runtime.sampling import SamplingParams
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt_token_ids: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_ids: frozenset[int]  # token ids that end generation (eos unless ignore_eos)
+    stop: tuple[str, ...]  # stop strings
+    ignore_eos: bool
+
+
+def encode_prompt(compiled, prompt) -> list[int]:
+    tok = compiled.tokenizer
+    if isinstance(prompt, str):
+        if prompt == "":
+            raise ValueError("prompt is empty; give at least one character or token")
+        ids = tok.encode(prompt)
+    elif isinstance(prompt, (list, tuple, np.ndarray)):
+        ids = [int(i) for i in prompt]
+        bad = [i for i in ids if not 0 <= i < compiled.config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token ids {bad[:5]} are outside [0, {compiled.config.vocab_size})"
+            )
+    else:
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt)}")
+    if not ids:
+        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+    return list(ids)
+
+
+def _per_prompt(name, value, n):
+    if isinstance(value, (list, tuple)) and name not in ("stop", "stop_token_ids"):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values for {n} prompts")
+        return list(value)
+    if name in ("stop", "stop_token_ids") and isinstance(value, (list, tuple)) and value:
+        if all(isinstance(v, (list, tuple)) for v in value):
+            if len(value) != n:
+                raise ValueError(f"{name} has {len(value)} lists for {n} prompts")
+            return list(value)
+    return [value] * n
+
+
+def build_requests(
+    compiled,
+    prompts,
+    *,
+    max_new_tokens=64,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    seed=None,
+    stop=None,
+    stop_token_ids=None,
+    ignore_eos=False,
+) -> list[Request]:
+    """Validate everything before anything compiles; one Request per prompt."""
+    if isinstance(prompts, str) or (
+        isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))
+    ):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a non-empty list of strings or token lists, got {prompts!r}")
+    n = len(prompts)
+    ctx = compiled.config.context_length
+    args = {
+        k: _per_prompt(k, v, n)
+        for k, v in dict(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+        ).items()
+    }  # fmt: skip
+    reqs = []
+    for i, prompt in enumerate(prompts):
+        ids = encode_prompt(compiled, prompt)
+        m = args["max_new_tokens"][i]
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise ValueError(f"max_new_tokens={m!r} must be an integer >= 1")
+        if len(ids) >= ctx:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; the context length is {ctx}")
+        if len(ids) + m > ctx:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens and max_new_tokens={m}: "
+                f"{len(ids) + m} exceeds the context length {ctx}"
+            )
+        sampling = SamplingParams(
+            temperature=args["temperature"][i],
+            top_k=args["top_k"][i],
+            top_p=args["top_p"][i],
+            min_p=args["min_p"][i],
+            seed=args["seed"][i],
+        )
+        stop_strings = _stop_strings(args["stop"][i])
+        user_ids = _stop_ids(args["stop_token_ids"][i], compiled.config.vocab_size)
+        ignore = bool(args["ignore_eos"][i])
+        eos = frozenset() if ignore else frozenset(compiled.tokenizer.stop_ids)
+        reqs.append(Request(ids, int(m), sampling, eos | user_ids, stop_strings, ignore))
+    return reqs
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop={stop!r} must be a non-empty string or a list of them")
+    return tuple(stop)
+
+
+def _stop_ids(ids, vocab) -> frozenset[int]:
+    if ids is None:
+        return frozenset()
+    if isinstance(ids, (int, np.integer)):
+        ids = [ids]
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < vocab:
+            raise ValueError(f"stop_token_ids value {i!r} must be a token id in [0, {vocab})")
+        out.append(int(i))
+    return frozenset(out)
+
+
+def finish(tokenizer, req: Request, ids) -> GenerationResult:
+    """Text, ids and finish reason for one row; stop strings cut text and ids."""
+    ids = [int(i) for i in ids]
+    reason = "length"
+    if ids and ids[-1] in req.stop_ids:
+        reason = "stop"
+        body = ids[:-1]
+    else:
+        body = ids
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=None)
+    if cut is not None:
+        text = text[:cut]
+        reason = "stop"
+        keep = len(body)
+        for k in range(1, len(body) + 1):
+            if len(tokenizer.decode(body[:k], skip_special_tokens=True)) >= cut + 1:
+                keep = k
+                break
+        ids = body[:keep]
+    return GenerationResult(text, ids, reason, list(req.prompt_ids))

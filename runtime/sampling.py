@@ -1,0 +1,94 @@
+"""Token sampling on device: greedy, temperature, top-k, top-p, min-p, per-row seeds.
+
+Parameters are arrays with one entry per batch row, so one compiled loop serves
+every mix of requests; greedy rows skip the sort entirely when the whole batch is
+greedy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks tokens; validated at the API boundary."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        t, k, p, m = self.temperature, self.top_k, self.top_p, self.min_p
+        if not (isinstance(t, (int, float)) and np.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature={t!r} must be a finite number >= 0 (0 is greedy)")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"top_k={k!r} must be an integer >= 0 (0 disables it)")
+        if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
+            raise ValueError(f"top_p={p!r} must be in (0, 1] (1 disables it)")
+        if not (isinstance(m, (int, float)) and 0.0 <= m <= 1.0):
+            raise ValueError(f"min_p={m!r} must be in [0, 1] (0 disables it)")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+        ):
+            raise ValueError(f"seed={self.seed!r} must be an integer or None")
+
+
+def pack(params: list[SamplingParams], batch: int) -> dict[str, jax.Array]:
+    """Per-row arrays for a batch (rows past len(params) are greedy padding)."""
+    rows = list(params) + [SamplingParams()] * (batch - len(params))
+    seeds = []
+    for i, p in enumerate(rows):
+        seeds.append(p.seed if p.seed is not None else np.random.SeedSequence().entropy % (2**31) + i)
+    return {
+        "temperature": jnp.asarray([p.temperature for p in rows], jnp.float32),
+        "top_k": jnp.asarray([p.top_k for p in rows], jnp.int32),
+        "top_p": jnp.asarray([p.top_p for p in rows], jnp.float32),
+        "min_p": jnp.asarray([p.min_p for p in rows], jnp.float32),
+        "seed": jnp.asarray([int(s) % (2**32) for s in seeds], jnp.uint32),
+    }
+
+
+def _sample_rows(logits, params, step):
+    """logits [B, V] float32 -> tokens [B] under per-row parameters."""
+    b, v = logits.shape
+    temp = params["temperature"]
+    scaled = logits / jnp.maximum(temp, 1e-6)[:, None]
+    order = jnp.argsort(-scaled, axis=-1)  # [B, V] descending
+    vals = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(vals, axis=-1)
+    rank = jnp.arange(v, dtype=jnp.int32)[None, :]
+    keep = jnp.ones((b, v), bool)
+    k = params["top_k"][:, None]
+    keep &= (k <= 0) | (rank < k)
+    cum = jnp.cumsum(probs, axis=-1)
+    keep &= (cum - probs) < params["top_p"][:, None]
+    keep &= probs >= params["min_p"][:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)
+    masked = jnp.where(keep, vals, -jnp.inf)
+
+    def one(seed, row_logits):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        return jax.random.categorical(key, row_logits)
+
+    choice = jax.vmap(one)(params["seed"], masked)  # [B] index into sorted order
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    greedy = jnp.argmax(logits, axis=-1)
+    return jnp.where(temp > 0, sampled, greedy).astype(jnp.int32)
+
+
+def sample(logits, params, step):
+    """Next tokens [B] int32; the sort runs only when some row samples."""
+    logits = logits.astype(jnp.float32)
+    return lax.cond(
+        jnp.any(params["temperature"] > 0),
+        lambda: _sample_rows(logits, params, step),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+    )

@@ -1,0 +1,1 @@
+"""Meshes and partition rules (tensor parallelism arrives with the sharding issue)."""

@@ -154,7 +154,7 @@ class CompiledModel:
         state, fns, b = self._start([req])
         _, _, loop = fns
         args = self._loop_args([req], b)
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)
         emitted, text, ids = "", "", []
         while True:
             tok, done, count = jax.device_get((state.token[0], state.done[0], state.count[0]))

@@ -1,0 +1,121 @@
+"""The `pallax` command: generate, inspect.
+
+    pallax generate "The capital of France is" --max-new-tokens 32 --passes bf16
+    pallax inspect --step decode --passes cast:bfloat16
+
+Bad input prints one line naming the problem (no traceback) and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from pallax.model.configs import DEFAULT_MODEL
+
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model name or path to a .gguf file (%(default)s)"
+    )
+    p.add_argument(
+        "--passes",
+        default="",
+        help="comma-separated passes, e.g. 'cast:bfloat16' or 'bf16' (default: none)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pallax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a continuation of a prompt")
+    g.add_argument("prompt", help="the prompt text")
+    _add_model_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+
+    i = sub.add_parser("inspect", help="print the graph before and after each pass")
+    _add_model_args(i)
+    i.add_argument("--step", default="decode", choices=("prefill", "decode"))
+    return parser
+
+
+def _passes(spec: str):
+    from pallax.passes import resolve_passes
+
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    return resolve_passes(names)
+
+
+def _generate(args) -> None:
+    import pallax
+    from pallax.runtime.sampling import SamplingParams
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+    if args.prompt == "":
+        raise ValueError("prompt is empty; give at least one character")
+    passes = _passes(args.passes)
+    model = pallax.load(args.model)
+    compiled = pallax.compile(model, passes=list(passes))
+    prompt = args.prompt
+    if args.chat:
+        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    stream = compiled.stream(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _inspect(args) -> None:
+    import pallax
+    from pallax.passes.ir import StepSpec, capture
+    from pallax.passes.manager import printing_dump, run_passes
+
+    passes = _passes(args.passes)
+    model = pallax.load(args.model)
+    s = min(256, model.config.context_length)
+    specs = [StepSpec("prefill", 1, 16, s), StepSpec("decode", 1, 1, s)]
+    graph = capture(model.forward, model.weights, model.cache_layout(), specs, {})
+    run_passes(graph, passes, dump=printing_dump(args.step))
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            _generate(args)
+        else:
+            _inspect(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"pallax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

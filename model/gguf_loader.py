@@ -108,7 +108,7 @@ _LAYER_NAMES = {
 
 
 def llama_weights_from_gguf(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """pallax weight names -> float32 arrays; linear weights as [in, out]."""
+    """pallax weight names -> float32 arrays; linear weights as [out, in]."""
     weights: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         parts = t.name.split(".")
@@ -125,8 +125,6 @@ def llama_weights_from_gguf(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
                 arr = _unpermute(arr, cfg.n_heads)
             elif key == "wk":
                 arr = _unpermute(arr, cfg.n_kv_heads)
-            if arr.ndim == 2:
-                arr = np.ascontiguousarray(arr.T)
             weights[f"layers.{int(parts[1])}.{key}"] = arr
     _check_llama_weights(weights, cfg)
     return weights
@@ -141,14 +139,14 @@ def expected_llama_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"layers.{i}."
         shapes.update({
             p + "attn_norm": (d,),
-            p + "wq": (d, cfg.n_heads * h),
-            p + "wk": (d, cfg.n_kv_heads * h),
-            p + "wv": (d, cfg.n_kv_heads * h),
-            p + "wo": (cfg.n_heads * h, d),
+            p + "wq": (cfg.n_heads * h, d),
+            p + "wk": (cfg.n_kv_heads * h, d),
+            p + "wv": (cfg.n_kv_heads * h, d),
+            p + "wo": (d, cfg.n_heads * h),
             p + "ffn_norm": (d,),
-            p + "w_gate": (d, cfg.ffn_dim),
-            p + "w_up": (d, cfg.ffn_dim),
-            p + "w_down": (cfg.ffn_dim, d),
+            p + "w_gate": (cfg.ffn_dim, d),
+            p + "w_up": (cfg.ffn_dim, d),
+            p + "w_down": (d, cfg.ffn_dim),
         })  # fmt: skip
     return shapes
 

@@ -36,7 +36,7 @@ def test_weights_match_hf_state_dict(smollm2, hf_smollm2):
     for i in (0, 17, 29):
         for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
             got = np.asarray(smollm2.weights[f"layers.{i}.{ours}"])
-            want = sd[f"model.layers.{i}.self_attn.{theirs}.weight"].numpy().T
+            want = sd[f"model.layers.{i}.self_attn.{theirs}.weight"].numpy()
             np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.asarray(smollm2.weights["embed"]), sd["model.embed_tokens.weight"].numpy())
 

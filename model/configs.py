@@ -22,6 +22,7 @@ class ModelConfig:
     context_length: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: float = 1.0  # linear position interpolation factor
     tie_embeddings: bool = True
     mlp_kind: str = "swiglu"
     name: str = ""

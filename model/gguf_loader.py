@@ -61,6 +61,14 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
     n_kv = int(get("attention.head_count_kv", n_heads))
     head_dim = int(get("attention.key_length", dim // n_heads))
     names = {t.name for t in reader.tensors}
+    scaling_type = field(reader, f"{arch}.rope.scaling.type", "none")
+    scaling = 1.0
+    if scaling_type == "linear":
+        scaling = float(field(reader, f"{arch}.rope.scaling.factor", 1.0))
+    elif scaling_type not in ("none", None):
+        raise ValueError(f"rope scaling type {scaling_type!r} is not supported; allowed: none, linear")
+    if "rope_freqs.weight" in names:
+        raise ValueError("GGUF has per-frequency rope factors (rope_freqs.weight), not supported yet")
     vocab = field(reader, f"{arch}.vocab_size") or len(field(reader, "tokenizer.ggml.tokens", []))
     return ModelConfig(
         arch=arch,
@@ -74,6 +82,7 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
         context_length=int(get("context_length")),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
         tie_embeddings="output.weight" not in names,
         name=name or str(field(reader, "general.name", "")),
     )

@@ -43,8 +43,8 @@ def forward(cfg: ModelConfig, weights, cache, tokens, pos, logits_index=None):
             q = ops.linear(hn, weights[p + "wq"]).reshape(b, t, n, h)
             k = ops.linear(hn, weights[p + "wk"]).reshape(b, t, kv, h)
             v = ops.linear(hn, weights[p + "wv"]).reshape(b, t, kv, h)
-            q = ops.rope(q, positions, theta=cfg.rope_theta)
-            k = ops.rope(k, positions, theta=cfg.rope_theta)
+            q = ops.rope(q, positions, theta=cfg.rope_theta, scaling=cfg.rope_scaling)
+            k = ops.rope(k, positions, theta=cfg.rope_theta, scaling=cfg.rope_scaling)
             o, new_cache[p + "k"], new_cache[p + "v"] = ops.attention(
                 q, k, v, cache[p + "k"], cache[p + "v"], pos
             )

@@ -24,12 +24,14 @@ def _param(v) -> str:
 class _Namer:
     def __init__(self):
         self.names: dict = {}
+        self.count = 0
 
     def __call__(self, v) -> str:
         if isinstance(v, jcore.Literal):
             return str(v.val)
         if v not in self.names:
-            self.names[v] = f"%{len(self.names)}"
+            self.names[v] = f"%{self.count}"
+            self.count += 1
         return self.names[v]
 
 

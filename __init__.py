@@ -1,15 +1,15 @@
 """pallax: a compiler-style LLM inference stack in JAX.
 
-    import pallax
-    model = pallax.load("smollm2-135m")
-    compiled = pallax.compile(model, passes=[pallax.passes.cast("bfloat16")])
-    outs = compiled.generate(["The capital of France is"], max_new_tokens=32)
+import pallax
+model = pallax.load("smollm2-135m")
+compiled = pallax.compile(model, passes=[pallax.passes.cast("bfloat16")])
+outs = compiled.generate(["The capital of France is"], max_new_tokens=32)
 """
 
 from __future__ import annotations
 
-from pallax import passes
 from pallax import pallas_kernels as _kernels  # registers the tpu / cuda lowerings
+from pallax import passes
 from pallax.model.configs import DEFAULT_MODEL, KNOWN_MODELS
 from pallax.model.loaded import Model, load
 from pallax.runtime.compiled import CompiledModel, compile

@@ -66,9 +66,13 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
     if scaling_type == "linear":
         scaling = float(field(reader, f"{arch}.rope.scaling.factor", 1.0))
     elif scaling_type not in ("none", None):
-        raise ValueError(f"rope scaling type {scaling_type!r} is not supported; allowed: none, linear")
+        raise ValueError(
+            f"rope scaling type {scaling_type!r} is not supported; allowed: none, linear"
+        )
     if "rope_freqs.weight" in names:
-        raise ValueError("GGUF has per-frequency rope factors (rope_freqs.weight), not supported yet")
+        raise ValueError(
+            "GGUF has per-frequency rope factors (rope_freqs.weight), not supported yet"
+        )
     vocab = field(reader, f"{arch}.vocab_size") or len(field(reader, "tokenizer.ggml.tokens", []))
     return ModelConfig(
         arch=arch,

@@ -87,7 +87,8 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
         if looks_like_path:
             raise FileNotFoundError(f"model file not found: {key!r}")
         raise ValueError(
-            f"unknown model {key!r}; known models: {sorted(KNOWN_MODELS)}, or a path to a .gguf file"
+            f"unknown model {key!r}; known models: {sorted(KNOWN_MODELS)}, "
+            "or a path to a .gguf file"
         )
     installed = _installed_file(source)
     if installed is not None:

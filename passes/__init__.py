@@ -43,7 +43,9 @@ def resolve_passes(passes) -> tuple:
         elif callable(p) and hasattr(p, "name"):
             out.append(p)
         else:
-            raise ValueError(f"{p!r} is not a pass (a pass object or one of {sorted(PASS_FACTORIES)})")
+            raise ValueError(
+                f"{p!r} is not a pass (a pass object or one of {sorted(PASS_FACTORIES)})"
+            )
     return tuple(out)
 
 

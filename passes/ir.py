@@ -9,7 +9,8 @@ layout the steps expect, and metadata. Every step's inputs are the flattened
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,8 @@ class CacheLayout:
 
     def allocate(self, batch: int, seq: int, sharding=None) -> dict[str, jax.Array]:
         return {
-            k: jnp.zeros(s.shape, s.dtype, device=sharding) for k, s in self.shapes(batch, seq).items()
+            k: jnp.zeros(s.shape, s.dtype, device=sharding)
+            for k, s in self.shapes(batch, seq).items()
         }
 
     def bytes_per_token(self) -> int:
@@ -106,7 +108,9 @@ class Graph:
         step = self.steps[name]
         flat, tree = jax.tree.flatten((weights, cache, *args))
         if tree != step.in_tree:
-            raise ValueError(f"inputs to step {name!r} do not match the graph: {tree} vs {step.in_tree}")
+            raise ValueError(
+                f"inputs to step {name!r} do not match the graph: {tree} vs {step.in_tree}"
+            )
         out = jcore.jaxpr_as_fun(step.jaxpr)(*flat)
         return jax.tree.unflatten(step.out_tree, out)
 

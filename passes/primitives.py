@@ -175,9 +175,7 @@ def attention_core(q, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
     if t == 1:
         return _decode_attention_core(q, k_cache, v_cache, pos, scale, sliding_window, softcap)
     qg = q.astype(F32).reshape(b, t, kv, n // kv, h) * scale
-    logits = jnp.einsum(
-        "BTKGH,BKSH->BKGTS", qg, k_cache.astype(F32), preferred_element_type=F32
-    )
+    logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k_cache.astype(F32), preferred_element_type=F32)
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
     mask = attention_mask(pos, t, s, sliding_window)  # [B, T, S]
@@ -235,9 +233,7 @@ def _attention_abstract(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window
     )
 
 
-attention_p = _define(
-    "attention", attention_reference, _attention_abstract, multiple_results=True
-)
+attention_p = _define("attention", attention_reference, _attention_abstract, multiple_results=True)
 
 
 def attention(q, k, v, k_cache, v_cache, pos, *, scale=None, sliding_window=None, softcap=None):

@@ -42,7 +42,7 @@ def format_step(step: Step, name: str = "") -> str:
         f"step {name or step.spec.name}: B={step.spec.batch} T={step.spec.length} "
         f"S={step.spec.cache_len}"
     ]
-    for var, label in zip(jaxpr.invars, step.input_names):
+    for var, label in zip(jaxpr.invars, step.input_names, strict=True):
         namer.names[var] = label
     counts: dict[str, int] = {}
     _format_eqns(jaxpr, namer, lines, counts, indent="  ")

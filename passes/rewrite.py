@@ -9,7 +9,8 @@ and rewritten recursively, so rules also apply inside them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax.extend import core as jcore
@@ -26,9 +27,9 @@ def eval_with_rules(jaxpr: jcore.Jaxpr, consts, args, rules: dict) -> list:
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
 
-    for v, c in zip(jaxpr.constvars, consts):
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
         env[v] = c
-    for v, a in zip(jaxpr.invars, args):
+    for v, a in zip(jaxpr.invars, args, strict=True):
         env[v] = a
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
@@ -50,7 +51,7 @@ def eval_with_rules(jaxpr: jcore.Jaxpr, consts, args, rules: dict) -> list:
                     )
             outs = eqn.primitive.bind(*invals, **eqn.params)
             outs = outs if eqn.primitive.multiple_results else [outs]
-        for v, o in zip(eqn.outvars, outs):
+        for v, o in zip(eqn.outvars, outs, strict=True):
             if not isinstance(v, jcore.DropVar):
                 env[v] = o
     return [read(v) for v in jaxpr.outvars]

@@ -28,8 +28,10 @@ def verify(graph: Graph) -> None:
         leaves = jax.tree.leaves((weights, cache, *step.spec.args()))
         invars = step.jaxpr.jaxpr.invars
         if len(leaves) != len(invars):
-            raise GraphError(f"step {name!r} reads {len(invars)} inputs, graph provides {len(leaves)}")
-        for i, (leaf, var) in enumerate(zip(leaves, invars)):
+            raise GraphError(
+                f"step {name!r} reads {len(invars)} inputs, graph provides {len(leaves)}"
+            )
+        for i, (leaf, var) in enumerate(zip(leaves, invars, strict=True)):
             aval = var.aval
             if tuple(aval.shape) != tuple(leaf.shape) or aval.dtype != leaf.dtype:
                 raise GraphError(
@@ -37,7 +39,7 @@ def verify(graph: Graph) -> None:
                     f"{leaf.dtype}{list(leaf.shape)}, jaxpr expects {aval.dtype}{list(aval.shape)}"
                 )
         out_cache = jax.tree.leaves(jax.tree.unflatten(step.out_tree, step.jaxpr.out_avals)[1])
-        for leaf, aval in zip(jax.tree.leaves(cache), out_cache):
+        for leaf, aval in zip(jax.tree.leaves(cache), out_cache, strict=True):
             if tuple(aval.shape) != tuple(leaf.shape) or aval.dtype != leaf.dtype:
                 raise GraphError(
                     f"step {name!r} returns a cache entry {aval.dtype}{list(aval.shape)} "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,9 @@ class CompiledModel:
 
     def _capture(self, specs) -> Graph:
         meta = {"arch": self.config.arch, "dtype": "float32", "model": self.config.name}
-        graph = capture(self.model.forward, self.model.weights, self.model.cache_layout(), specs, meta)
+        graph = capture(
+            self.model.forward, self.model.weights, self.model.cache_layout(), specs, meta
+        )
         return run_passes(graph, self.passes)
 
     def pipeline_graph(self) -> Graph:
@@ -105,7 +107,10 @@ class CompiledModel:
 
         def build():
             graph = self._capture(
-                [StepSpec("prefill", b.batch, b.prefill, b.cache), StepSpec("decode", b.batch, 1, b.cache)]
+                [
+                    StepSpec("prefill", b.batch, b.prefill, b.cache),
+                    StepSpec("decode", b.batch, 1, b.cache),
+                ]
             )
             return graph, gen.make_prefill(graph), gen.make_decode_loop(graph)
 
@@ -207,7 +212,9 @@ class CompiledModel:
                 jnp.asarray(last),
             )
             mine = jnp.asarray((lens - 1 >= start) & (lens - 1 < start + b.prefill))
-            logits = chunk_logits if logits is None else jnp.where(mine[:, None], chunk_logits, logits)
+            logits = (
+                chunk_logits if logits is None else jnp.where(mine[:, None], chunk_logits, logits)
+            )
         sampling, stops, max_new = self._loop_args(reqs, b)
         first, done = gen.first_token(logits, sampling, stops, max_new)
         state = gen.init_state(cache, first, done, jnp.asarray(lens), b.cache)

@@ -80,7 +80,9 @@ def make_decode_loop(graph: Graph):
             count = s.count + live.astype(jnp.int32)
             done = s.done | (live & (_is_stop(nxt, stop_ids) | (count >= max_new)))
             pos = s.pos + live.astype(jnp.int32)
-            return DecodeState(cache, jnp.where(live, nxt, s.token), pos, out, count, done, s.step + 1)
+            return DecodeState(
+                cache, jnp.where(live, nxt, s.token), pos, out, count, done, s.step + 1
+            )
 
         return lax.while_loop(cond, body, state)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import numpy as np
 
@@ -83,7 +82,9 @@ def build_requests(
     ):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-        raise ValueError(f"prompts must be a non-empty list of strings or token lists, got {prompts!r}")
+        raise ValueError(
+            f"prompts must be a non-empty list of strings or token lists, got {prompts!r}"
+        )
     n = len(prompts)
     ctx = compiled.config.context_length
     args = {

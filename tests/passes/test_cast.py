@@ -13,14 +13,21 @@ from tests.conftest import PROMPTS
 def test_cast_graph_before_after(compiled_fp32, compiled_bf16):
     before = compiled_fp32.graph("decode")
     after = compiled_bf16.graph("decode")
-    assert "float32[1,3,256,64] = attention" in before.replace("], %", "] %") or "attention" in before
+    assert (
+        "float32[1,3,256,64] = attention" in before.replace("], %", "] %") or "attention" in before
+    )
     assert "bfloat16[1,1,576] = linear" in after
     assert "float32[1,1,576] = linear" in before
     assert "bfloat16[1,3,256,64]" in after  # the KV cache is bf16 too
-    assert "float32[1,49152] " in after or "float32[1,1,49152] = lm_head" in after  # logits stay f32
+    assert (
+        "float32[1,49152] " in after or "float32[1,1,49152] = lm_head" in after
+    )  # logits stay f32
     g = compiled_bf16.pipeline_graph()
     assert all(w.dtype == jnp.bfloat16 for w in g.weights.values())
-    assert compiled_bf16.memory_report()["weight_bytes"] * 2 == compiled_fp32.memory_report()["weight_bytes"]
+    assert (
+        compiled_bf16.memory_report()["weight_bytes"] * 2
+        == compiled_fp32.memory_report()["weight_bytes"]
+    )
 
 
 def test_cast_logits_close_to_fp32(compiled_fp32, compiled_bf16):
@@ -37,10 +44,14 @@ def test_cast_rejects_unknown_dtype():
         pallax.passes.cast("int8")
 
 
+def _common_prefix(p, q):
+    diffs = (i for i, (s, t) in enumerate(zip(p, q, strict=False)) if s != t)
+    return next(diffs, min(len(p), len(q)))
+
+
 def _agreement(a, b):
-    same = sum(x.token_ids == y.token_ids for x, y in zip(a, b))
-    prefix = [next((i for i, (p, q) in enumerate(zip(x.token_ids, y.token_ids)) if p != q), 32)
-              for x, y in zip(a, b)]  # fmt: skip
+    same = sum(x.token_ids == y.token_ids for x, y in zip(a, b, strict=True))
+    prefix = [_common_prefix(x.token_ids, y.token_ids) for x, y in zip(a, b, strict=True)]
     return same, prefix
 
 

@@ -61,7 +61,9 @@ def test_verifier_rejects_cache_layout_mismatch(graph):
 
 def test_identity_rewrite_preserves_outputs(graph):
     again = rewrite(graph)
-    assert len(again.steps["decode"].jaxpr.jaxpr.eqns) == len(graph.steps["decode"].jaxpr.jaxpr.eqns)
+    assert len(again.steps["decode"].jaxpr.jaxpr.eqns) == len(
+        graph.steps["decode"].jaxpr.jaxpr.eqns
+    )
     np.testing.assert_array_equal(_run_decode(again), _run_decode(graph))
 
 
@@ -96,7 +98,9 @@ def test_pass_manager_dumps_every_stage(graph):
     import pallax
 
     seen = []
-    out = run_passes(graph, [pallax.passes.cast("bfloat16")], dump=lambda label, g: seen.append(label))
+    out = run_passes(
+        graph, [pallax.passes.cast("bfloat16")], dump=lambda label, g: seen.append(label)
+    )
     desc = "cast(dtype='bfloat16', activations=True, name='cast')"
     assert seen == ["input", f"after {desc}"]
     assert out.meta["passes"] == (desc,)

@@ -19,7 +19,7 @@ def test_batch_matches_each_prompt_alone(compiled_fp32):
     """Prompts of different lengths in one batch give the tokens each gives alone."""
     prompts = [PROMPTS[0], PROMPTS[2] + " there lived a very old", PROMPTS[1]]
     batch = compiled_fp32.generate(prompts, max_new_tokens=24, ignore_eos=True)
-    for p, b in zip(prompts, batch):
+    for p, b in zip(prompts, batch, strict=True):
         (alone,) = compiled_fp32.generate([p], max_new_tokens=24, ignore_eos=True)
         assert b.token_ids == alone.token_ids, p
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from pallax.model import llama
-from pallax.model.configs import ModelConfig
+from pallax.model.configs import KNOWN_MODELS, ModelConfig
 from pallax.passes.ir import CacheLayout
 
 
@@ -50,7 +50,7 @@ def load(name_or_path: str | os.PathLike = "smollm2-135m") -> Model:
     if pathlib.Path(path).is_dir():
         raise ValueError(
             f"{str(path)!r} is a directory; pallax loads .gguf files (known names: "
-            f"{sorted(__import__('pallax.model.configs', fromlist=['x']).KNOWN_MODELS)})"
+            f"{sorted(KNOWN_MODELS)})"
         )
     reader = gguf_loader.open_gguf(path)
     config = gguf_loader.config_from_gguf(reader)

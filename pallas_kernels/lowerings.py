@@ -15,10 +15,9 @@ import jax.numpy as jnp
 from jax.interpreters import mlir
 
 from pallax.pallas_kernels.decode_attention import decode_attention
+from pallax.pallas_kernels.platforms import PLATFORMS
 from pallax.pallas_kernels.rms_norm import rms_norm
 from pallax.passes import primitives as ops
-
-KERNEL_PLATFORMS = ("tpu", "cuda")
 
 
 def _rms_norm_rule(x, w, *, eps, platform):
@@ -58,7 +57,7 @@ def _attention_rule(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, so
 
 
 def register() -> None:
-    for platform in KERNEL_PLATFORMS:
+    for platform in PLATFORMS:
         mlir.register_lowering(
             ops.rms_norm_p,
             mlir.lower_fun(functools.partial(_rms_norm_rule, platform=platform), False),

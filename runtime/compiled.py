@@ -135,10 +135,8 @@ class CompiledModel:
         stop_token_ids, ignore_eos, max_new_tokens) are scalars or one per prompt.
         """
         reqs = build_requests(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
-        state, fns, b = self._start(reqs)
-        _, _, loop = fns
+        state, loop, args = self._start(reqs)
         steps = max(r.max_new_tokens for r in reqs) - 1
-        args = self._loop_args(reqs, b)
         if steps > 0:
             state = loop(self.weights, state, *args, jnp.int32(steps))
         out, count = jax.device_get((state.out, state.count))
@@ -156,9 +154,7 @@ class CompiledModel:
     def _stream(self, req: Request) -> Iterator[str]:
         from pallax.model.tokenizer import StreamDecoder
 
-        state, fns, b = self._start([req])
-        _, _, loop = fns
-        args = self._loop_args([req], b)
+        state, loop, args = self._start([req])
         decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)
         emitted, text, ids = "", "", []
         while True:
@@ -190,10 +186,9 @@ class CompiledModel:
         )
 
     def _start(self, reqs: Sequence[Request]):
-        """Prefill (in chunks if long), sample the first token, build the decode state."""
+        """Prefill (in chunks if long), sample the first token; (state, decode loop, loop args)."""
         b = self._buckets(reqs)
-        fns = self._gen_fns(b)
-        graph, prefill, _ = fns
+        graph, prefill, loop = self._gen_fns(b)
         lens = np.array([len(r.prompt_ids) for r in reqs] + [1] * (b.batch - len(reqs)), np.int32)
         total = b.chunks * b.prefill
         tokens = np.zeros((b.batch, total), np.int32)
@@ -215,10 +210,10 @@ class CompiledModel:
             logits = (
                 chunk_logits if logits is None else jnp.where(mine[:, None], chunk_logits, logits)
             )
-        sampling, stops, max_new = self._loop_args(reqs, b)
-        first, done = gen.first_token(logits, sampling, stops, max_new)
+        args = self._loop_args(reqs, b)
+        first, done = gen.first_token(logits, *args)
         state = gen.init_state(cache, first, done, jnp.asarray(lens), b.cache)
-        return state, fns, b
+        return state, loop, args
 
     # ------------------------------------------------------------------- score
     def score(self, text, *, chunk_size: int = 128) -> np.ndarray:

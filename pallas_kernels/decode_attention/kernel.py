@@ -26,8 +26,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallax.pallas_kernels.decode_attention import gpu
 from pallax.pallas_kernels.decode_attention.key_range import block_range, key_range
+from pallax.pallas_kernels.platforms import resolve_platform
 
-PLATFORMS = ("tpu", "cuda")
 _TPU_LANES = 128
 _GPU_TILE = 64
 _TARGET_GPU_CTAS = 132  # one wave on an H100 SXM
@@ -207,21 +207,6 @@ def _check_gpu(q, k_cache, block_sizes):
         )
     if group > gpu.Q_ROWS:
         raise ValueError(f"{group=} query heads per kv head must be at most {gpu.Q_ROWS} on GPU")
-
-
-def resolve_platform(platform: str | None, interpret: bool) -> str:
-    """``platform`` or, when None, the default backend's (interpret mode on CPU: "tpu")."""
-    if platform is None:
-        backend = jax.default_backend()
-        platform = "cuda" if backend in ("gpu", "cuda") else backend
-        if platform == "cpu" and interpret:
-            platform = "tpu"
-    if platform not in PLATFORMS:
-        raise ValueError(
-            f"{platform=} has no Pallas kernel; expected one of {PLATFORMS} (on CPU use the"
-            " reference, or interpret=True)"
-        )
-    return platform
 
 
 def decode_attention(

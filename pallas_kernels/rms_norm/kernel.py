@@ -16,9 +16,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallax.pallas_kernels.platforms import resolve_platform
 from pallax.pallas_kernels.rms_norm.gpu import rms_norm_gpu
 
-PLATFORMS = ("tpu", "cuda")
 _TPU_SUBLANES = 8  # second-minor tiling of a TPU block
 
 
@@ -74,21 +74,6 @@ def _rms_norm_tpu(x, w, *, eps, block_rows, interpret):
         interpret=interpret,
         name="rms_norm",
     )(x, w.reshape(1, num_cols))
-
-
-def resolve_platform(platform: str | None, interpret: bool) -> str:
-    """``platform`` or, when None, the default backend's (interpret mode on CPU: "tpu")."""
-    if platform is None:
-        backend = jax.default_backend()
-        platform = "cuda" if backend in ("gpu", "cuda") else backend
-        if platform == "cpu" and interpret:
-            platform = "tpu"
-    if platform not in PLATFORMS:
-        raise ValueError(
-            f"{platform=} has no Pallas kernel; expected one of {PLATFORMS} (on CPU use the"
-            " reference, or interpret=True)"
-        )
-    return platform
 
 
 def rms_norm(

@@ -74,11 +74,15 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
             "GGUF has per-frequency rope factors (rope_freqs.weight), not supported yet"
         )
     vocab = field(reader, f"{arch}.vocab_size") or len(field(reader, "tokenizer.ggml.tokens", []))
+    n_layers = int(get("block_count"))
+    extra = {}
+    if arch == "gemma3":
+        extra = _gemma3_extras(reader, n_layers, dim, n_heads, head_dim)
     return ModelConfig(
         arch=arch,
         vocab_size=int(vocab),
         dim=dim,
-        n_layers=int(get("block_count")),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
@@ -88,7 +92,43 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
         rope_theta=float(get("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         tie_embeddings="output.weight" not in names,
+        mlp_kind="geglu_tanh" if arch == "gemma3" else "swiglu",
         name=name or str(field(reader, "general.name", "")),
+        **extra,
+    )
+
+
+GEMMA3_SLIDING_PATTERN = 6  # every 6th layer is global (llama.cpp and HF default)
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+
+
+def _gemma3_extras(reader, n_layers, dim, n_heads, head_dim) -> dict:
+    """What a Gemma 3 GGUF leaves implicit, filled in as llama.cpp and transformers do."""
+    window = field(reader, "gemma3.attention.sliding_window")
+    if window is None:
+        raise ValueError("Gemma 3 GGUF lacks gemma3.attention.sliding_window")
+    pattern = field(reader, "gemma3.attention.sliding_window_pattern")
+    if isinstance(pattern, list) and len(pattern) == n_layers:
+        layer_types = tuple("sliding" if p else "global" for p in pattern)
+    else:
+        period = int(pattern) if isinstance(pattern, int) and pattern > 0 else None
+        period = period or GEMMA3_SLIDING_PATTERN
+        layer_types = tuple(
+            "sliding" if (i + 1) % period else "global" for i in range(n_layers)
+        )
+    # Gemma 3 27B scales queries by (dim / heads) ** -0.5, the others by head_dim ** -0.5.
+    scalar = dim // n_heads if n_layers == 62 else head_dim
+    attn_cap = field(reader, "gemma3.attn_logit_softcapping")
+    final_cap = field(reader, "gemma3.final_logit_softcapping")
+    return dict(
+        layer_types=layer_types,
+        sliding_window=int(window),
+        rope_local_theta=GEMMA3_LOCAL_ROPE_THETA,
+        query_pre_attn_scalar=float(scalar),
+        embed_scale=float(dim) ** 0.5,
+        qk_norm=True,
+        attn_softcap=None if attn_cap is None else float(attn_cap),
+        final_softcap=None if final_cap is None else float(final_cap),
     )
 
 
@@ -114,61 +154,52 @@ _LAYER_NAMES = {
     "attn_v": "wv",
     "attn_output": "wo",
     "ffn_norm": "ffn_norm",
+    "attn_q_norm": "q_norm",
+    "attn_k_norm": "k_norm",
+    "post_attention_norm": "post_attn_norm",
+    "post_ffw_norm": "post_ffn_norm",
     "ffn_gate": "w_gate",
     "ffn_up": "w_up",
     "ffn_down": "w_down",
 }
 
 
-def llama_weights_from_gguf(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """pallax weight names -> float32 arrays; linear weights as [out, in]."""
+def weights_from_gguf(reader, cfg: ModelConfig, origin: str = "GGUF") -> dict[str, np.ndarray]:
+    """pallax weight names -> float32 arrays; linear weights as [out, in].
+
+    Only Llama GGUFs carry llama.cpp's Q/K row permutation (its converter applies
+    it to Llama-family models alone), so only they are un-permuted.
+    """
     weights: dict[str, np.ndarray] = {}
+    unknown = []
     for t in reader.tensors:
         parts = t.name.split(".")
-        arr = dequantize(t)
         if t.name == "token_embd.weight":
-            weights["embed"] = arr
+            key = "embed"
         elif t.name == "output_norm.weight":
-            weights["final_norm"] = arr
+            key = "final_norm"
         elif t.name == "output.weight":
-            weights["lm_head"] = arr
-        elif parts[0] == "blk" and parts[2] in _LAYER_NAMES and parts[-1] == "weight":
-            key = _LAYER_NAMES[parts[2]]
-            if key == "wq":
-                arr = _unpermute(arr, cfg.n_heads)
-            elif key == "wk":
-                arr = _unpermute(arr, cfg.n_kv_heads)
-            weights[f"layers.{int(parts[1])}.{key}"] = arr
-    _check_llama_weights(weights, cfg)
+            key = "lm_head"
+        elif (
+            len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit()
+            and parts[2] in _LAYER_NAMES and parts[3] == "weight"
+        ):  # fmt: skip
+            key = f"layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}"
+        else:
+            unknown.append(t.name)
+            continue
+        arr = dequantize(t)
+        if cfg.arch == "llama" and key.endswith(".wq"):
+            arr = _unpermute(arr, cfg.n_heads)
+        elif cfg.arch == "llama" and key.endswith(".wk"):
+            arr = _unpermute(arr, cfg.n_kv_heads)
+        weights[key] = arr
+    if unknown:
+        raise ValueError(
+            f"{origin}: tensors pallax's {cfg.arch} does not use (biases or another "
+            f"architecture?): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+        )
+    from pallax.model.architectures import check_weights
+
+    check_weights(weights, cfg, origin)
     return weights
-
-
-def expected_llama_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, h = cfg.dim, cfg.head_dim
-    shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = (cfg.vocab_size, d)
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attn_norm": (d,),
-            p + "wq": (cfg.n_heads * h, d),
-            p + "wk": (cfg.n_kv_heads * h, d),
-            p + "wv": (cfg.n_kv_heads * h, d),
-            p + "wo": (d, cfg.n_heads * h),
-            p + "ffn_norm": (d,),
-            p + "w_gate": (cfg.ffn_dim, d),
-            p + "w_up": (cfg.ffn_dim, d),
-            p + "w_down": (d, cfg.ffn_dim),
-        })  # fmt: skip
-    return shapes
-
-
-def _check_llama_weights(weights, cfg):
-    expected = expected_llama_shapes(cfg)
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise ValueError(f"GGUF lacks tensors {missing[:5]} (of {len(missing)} missing)")
-    for name, shape in expected.items():
-        if weights[name].shape != shape:
-            raise ValueError(f"tensor {name!r} has shape {weights[name].shape}, expected {shape}")

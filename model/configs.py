@@ -63,7 +63,15 @@ class ModelConfig:
                 raise ValueError(f"layer types {bad} are not supported; allowed: {LAYER_TYPES}")
             if "sliding" in self.layer_types and not self.sliding_window:
                 raise ValueError("sliding layers need a positive sliding_window")
-        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size"):
+        for key in (
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "ffn_dim",
+            "vocab_size",
+        ):
             if int(getattr(self, key)) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be positive")
 

@@ -13,34 +13,21 @@ import pathlib
 import numpy as np
 
 from pallax.model.configs import SUPPORTED_ARCHITECTURES, ModelConfig
+from pallax.model.gguf_file import GGUFFile
 
-GGUF_MAGIC = b"GGUF"
 
-
-def open_gguf(path: str | os.PathLike):
-    """A `gguf.GGUFReader`, or a clear error for a missing or non-GGUF file."""
-    import gguf
-
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """The open GGUF file, or a clear error for a missing, non-GGUF or truncated file."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {str(path)!r}")
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a directory; expected a .gguf file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ValueError(f"{str(path)!r} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # a truncated or corrupt file
-        raise ValueError(f"could not read GGUF file {str(path)!r}: {e}") from e
+    return GGUFFile(path)
 
 
-def field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def field(reader: GGUFFile, key: str, default=None):
+    return reader.get(key, default)
 
 
 def config_from_gguf(reader, name: str = "") -> ModelConfig:
@@ -113,9 +100,7 @@ def _gemma3_extras(reader, n_layers, dim, n_heads, head_dim) -> dict:
     else:
         period = int(pattern) if isinstance(pattern, int) and pattern > 0 else None
         period = period or GEMMA3_SLIDING_PATTERN
-        layer_types = tuple(
-            "sliding" if (i + 1) % period else "global" for i in range(n_layers)
-        )
+        layer_types = tuple("sliding" if (i + 1) % period else "global" for i in range(n_layers))
     # Gemma 3 27B scales queries by (dim / heads) ** -0.5, the others by head_dim ** -0.5.
     scalar = dim // n_heads if n_layers == 62 else head_dim
     attn_cap = field(reader, "gemma3.attn_logit_softcapping")
@@ -136,15 +121,6 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's interleaving of rotary pairs; w is [out, in]."""
     out = w.shape[0]
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def dequantize(tensor) -> np.ndarray:
-    """Float32 array in numpy (row-major) order for one GGUF tensor."""
-    from gguf import quants
-
-    shape = tuple(int(d) for d in reversed(tensor.shape))
-    data = quants.dequantize(tensor.data, tensor.tensor_type)
-    return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
 _LAYER_NAMES = {
@@ -188,7 +164,7 @@ def weights_from_gguf(reader, cfg: ModelConfig, origin: str = "GGUF") -> dict[st
         else:
             unknown.append(t.name)
             continue
-        arr = dequantize(t)
+        arr = reader.dequantize(t)
         if cfg.arch == "llama" and key.endswith(".wq"):
             arr = _unpermute(arr, cfg.n_heads)
         elif cfg.arch == "llama" and key.endswith(".wk"):

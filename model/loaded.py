@@ -22,13 +22,16 @@ class Model:
     weights: dict[str, jax.Array]
     tokenizer: Any
     source: str
+    passes: tuple = ()  # passes already applied to `weights` (a model loaded from a checkpoint)
 
     @property
     def forward(self):
         return functools.partial(architectures.module_for(self.config).forward, self.config)
 
     def cache_layout(self, dtype=jnp.float32) -> CacheLayout:
-        return CacheLayout.dense(architectures.module_for(self.config).cache_shapes(self.config), dtype)
+        return CacheLayout.dense(
+            architectures.module_for(self.config).cache_shapes(self.config), dtype
+        )
 
     def __repr__(self) -> str:
         c = self.config
@@ -69,7 +72,7 @@ def load_gguf(path: pathlib.Path) -> Model:
 
     reader = gguf_loader.open_gguf(path)
     config = gguf_loader.config_from_gguf(reader)
-    tokenizer = Tokenizer.from_gguf(reader)
+    tokenizer = Tokenizer.from_gguf(path)
     arrays = gguf_loader.weights_from_gguf(reader, config, origin=str(path))
-    weights = {k: jnp.asarray(v) for k, v in arrays.items()}
+    weights = {k: jax.device_put(v) for k, v in arrays.items()}
     return Model(config=config, weights=weights, tokenizer=tokenizer, source=str(path))

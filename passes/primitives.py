@@ -203,8 +203,9 @@ def _decode_attention_core(q, k_cache, v_cache, pos, scale, sliding_window, soft
 def attention_reference(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
     """Write k/v [B, T, K, H] into the caches at pos [B], then attend causally.
 
-    Returns (out [B, T, N, H], k_cache, v_cache). Cache slots past a sequence's
-    position may hold anything: they are masked with `where`, never multiplied.
+    Returns (out [B, T, N, H], k_cache, v_cache). Cache slots outside a query's
+    causal (and sliding) window may hold any finite values: their logits are
+    replaced with -inf by `where` and their values are weighted by zero.
     """
     k_cache = write_kv(k_cache, k, pos)
     v_cache = write_kv(v_cache, v, pos)

@@ -93,6 +93,13 @@ class CompiledModel:
     def weights(self):
         return self.pipeline_graph().weights
 
+    def save(self, path, *, overwrite: bool = False) -> None:
+        """Write the weights after the pass pipeline, config, tokenizer and passes to the
+        directory `path`, a pallax checkpoint that `pallax.load(path)` reads back."""
+        from pallax.model import checkpoint
+
+        checkpoint.save_checkpoint(self, path, overwrite=overwrite)
+
     def _timed(self, key, build):
         fn = self._fns.get(key)
         if fn is None:
@@ -282,8 +289,16 @@ def _held_back(text: str, stops) -> int:
     return hold
 
 
-def compile(model, passes=()) -> CompiledModel:  # noqa: A001 - the public API name
-    """Compile `model` under `passes` (a list of pass objects or names; [] is valid)."""
+def compile(model, passes=None) -> CompiledModel:  # noqa: A001 - the public API name
+    """Compile `model` under `passes` (a list of pass objects or names; [] is valid).
+
+    A model loaded from a pallax checkpoint remembers the passes its weights went through
+    (`model.passes`; () for other models): they always run first, so `passes=None` compiles
+    it as it was saved and explicit `passes` run after them.
+    """
+    from pallax.model.loaded import Model
     from pallax.passes import resolve_passes
 
-    return CompiledModel(model, resolve_passes(passes))
+    if not isinstance(model, Model):
+        raise TypeError(f"compile() takes a pallax Model (from pallax.load), got {model!r:.80}")
+    return CompiledModel(model, model.passes + resolve_passes(passes))

@@ -1,0 +1,231 @@
+"""pallax checkpoints: a model's weights after its pass pipeline, saved and loaded back.
+
+A checkpoint is a directory:
+  pallax_checkpoint.json  format version, config, passes applied, weight shapes and dtypes,
+                          source, and the sha256 of every other file
+  tokenizer/              written by `Tokenizer.save`
+  weights/                the weights, bit for bit, written by orbax-checkpoint
+`load_checkpoint` returns a `Model` whose `passes` are those its weights went through, so
+`pallax.compile(model)` rebuilds the compiled model that was saved, without the original file.
+The checksums are checked before restoring: orbax does not notice a flipped bit, and reports a
+truncated file as a tensorstore error from deep inside the restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from pallax.model import architectures
+from pallax.model.configs import ModelConfig
+
+MANIFEST = "pallax_checkpoint.json"
+FORMAT = "pallax-checkpoint"
+FORMAT_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+WEIGHTS_DIR = "weights"
+_KEYS = (
+    "format", "format_version", "pallax_version", "config", "passes", "weights", "source", "files",
+)  # fmt: skip
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory with a pallax checkpoint manifest."""
+    return (pathlib.Path(path) / MANIFEST).is_file()
+
+
+def save_checkpoint(compiled_or_model, path: str | os.PathLike, *, overwrite: bool = False):
+    """Write a `CompiledModel` (its weights after the pass pipeline) or a `Model` to the
+    directory `path`. `path` must not exist, be empty, or (with `overwrite=True`) hold a
+    pallax checkpoint, which is replaced once the new one is complete."""
+    from pallax import __version__
+    from pallax.model.loaded import Model
+    from pallax.runtime.compiled import CompiledModel
+
+    if isinstance(compiled_or_model, CompiledModel):
+        model, passes = compiled_or_model.model, compiled_or_model.passes
+        weights = compiled_or_model.weights  # after the pass pipeline
+    elif isinstance(compiled_or_model, Model):
+        model = compiled_or_model
+        passes, weights = model.passes, model.weights
+    else:
+        raise TypeError(
+            f"expected a CompiledModel or Model, got {type(compiled_or_model).__name__}"
+        )
+    path = pathlib.Path(path).absolute()
+    _check_destination(path, overwrite)
+    for name, w in weights.items():
+        if not isinstance(w, jax.Array):
+            raise ValueError(f"weight {name!r} is a {type(w).__name__}; checkpoints store arrays")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "pallax_version": __version__,
+        "config": model.config.to_dict(),
+        "passes": [_pass_record(p) for p in passes],
+        "weights": {k: {"shape": list(w.shape), "dtype": w.dtype.name} for k, w in weights.items()},
+        "source": model.source,
+    }
+    # Written next to `path` and renamed into place, so a failed save leaves no checkpoint.
+    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    partial.mkdir(parents=True)
+    try:
+        model.tokenizer.save(partial / TOKENIZER_DIR)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(partial / WEIGHTS_DIR, weights)
+            checkpointer.wait_until_finished()
+        manifest["files"] = {
+            f.relative_to(partial).as_posix(): _sha256(f)
+            for f in sorted(partial.rglob("*"))
+            if f.is_file()
+        }
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        if path.exists():
+            shutil.rmtree(path)
+        partial.rename(path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _check_destination(path: pathlib.Path, overwrite: bool) -> None:
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not is_checkpoint(path):
+        raise ValueError(
+            f"{str(path)!r} exists and is not an empty directory or a pallax checkpoint "
+            f"(no {MANIFEST}); refusing to write a checkpoint there"
+        )
+    if not overwrite:
+        raise ValueError(
+            f"{str(path)!r} already holds a pallax checkpoint; pass overwrite=True to replace it"
+        )
+
+
+def _pass_record(p) -> dict:
+    if not dataclasses.is_dataclass(p):
+        raise ValueError(f"pass {p!r} is not a dataclass, so a checkpoint cannot record it")
+    return {"name": p.name, **{f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.init}}
+
+
+def load_checkpoint(path: str | os.PathLike):
+    """The `Model` saved at `path`: weights as saved (dtypes kept) and the passes applied."""
+    from pallax.model.loaded import Model
+    from pallax.model.tokenizer import Tokenizer
+
+    path = pathlib.Path(path).absolute()
+    origin = f"pallax checkpoint {str(path)!r}"
+    manifest = _read_manifest(path)
+    try:
+        config = ModelConfig.from_dict(manifest["config"])
+        abstract = {
+            name: jax.ShapeDtypeStruct(tuple(e["shape"]), jnp.dtype(e["dtype"]))
+            for name, e in manifest["weights"].items()
+        }
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{origin}: bad config or weights in {MANIFEST}: {e}") from None
+    passes = tuple(_rebuild_pass(entry, origin) for entry in manifest["passes"])
+    for sub in (TOKENIZER_DIR, WEIGHTS_DIR):
+        if not (path / sub).is_dir():
+            raise FileNotFoundError(f"{origin}: the {sub}/ directory is missing")
+    architectures.check_weights(abstract, config, f"{origin} ({MANIFEST})")
+    for name, digest in manifest["files"].items():
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{origin}: the file {name} is missing")
+        if _sha256(path / name) != digest:
+            raise ValueError(f"{origin}: the file {name} is corrupted (its sha256 differs)")
+    tokenizer = Tokenizer.load(path / TOKENIZER_DIR)
+    weights = _restore_weights(path / WEIGHTS_DIR, abstract, origin)
+    return Model(config, weights, tokenizer, source=str(path), passes=passes)
+
+
+def _read_manifest(path: pathlib.Path) -> dict:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a pallax checkpoint: it has no {MANIFEST}")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(file)!r} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{str(file)!r} must hold a JSON object")
+    missing = [k for k in _KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"{str(file)!r} lacks the keys {missing}")
+    if manifest["format"] != FORMAT:
+        raise ValueError(f"{str(file)!r} has format={manifest['format']!r}, expected {FORMAT!r}")
+    version = manifest["format_version"]
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{str(file)!r} has an invalid format_version={version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{str(file)!r} was written by a newer pallax ({manifest['pallax_version']}): "
+            f"format_version {version}, this pallax reads {FORMAT_VERSION}"
+        )
+    for key, kind in (("passes", list), ("weights", dict), ("files", dict)):
+        if not isinstance(manifest[key], kind):
+            raise ValueError(f"{str(file)!r}: {key!r} must be a JSON {kind.__name__}")
+    return manifest
+
+
+def _sha256(file: pathlib.Path) -> str:
+    with file.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _rebuild_pass(entry, origin: str):
+    from pallax.passes import PASS_FACTORIES
+
+    fields = dict(entry) if isinstance(entry, dict) else {}
+    name = fields.pop("name", None)
+    factory = PASS_FACTORIES.get(name)
+    if factory is None:
+        raise ValueError(
+            f"{origin}: unknown pass {name!r} in {MANIFEST}; this pallax knows "
+            f"{sorted(PASS_FACTORIES)}"
+        )
+    try:
+        return dataclasses.replace(factory(), **fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{origin}: cannot rebuild pass {entry!r} from {MANIFEST}: {e}") from None
+
+
+def _restore_weights(directory: pathlib.Path, abstract: dict, origin: str) -> dict:
+    """Restore with the manifest's shapes and dtypes, after checking orbax's own metadata
+    agrees (orbax would otherwise convert a stored dtype to the requested one)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {
+        k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device) for k, a in abstract.items()
+    }
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(directory).item_metadata
+            if metadata is None:
+                raise ValueError("orbax finds no weights metadata there")
+            stored = dict(metadata.tree)
+            if set(stored) != set(abstract):
+                raise ValueError(
+                    f"the stored weights {sorted(set(stored) ^ set(abstract))[:5]} differ from "
+                    f"the {MANIFEST} weights"
+                )
+            for name, a in abstract.items():
+                got = (tuple(stored[name].shape), jnp.dtype(stored[name].dtype))
+                if got != (a.shape, a.dtype):
+                    raise ValueError(
+                        f"weight {name!r} is stored as {got[1].name}{list(got[0])} but "
+                        f"{MANIFEST} says {a.dtype.name}{list(a.shape)}"
+                    )
+            return checkpointer.restore(directory, target)
+    except Exception as e:  # orbax and tensorstore raise many types for unreadable files
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(
+            f"{origin}: cannot read the weights in {str(directory)!r}: {detail}"
+        ) from e

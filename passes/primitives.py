@@ -25,6 +25,7 @@ from jax.interpreters import mlir
 
 F32 = jnp.float32
 MLP_KINDS = ("swiglu", "geglu_tanh")
+SKINNY_ROWS = 64  # up to this many rows, linear/lm_head use the transposed dot (_dot_rows)
 
 
 def widen(w: jax.Array) -> jax.Array:
@@ -101,13 +102,29 @@ def linear_reference(x, w):
     product of two contiguous rows, which XLA:CPU runs ~20% faster at batch 1.
     """
     rows = math.prod(x.shape[:-1])
-    if w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16 and rows >= 8:
-        # XLA:CPU's native bf16 GEMM wins from about 8 rows; below that a widened
-        # float32 GEMV reads the weights faster.
+    if w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16 and rows > SKINNY_ROWS:
+        # Prefill-sized: XLA:CPU's native bf16 GEMM. Decode-sized (up to SKINNY_ROWS
+        # rows): the widened float32 dot of _dot_rows reads the weights faster.
         y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=F32)
     else:
-        y = jnp.einsum("...i,oi->...o", x.astype(F32), widen(w), preferred_element_type=F32)
+        y = _dot_rows(x.astype(F32), widen(w), rows)
     return y.astype(x.dtype)
+
+
+def _dot_rows(x, w, rows):
+    """x [..., I] @ w[O, I].T in float32, in the form XLA:CPU runs fastest.
+
+    One row is a GEMV over contiguous weight rows. From 2 to a few dozen rows,
+    computing w @ x.T ([O, R]) and transposing afterwards is 1.3-2x faster than
+    x @ w.T, but only if XLA is kept from fusing the transpose back into the dot
+    (it then picks the slow kernel again): hence the optimization barrier.
+    `scripts/bench_matvec.py` measures both forms.
+    """
+    if rows < 2 or rows > SKINNY_ROWS:
+        return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=F32)
+    x2 = x.reshape(rows, x.shape[-1])
+    y = lax.optimization_barrier(jnp.einsum("oi,ri->or", w, x2, preferred_element_type=F32))
+    return y.T.reshape(*x.shape[:-1], w.shape[0])
 
 
 def _linear_abstract(x, w):
@@ -281,7 +298,7 @@ def mlp_act(gate, up, *, kind):
 # ------------------------------------------------------------------------- lm_head
 def lm_head_reference(x, table, *, softcap):
     """x [..., D] against the (tied) table [V, D] -> float32 logits [..., V]."""
-    logits = jnp.einsum("...d,vd->...v", x.astype(F32), widen(table), preferred_element_type=F32)
+    logits = _dot_rows(x.astype(F32), widen(table), math.prod(x.shape[:-1]))
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
     return logits

@@ -4,8 +4,9 @@
 
 Runs 16 steps of 30 layers of x -> tanh(x @ A.T) @ B.T (A [1536, 576], B [576, 1536],
 SmolLM2's MLP shapes) inside one jitted fori_loop and prints the median ms per step
-for: float32 weights; bfloat16 weights widened to float32 with a shift and bitcast;
-bfloat16 weights in a native bf16 dot; and bf16 as multiply + reduce. This is the
+for: float32 weights as x @ W.T and as (W @ x.T).T behind an optimization barrier;
+bfloat16 weights widened to float32 with a shift and bitcast (both forms); bfloat16
+weights in a native bf16 dot; and bf16 as multiply + reduce. This is the
 measurement behind the `linear` CPU lowering choices in passes/primitives.py.
 """
 
@@ -29,6 +30,12 @@ def _dot(x, w):
     return jnp.einsum("bi,oi->bo", x, widen(w))
 
 
+def _transposed(x, w):
+    """w @ x.T behind an optimization barrier, then transposed: pallax's `_dot_rows`."""
+    y = lax.optimization_barrier(jnp.einsum("oi,bi->ob", widen(w), x))
+    return y.T
+
+
 def _reduce(x, w):
     return jnp.sum(x[:, None, :] * widen(w)[None], axis=-1)
 
@@ -39,7 +46,9 @@ def _native(x, w):
 
 FORMS = {
     "f32 dot": (_dot, jnp.float32),
+    "f32 transposed dot": (_transposed, jnp.float32),
     "bf16 widened dot": (_dot, jnp.bfloat16),
+    "bf16 widened transposed": (_transposed, jnp.bfloat16),
     "bf16 native dot": (_native, jnp.bfloat16),
     "bf16 multiply+reduce": (_reduce, jnp.bfloat16),
 }

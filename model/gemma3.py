@@ -20,46 +20,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallax.model import llama
 from pallax.model.configs import ModelConfig
 from pallax.passes import primitives as ops
 
-LAYER_WEIGHTS = (
-    "attn_norm", "wq", "wk", "wv", "q_norm", "k_norm", "wo", "post_attn_norm",
-    "ffn_norm", "w_gate", "w_up", "w_down", "post_ffn_norm",
-)  # fmt: skip
-
 
 def cache_shapes(cfg: ModelConfig) -> dict[str, tuple[str | int, ...]]:
-    """One [B, K, S, H] key and value array per layer (local layers mask to their window)."""
-    shape = ("B", cfg.n_kv_heads, "S", cfg.head_dim)
-    out = {}
-    for i in range(cfg.n_layers):
-        out[f"layers.{i}.k"] = shape
-        out[f"layers.{i}.v"] = shape
-    return out
+    """One [B, K, S, H] key and value array per layer, as Llama (local layers mask to their
+    window)."""
+    return llama.cache_shapes(cfg)
 
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, h, f = cfg.dim, cfg.head_dim, cfg.ffn_dim
-    shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = (cfg.vocab_size, d)
+    """Llama's weights plus QK-norm and the two post-norms of each block."""
+    shapes = llama.weight_shapes(cfg)
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         shapes.update({
-            p + "attn_norm": (d,),
-            p + "wq": (cfg.n_heads * h, d),
-            p + "wk": (cfg.n_kv_heads * h, d),
-            p + "wv": (cfg.n_kv_heads * h, d),
-            p + "q_norm": (h,),
-            p + "k_norm": (h,),
-            p + "wo": (d, cfg.n_heads * h),
-            p + "post_attn_norm": (d,),
-            p + "ffn_norm": (d,),
-            p + "w_gate": (f, d),
-            p + "w_up": (f, d),
-            p + "w_down": (d, f),
-            p + "post_ffn_norm": (d,),
+            p + "q_norm": (cfg.head_dim,),
+            p + "k_norm": (cfg.head_dim,),
+            p + "post_attn_norm": (cfg.dim,),
+            p + "post_ffn_norm": (cfg.dim,),
         })  # fmt: skip
     return shapes
 

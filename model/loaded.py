@@ -72,7 +72,7 @@ def load_gguf(path: pathlib.Path) -> Model:
 
     reader = gguf_loader.open_gguf(path)
     config = gguf_loader.config_from_gguf(reader)
-    tokenizer = Tokenizer.from_gguf(path)
+    tokenizer = Tokenizer.from_gguf(reader)
     arrays = gguf_loader.weights_from_gguf(reader, config, origin=str(path))
     weights = {k: jax.device_put(v) for k, v in arrays.items()}
     return Model(config=config, weights=weights, tokenizer=tokenizer, source=str(path))

@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import mmap
 import operator
 import os
 import pathlib
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +24,8 @@ import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+
+from pallax.model.gguf_file import GGUFFile
 
 SUPPORTED_MODELS = ("gpt2", "llama")
 TOKENIZER_FILE = "tokenizer.json"
@@ -105,52 +105,6 @@ class TokenizerConfig:
 
 
 # GGUF value types: struct formats of the scalar ones, and the two compound ones.
-_GGUF_SCALARS = dict(zip((0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12), "BbHhIif?Qqd", strict=True))
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _read_gguf_metadata(path: str) -> dict[str, Any]:
-    """Every key/value of a little-endian GGUF v2/v3 header, read directly in well under a second
-    (`gguf.GGUFReader` makes a numpy view per array element: ~20 s for a 262k-token vocabulary)."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        magic, version, _, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
-        if magic != b"GGUF" or version not in (2, 3):
-            raise ValueError(
-                f"{path!r} is not a little-endian GGUF v2/v3 file ({magic=}, {version=})"
-            )
-        offset = 24
-
-        def read(fmt: str) -> tuple[Any, ...]:
-            nonlocal offset
-            values = struct.unpack_from("<" + fmt, buf, offset)
-            offset += struct.calcsize("<" + fmt)
-            return values
-
-        def read_string() -> str:
-            nonlocal offset
-            (n,) = read("Q")
-            offset += n
-            return bytes(buf[offset - n : offset]).decode("utf-8")
-
-        def read_value(kind: int) -> Any:
-            if kind == _GGUF_STRING:
-                return read_string()
-            if kind == _GGUF_ARRAY:
-                item, n = read("IQ")
-                if item in _GGUF_SCALARS:
-                    return list(read(f"{n}{_GGUF_SCALARS[item]}"))
-                return [read_value(item) for _ in range(n)]
-            if kind not in _GGUF_SCALARS:
-                raise ValueError(f"{path!r}: unknown GGUF value type {kind} at byte {offset}")
-            return read(_GGUF_SCALARS[kind])[0]
-
-        metadata = {}
-        for _ in range(n_kv):
-            key = read_string()
-            metadata[key] = read_value(read("I")[0])
-    return metadata
-
-
 @dataclasses.dataclass(frozen=True)
 class _GGUFVocab:
     """The tokenizer metadata of a GGUF, validated, as plain Python values."""
@@ -393,9 +347,12 @@ class Tokenizer:
         self._template: jinja2.Template | None = None
 
     @classmethod
-    def from_gguf(cls, source: str | os.PathLike[str] | gguf.GGUFReader) -> Tokenizer:
-        """Builds the tokenizer from a GGUF path or an open `gguf.GGUFReader`."""
-        if isinstance(source, gguf.GGUFReader):
+    def from_gguf(cls, source: str | os.PathLike[str] | GGUFFile | gguf.GGUFReader) -> Tokenizer:
+        """Builds the tokenizer from a GGUF path, an open `GGUFFile` or a `gguf.GGUFReader`."""
+        if isinstance(source, GGUFFile):
+            name = repr(str(source.path))
+            metadata = source.metadata
+        elif isinstance(source, gguf.GGUFReader):
             name = repr(str(getattr(source.data, "filename", None) or "<GGUFReader>"))
             keep = ("tokenizer.", "general.architecture")
             metadata = {k: f.contents() for k, f in source.fields.items() if k.startswith(keep)}
@@ -403,10 +360,10 @@ class Tokenizer:
             name = repr(os.fspath(source))
             if not os.path.isfile(source):
                 raise ValueError(f"GGUF path {name} is not a file")
-            metadata = _read_gguf_metadata(os.fspath(source))
+            metadata = GGUFFile(source).metadata
         else:
             raise TypeError(
-                f"source must be a path or gguf.GGUFReader, got {type(source).__name__}"
+                f"source must be a path, GGUFFile or gguf.GGUFReader, got {type(source).__name__}"
             )
         vocab = _gguf_vocab(metadata, name)
         config = _config_from_vocab(vocab)

@@ -6,13 +6,19 @@ from pallax.passes.cast import CAST_DTYPES, Cast, cast
 from pallax.passes.ir import CacheLayout, Graph, StepSpec, capture
 from pallax.passes.manager import Pass, describe, run_passes
 from pallax.passes.printer import format_graph
+from pallax.passes.quantize import Int8Weight, QuantizeWeights, quantize_weights
 from pallax.passes.rewrite import rewrite
 from pallax.passes.verify import GraphError, verify
 
 # Pass names accepted on the command line and as strings in `pallax.compile`:
 # "name" or "name:arg" (e.g. "cast:bfloat16", "bf16").
-PASS_FACTORIES = {"cast": cast}
-ALIASES = {"bf16": "cast:bfloat16", "bfloat16": "cast:bfloat16", "fp16": "cast:float16"}
+PASS_FACTORIES = {"cast": cast, "quantize_weights": quantize_weights}
+ALIASES = {
+    "bf16": "cast:bfloat16",
+    "bfloat16": "cast:bfloat16",
+    "fp16": "cast:float16",
+    "int8": "quantize_weights:8",
+}
 
 
 def parse_pass(spec: str):
@@ -50,7 +56,7 @@ def resolve_passes(passes) -> tuple:
 
 
 __all__ = [
-    "CAST_DTYPES", "CacheLayout", "Cast", "Graph", "GraphError", "Pass", "StepSpec", "capture",
-    "cast", "describe", "format_graph", "parse_pass", "resolve_passes", "rewrite", "run_passes",
-    "verify",
+    "CAST_DTYPES", "CacheLayout", "Cast", "Graph", "GraphError", "Int8Weight", "Pass",
+    "QuantizeWeights", "StepSpec", "capture", "cast", "describe", "format_graph", "parse_pass",
+    "quantize_weights", "resolve_passes", "rewrite", "run_passes", "verify",
 ]  # fmt: skip

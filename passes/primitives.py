@@ -140,6 +140,60 @@ def linear(x, w):
     return linear_p.bind(x, w)
 
 
+# ------------------------------------------------------------------------- qlinear
+INT8_MAX = 127.0
+
+
+def quantize_rows(x):
+    """Symmetric int8 per row (LLM.int8()'s vector-wise scheme): x ~ q * scale[..., None]."""
+    x32 = x.astype(F32)
+    scale = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / INT8_MAX
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(x32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return q, scale
+
+
+def qlinear_reference(x, q, scale):
+    """x [..., I] against int8 weights q [O, I] with per-output-channel scales [O].
+
+    Activations are quantized to int8 per row on the fly and the dot runs in
+    integers with int32 accumulation, then both scales are applied (W8A8,
+    vector-wise). On XLA:CPU the int8 x int8 -> int32 dot reads the int8 bytes
+    directly; it runs 1.2-1.9x faster than the float32 dot from 2 rows up, while a
+    single row takes a slow GEMV path, so one row is padded to two.
+    """
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    xq, xs = quantize_rows(x.reshape(rows, d_in))
+    if rows == 1:
+        xq = jnp.concatenate([xq, jnp.zeros_like(xq)])
+    dims = (((1,), (1,)), ((), ()))
+    if 4 < rows <= SKINNY_ROWS:
+        acc = lax.optimization_barrier(
+            lax.dot_general(q, xq, dims, preferred_element_type=jnp.int32)
+        ).T
+    else:
+        acc = lax.dot_general(xq, q, dims, preferred_element_type=jnp.int32)[:rows]
+    y = acc.astype(F32) * xs * scale.astype(F32)
+    return y.reshape(*lead, q.shape[0]).astype(x.dtype)
+
+
+def _qlinear_abstract(x, q, scale):
+    if q.dtype != jnp.int8 or q.ndim != 2 or x.shape[-1] != q.shape[1]:
+        raise TypeError(f"qlinear: x {x.shape} and int8 q {q.dtype}{q.shape} [out, in] disagree")
+    if scale.shape != (q.shape[0],):
+        raise TypeError(f"qlinear: scale {scale.shape} must be [{q.shape[0]}]")
+    return ShapedArray((*x.shape[:-1], q.shape[0]), x.dtype)
+
+
+qlinear_p = _define("qlinear", qlinear_reference, _qlinear_abstract)
+qlinear_p.pallax_semantic = True  # type: ignore[attr-defined]
+
+
+def qlinear(x, q, scale):
+    return qlinear_p.bind(x, q, scale)
+
+
 # ---------------------------------------------------------------------------- rope
 def rope_reference(x, positions, *, theta, scaling=1.0):
     """Rotary embedding, rotate-half layout. x [B, T, N, H], positions [B, T]."""

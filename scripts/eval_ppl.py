@@ -1,0 +1,91 @@
+"""Perplexity of a text under one or more pass pipelines, through the compiled graph.
+
+    python -m pallax.scripts.eval_ppl --model smollm2-135m --passes none bf16 int8
+    python -m pallax.scripts.eval_ppl --file my_text.txt --window 1024 --stride 512
+
+The text (default: `data/eval_text.txt`, shipped with pallax) is tokenized with the
+model's own tokenizer and scored in sliding windows of --window tokens moved by
+--stride: each token is counted once, in the first window where it has at least
+window - stride tokens of context (the first window counts all of its tokens).
+Every window goes through `CompiledModel.score`, i.e. the compiled graph and its
+KV cache in --chunk-size pieces. Prints perplexity, weight bytes and the change
+against the first pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+
+import numpy as np
+
+DEFAULT_TEXT = pathlib.Path(__file__).resolve().parent.parent / "data" / "eval_text.txt"
+
+
+def window_log_probs(compiled, ids, window: int, stride: int, chunk_size: int) -> np.ndarray:
+    """log p of every token after the first, each scored once over sliding windows."""
+    if len(ids) < 2:
+        raise ValueError(f"the text has {len(ids)} tokens; perplexity needs at least 2")
+    out, scored = [], 1  # ids[scored:] still need a log-probability
+    begin = 0
+    while scored < len(ids):
+        end = min(begin + window, len(ids))
+        logp = compiled.score(ids[begin:end], chunk_size=chunk_size)  # targets begin+1 .. end-1
+        out.append(logp[scored - begin - 1 :])
+        scored = end
+        begin = min(begin + stride, max(0, len(ids) - window)) if end < len(ids) else end
+    return np.concatenate(out)
+
+
+def perplexity(compiled, text: str, window: int, stride: int, chunk_size: int = 128) -> float:
+    ids = compiled.tokenizer.encode(text)
+    return math.exp(-float(np.mean(window_log_probs(compiled, ids, window, stride, chunk_size))))
+
+
+def _check(args, context_length: int) -> None:
+    if args.window < 2 or args.window > context_length:
+        raise ValueError(f"--window {args.window} must be in [2, {context_length}]")
+    if not 1 <= args.stride <= args.window - 1:
+        raise ValueError(f"--stride {args.stride} must be in [1, --window - 1 = {args.window - 1}]")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--file", default=str(DEFAULT_TEXT), help="text file (UTF-8)")
+    parser.add_argument(
+        "--passes", nargs="+", default=["none"],
+        help="pipelines: 'none' or comma-separated pass names, e.g. bf16 int8",
+    )  # fmt: skip
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=128)
+    args = parser.parse_args(argv)
+    import pallax
+
+    try:
+        text = pathlib.Path(args.file).read_text(encoding="utf-8")
+        model = pallax.load(args.model)
+        _check(args, model.config.context_length)
+        pipelines = [[] if p == "none" else [s for s in p.split(",") if s] for p in args.passes]
+        compiled = [pallax.compile(model, passes=p) for p in pipelines]  # validates pass names
+    except (OSError, ValueError, TypeError) as e:
+        print(f"eval_ppl: error: {e}", file=sys.stderr)
+        return 2
+    n = len(model.tokenizer.encode(text))
+    print(f"{args.model}: {n} tokens, window {args.window}, stride {args.stride}")
+    base = None
+    for name, c in zip(args.passes, compiled, strict=True):
+        ppl = perplexity(c, text, args.window, args.stride, args.chunk_size)
+        base = base or ppl
+        mb = c.pipeline_graph().weight_bytes() / 1e6
+        print(
+            f"{name:24s} | ppl {ppl:9.4f} | {100 * (ppl / base - 1):+6.2f}% | weights {mb:8.1f} MB"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

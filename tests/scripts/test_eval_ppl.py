@@ -1,0 +1,63 @@
+"""scripts/eval_ppl.py: every token scored once, over windows through the compiled graph."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pallax.scripts import eval_ppl
+
+
+class _Positions:
+    """A stand-in whose score() returns each target's position in the text, plus its
+    context length as the fraction, so the test sees which window scored it."""
+
+    def __init__(self, n):
+        self.ids = list(range(n))
+
+    def score(self, ids, chunk_size):
+        return np.asarray([ids[i] + i / 1000 for i in range(1, len(ids))], np.float64)
+
+
+@pytest.mark.parametrize("n, window, stride", [(10, 4, 2), (679, 512, 256), (5, 8, 4), (9, 3, 1)])
+def test_each_token_scored_once_with_enough_context(n, window, stride):
+    fake = _Positions(n)
+    got = eval_ppl.window_log_probs(fake, fake.ids, window, stride, 16)
+    assert np.array_equal(np.floor(got).astype(int), np.arange(1, n))
+    context = np.round((got % 1) * 1000).astype(int)
+    first_window = context[: window - 1]
+    assert (context[window - 1 :] >= window - stride).all() and len(first_window) == min(
+        window - 1, n - 1
+    )
+
+
+def test_one_window_equals_score(compiled_fp32):
+    text = eval_ppl.DEFAULT_TEXT.read_text(encoding="utf-8")[:600]
+    ids = compiled_fp32.tokenizer.encode(text)
+    want = math.exp(-float(np.mean(compiled_fp32.score(text))))
+    got = eval_ppl.perplexity(compiled_fp32, text, window=len(ids), stride=len(ids) // 2)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_cli(capsys, smollm2_gguf_path):
+    rc = eval_ppl.main(["--model", str(smollm2_gguf_path), "--window", "256", "--stride", "128"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "ppl" in out and "+0.00%" in out
+    ppl = float(out.splitlines()[1].split("ppl")[1].split("|")[0])
+    assert 5 < ppl < 60  # SmolLM2 on plain English prose
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--window", "1"], "--window 1 must be in"),
+        (["--stride", "600"], "--stride 600 must be in"),
+        (["--passes", "quantize_weights:3"], "bits=3 is not supported"),
+        (["--file", "/nonexistent/text.txt"], "nonexistent"),
+    ],
+)
+def test_bad_input(capsys, smollm2_gguf_path, argv, message):
+    assert eval_ppl.main(["--model", str(smollm2_gguf_path), *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -15,7 +15,7 @@ import pathlib
 import re
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import ml_dtypes
 import numpy as np
 import tokenizers
@@ -23,7 +23,7 @@ import tokenizers
 from pallax.model import architectures
 from pallax.model.configs import ModelConfig
 from pallax.model.loaded import Model
-from pallax.model.tokenizer import _END_OF_TEXT, _END_OF_TURN_TOKENS, Tokenizer, TokenizerConfig
+from pallax.model.tokenizer import Tokenizer, TokenizerConfig, end_of_turn_ids
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -94,7 +94,7 @@ def load_hf_directory(path: pathlib.Path) -> Model:
         arr = _read_tensor(tensors[name])
         if config.arch == "gemma3" and key.endswith("norm"):
             arr += 1.0
-        weights[key] = jnp.asarray(arr)
+        weights[key] = jax.device_put(arr)
     return Model(config=config, weights=weights, tokenizer=tokenizer, source=str(path))
 
 
@@ -399,8 +399,7 @@ def load_hf_tokenizer(path: pathlib.Path) -> Tokenizer:
     probe = backend.encode("").ids
     eos_ids = settings.get("eos_token_id")
     stop = {eos_id, *(eos_ids if isinstance(eos_ids, list) else [eos_ids])}
-    turn_tokens = [t for t in _END_OF_TURN_TOKENS if template is None or t in template]
-    stop |= {backend.token_to_id(t) for t in (*turn_tokens, _END_OF_TEXT)}
+    stop |= end_of_turn_ids(backend.token_to_id, template)
     config = TokenizerConfig(
         model="llama" if backend.model.byte_fallback else "gpt2",
         vocab_size=backend.get_vocab_size(with_added_tokens=True),

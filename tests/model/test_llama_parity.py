@@ -10,17 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import PROMPTS
+from tests.conftest import PROMPTS, chunk_logits, hf_logits
 
 LOGIT_ATOL = 2e-3
-
-
-def _hf_logits(hf, ids):
-    import torch
-
-    model, _ = hf
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
 def test_config_from_gguf(smollm2):
@@ -49,18 +41,10 @@ def test_weights_match_hf_state_dict(smollm2, hf_smollm2):
 
 
 def test_prefill_logits_match_hf(compiled_fp32, hf_smollm2):
-    from pallax.passes.ir import StepSpec
-
     ids = compiled_fp32.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)
-    graph = compiled_fp32._capture([StepSpec("chunk", 1, len(ids), 256)])
-    cache = graph.cache.allocate(1, 256)
-    import jax.numpy as jnp
-
-    logits, _ = graph.run(
-        "chunk", graph.weights, cache, jnp.asarray([ids]), jnp.zeros(1, jnp.int32)
-    )
-    want = _hf_logits(hf_smollm2, ids)
-    np.testing.assert_allclose(np.asarray(logits[0]), want, atol=LOGIT_ATOL, rtol=0)
+    logits = chunk_logits(compiled_fp32, ids, 256)
+    want = hf_logits(hf_smollm2[0], ids)
+    np.testing.assert_allclose(np.asarray(logits), want, atol=LOGIT_ATOL, rtol=0)
 
 
 def test_score_matches_hf_log_softmax(compiled_fp32, hf_smollm2):
@@ -70,7 +54,7 @@ def test_score_matches_hf_log_softmax(compiled_fp32, hf_smollm2):
     text = "Paris is the capital and most populous city of France. " * 4
     ids = compiled_fp32.tokenizer.encode(text)
     got = compiled_fp32.score(text, chunk_size=16)
-    logits = torch.tensor(_hf_logits(hf_smollm2, ids))
+    logits = torch.tensor(hf_logits(hf_smollm2[0], ids))
     want = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
     assert got.shape == (len(ids) - 1,)
     np.testing.assert_allclose(got, want, atol=LOGIT_ATOL, rtol=0)

@@ -7,6 +7,7 @@ checkpoints, so the permutation is undone here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
@@ -123,6 +124,23 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _unpermute_rows(w, n_heads: int):
+    """_unpermute on a float matrix, or on every per-row array of a packed weight (groups
+    run along the input axis, so whole rows move together)."""
+    from pallax.passes.qformat import QuantizedWeight
+
+    if not isinstance(w, QuantizedWeight):
+        return _unpermute(w, n_heads)
+    return dataclasses.replace(
+        w,
+        **{
+            f: _unpermute(getattr(w, f), n_heads)
+            for f in ("data", "scale", "offset")
+            if getattr(w, f) is not None
+        },  # fmt: skip
+    )
+
+
 _LAYER_NAMES = {
     "attn_norm": "attn_norm",
     "attn_q": "wq",
@@ -140,11 +158,17 @@ _LAYER_NAMES = {
 }
 
 
-def weights_from_gguf(reader, cfg: ModelConfig, origin: str = "GGUF") -> dict[str, np.ndarray]:
+def weights_from_gguf(
+    reader, cfg: ModelConfig, origin: str = "GGUF", *, keep_quantized: bool = False
+) -> dict:
     """pallax weight names -> float32 arrays; linear weights as [out, in].
 
     Only Llama GGUFs carry llama.cpp's Q/K row permutation (its converter applies
     it to Llama-family models alone), so only they are un-permuted.
+
+    keep_quantized: every 2-D quantized tensor (the linears and the embedding table)
+    becomes a `QuantizedWeight` copied from the file's blocks without a float round
+    trip (model/gguf_quant.py); norms and float tensors stay float32.
     """
     weights: dict[str, np.ndarray] = {}
     unknown = []
@@ -164,11 +188,20 @@ def weights_from_gguf(reader, cfg: ModelConfig, origin: str = "GGUF") -> dict[st
         else:
             unknown.append(t.name)
             continue
-        arr = reader.dequantize(t)
-        if cfg.arch == "llama" and key.endswith(".wq"):
-            arr = _unpermute(arr, cfg.n_heads)
-        elif cfg.arch == "llama" and key.endswith(".wk"):
-            arr = _unpermute(arr, cfg.n_kv_heads)
+        arr = None
+        if keep_quantized and len(t.shape) == 2:
+            from pallax.model import gguf_quant
+
+            try:
+                arr = gguf_quant.keep_quantized(reader.raw(t), t.ggml_type, tuple(t.shape))
+            except ValueError as e:
+                msg = f"{origin}: tensor {t.name!r} cannot be kept quantized: {e}"
+                raise ValueError(msg) from None
+        if arr is None:
+            arr = reader.dequantize(t)
+        heads = {".wq": cfg.n_heads, ".wk": cfg.n_kv_heads}.get(key[-3:])
+        if cfg.arch == "llama" and heads is not None:
+            arr = _unpermute_rows(arr, heads)
         weights[key] = arr
     if unknown:
         raise ValueError(

@@ -42,15 +42,29 @@ class Model:
         )
 
 
-def load(name_or_path: str | os.PathLike = "smollm2-135m") -> Model:
+def load(
+    name_or_path: str | os.PathLike = "smollm2-135m", *, keep_quantized: bool = False
+) -> Model:
     """Load a model by name (see `pallax.model.configs.KNOWN_MODELS`) or from a path:
     a .gguf file, a Hugging Face checkpoint directory (config.json + *.safetensors)
-    or a pallax checkpoint written by `CompiledModel.save`."""
+    or a pallax checkpoint written by `CompiledModel.save`.
+
+    keep_quantized=True (GGUF only): the file's quantized tensors (Q8_0, Q4_0, Q4_1,
+    Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) load straight into pallax's int8 / int4 group
+    formats, without a float round trip, and run at those bits.
+    """
     from pallax.model import sources
 
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"model must be a model name or a path, got {name_or_path!r}")
+    if not isinstance(keep_quantized, bool):
+        raise ValueError(f"keep_quantized={keep_quantized!r} must be True or False")
     path = pathlib.Path(sources.resolve(name_or_path))
+    if path.is_dir() and keep_quantized:
+        raise ValueError(
+            f"keep_quantized=True applies to GGUF files; {str(path)!r} is a directory "
+            "(quantize its weights with pallax.passes.quantize_weights instead)"
+        )
     if path.is_dir():
         from pallax.model import checkpoint, hf_checkpoint
 
@@ -63,16 +77,18 @@ def load(name_or_path: str | os.PathLike = "smollm2-135m") -> Model:
             f"{checkpoint.MANIFEST} (a pallax checkpoint); pallax loads those, .gguf files "
             f"and the known models {sorted(KNOWN_MODELS)}"
         )
-    return load_gguf(path)
+    return load_gguf(path, keep_quantized=keep_quantized)
 
 
-def load_gguf(path: pathlib.Path) -> Model:
+def load_gguf(path: pathlib.Path, *, keep_quantized: bool = False) -> Model:
     from pallax.model import gguf_loader
     from pallax.model.tokenizer import Tokenizer
 
     reader = gguf_loader.open_gguf(path)
     config = gguf_loader.config_from_gguf(reader)
     tokenizer = Tokenizer.from_gguf(reader)
-    arrays = gguf_loader.weights_from_gguf(reader, config, origin=str(path))
+    arrays = gguf_loader.weights_from_gguf(
+        reader, config, origin=str(path), keep_quantized=keep_quantized
+    )
     weights = {k: jax.device_put(v) for k, v in arrays.items()}
     return Model(config=config, weights=weights, tokenizer=tokenizer, source=str(path))

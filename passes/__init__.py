@@ -6,7 +6,8 @@ from pallax.passes.cast import CAST_DTYPES, Cast, cast
 from pallax.passes.ir import CacheLayout, Graph, StepSpec, capture
 from pallax.passes.manager import Pass, describe, run_passes
 from pallax.passes.printer import format_graph
-from pallax.passes.quantize import Int8Weight, QuantizeWeights, quantize_weights
+from pallax.passes.qformat import QuantizedWeight
+from pallax.passes.quantize import QuantizeWeights, quantize_weights
 from pallax.passes.rewrite import rewrite
 from pallax.passes.verify import GraphError, verify
 
@@ -18,22 +19,55 @@ ALIASES = {
     "bfloat16": "cast:bfloat16",
     "fp16": "cast:float16",
     "int8": "quantize_weights:8",
+    "int8-outliers": "quantize_weights:8:outlier_threshold=6.0",
+    "int4": "quantize_weights:4",
+    "int4-gptq": "quantize_weights:4:method=gptq",
 }
 
 
 def parse_pass(spec: str):
-    """A pass from its textual form, e.g. "cast:bfloat16"."""
+    """A pass from its textual form: "name", "name:arg" or "name:arg:key=value:...".
+
+    e.g. "cast:bfloat16", "bf16", "quantize_weights:4:group_size=64:method=gptq".
+    Values are read as int, float, None, true/false or else kept as strings.
+    """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"pass {spec!r} must be a non-empty string")
     spec = ALIASES.get(spec, spec)
-    name, _, arg = spec.partition(":")
+    name, *fields = spec.split(":")
     factory = PASS_FACTORIES.get(name)
     if factory is None:
         raise ValueError(
             f"unknown pass {name!r}; known passes: {sorted(PASS_FACTORIES)} "
             f"(aliases: {sorted(ALIASES)})"
         )
-    return factory(arg) if arg else factory()
+    args, kwargs = [], {}
+    for f in fields:
+        key, eq, value = f.partition("=")
+        if eq:
+            kwargs[key] = _value(value)
+        elif kwargs:
+            raise ValueError(f"pass {spec!r}: positional {f!r} after key=value arguments")
+        else:
+            args.append(f)
+    try:
+        return factory(*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"pass {spec!r}: {e}") from None
+
+
+def _value(text: str):
+    low = text.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def resolve_passes(passes) -> tuple:
@@ -56,7 +90,8 @@ def resolve_passes(passes) -> tuple:
 
 
 __all__ = [
-    "CAST_DTYPES", "CacheLayout", "Cast", "Graph", "GraphError", "Int8Weight", "Pass",
-    "QuantizeWeights", "StepSpec", "capture", "cast", "describe", "format_graph", "parse_pass",
+    "CAST_DTYPES", "CacheLayout", "Cast", "Graph", "GraphError", "Pass",
+    "QuantizeWeights", "QuantizedWeight", "StepSpec", "capture", "cast", "describe",
+    "format_graph", "parse_pass",
     "quantize_weights", "resolve_passes", "rewrite", "run_passes", "verify",
 ]  # fmt: skip

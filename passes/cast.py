@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from pallax.passes import primitives
 from pallax.passes.ir import Graph
 from pallax.passes.manager import map_weights
+from pallax.passes.qformat import QuantizedWeight
 from pallax.passes.rewrite import rewrite
 
 CAST_DTYPES = ("float32", "bfloat16", "float16")
@@ -39,7 +40,11 @@ class Cast:
                     return jax.device_put(jnp.asarray(w).astype(dtype))
                 return w
 
-            return {k: jax.tree.map(one, v) for k, v in weights.items()}
+            # Packed weights keep their float32 scales: bf16 scales would add error for nothing.
+            return {
+                k: v if isinstance(v, QuantizedWeight) else jax.tree.map(one, v)
+                for k, v in weights.items()
+            }
 
         weights = map_weights(("cast", self.dtype), graph.weights, convert)
         rules = {}

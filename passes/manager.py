@@ -42,7 +42,10 @@ def run_passes(
 
 def describe(p) -> str:
     if dataclasses.is_dataclass(p):
-        fields = ", ".join(f"{f.name}={getattr(p, f.name)!r}" for f in dataclasses.fields(p))
+        fields = ", ".join(
+            f"{f.name}={f.metadata.get('describe', repr)(getattr(p, f.name))}"
+            for f in dataclasses.fields(p)
+        )
         return f"{p.name}({fields})"
     return getattr(p, "name", type(p).__name__)
 

@@ -41,10 +41,16 @@ def widen(w: jax.Array) -> jax.Array:
     return w.astype(F32)
 
 
+@functools.cache
+def _jitted(reference, params: tuple):
+    """One jitted reference per (op, params), so eager calls hit jax's compile cache."""
+    return jax.jit(functools.partial(reference, **dict(params)))
+
+
 def _define(name: str, reference, abstract, *, multiple_results: bool = False) -> Primitive:
     prim = Primitive(name)
     prim.multiple_results = multiple_results
-    prim.def_impl(lambda *args, **params: jax.jit(functools.partial(reference, **params))(*args))
+    prim.def_impl(lambda *args, **params: _jitted(reference, tuple(sorted(params.items())))(*args))
     prim.def_abstract_eval(abstract)
     mlir.register_lowering(prim, mlir.lower_fun(reference, multiple_results=multiple_results))
     prim.reference = reference  # type: ignore[attr-defined]
@@ -153,18 +159,10 @@ def quantize_rows(x):
     return q, scale
 
 
-def qlinear_reference(x, q, scale):
-    """x [..., I] against int8 weights q [O, I] with per-output-channel scales [O].
-
-    Activations are quantized to int8 per row on the fly and the dot runs in
-    integers with int32 accumulation, then both scales are applied (W8A8,
-    vector-wise). On XLA:CPU the int8 x int8 -> int32 dot reads the int8 bytes
-    directly; it runs 1.2-1.9x faster than the float32 dot from 2 rows up, while a
-    single row takes a slow GEMV path, so one row is padded to two.
-    """
-    lead, d_in = x.shape[:-1], x.shape[-1]
-    rows = math.prod(lead)
-    xq, xs = quantize_rows(x.reshape(rows, d_in))
+def _w8a8(x2, q, scale):
+    """x2 [R, I] float32 against per-channel int8 q [O, I]: int8 x int8 -> int32 dot."""
+    rows = x2.shape[0]
+    xq, xs = quantize_rows(x2)
     if rows == 1:
         xq = jnp.concatenate([xq, jnp.zeros_like(xq)])
     dims = (((1,), (1,)), ((), ()))
@@ -174,24 +172,136 @@ def qlinear_reference(x, q, scale):
         ).T
     else:
         acc = lax.dot_general(xq, q, dims, preferred_element_type=jnp.int32)[:rows]
-    y = acc.astype(F32) * xs * scale.astype(F32)
-    return y.reshape(*lead, q.shape[0]).astype(x.dtype)
+    return acc.astype(F32) * xs * scale.reshape(-1).astype(F32)
 
 
-def _qlinear_abstract(x, q, scale):
-    if q.dtype != jnp.int8 or q.ndim != 2 or x.shape[-1] != q.shape[1]:
-        raise TypeError(f"qlinear: x {x.shape} and int8 q {q.dtype}{q.shape} [out, in] disagree")
-    if scale.shape != (q.shape[0],):
-        raise TypeError(f"qlinear: scale {scale.shape} must be [{q.shape[0]}]")
-    return ShapedArray((*x.shape[:-1], q.shape[0]), x.dtype)
+def dequantize_groups(data, scale, offset, *, bits, group_size, in_features):
+    """The float32 matrix [O, I] of a packed weight (see passes/qformat.py)."""
+    o = data.shape[0]
+    if bits == 4:
+        d = data.reshape(o, -1, group_size // 2)
+        v = jnp.concatenate([d & 15, d >> 4], axis=-1)  # [O, G, g]
+    else:
+        v = data.reshape(o, -1, group_size)
+    f = v.astype(F32) * scale[..., None]
+    if offset is not None:
+        f = f + offset[..., None]
+    return f.reshape(o, -1)[:, :in_features]
+
+
+def qlinear_reference(x, data, scale, *rest, bits, group_size, in_features, offset, outliers):
+    """x [..., I] against a packed weight [O, I] (passes/qformat.py) -> x.dtype.
+
+    Per-output-channel int8 (LLM.int8()'s vector-wise scheme) runs as W8A8:
+    activations are quantized to int8 per row on the fly and the dot runs in
+    integers with int32 accumulation. On XLA:CPU the int8 x int8 -> int32 dot
+    reads the int8 bytes directly and runs 1.2-1.9x faster than the float32 dot
+    from 2 rows up; a single row takes a slow GEMV path, so it is padded to two.
+    Group-wise weights (int4, or int8 kept from a GGUF file) are unpacked and
+    dequantized inside the step, in a fusion that reads the packed bytes, and
+    multiplied in float32.
+
+    With `outliers`, the input features listed in `outlier_idx` (LLM.int8()'s
+    mixed-precision decomposition) are taken out of the quantized product and
+    multiplied in float32 against `outlier_w`.
+    """
+    rest = list(rest)
+    off = rest.pop(0) if offset else None
+    idx, w_out = (rest[0], rest[1]) if outliers else (None, None)
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    x2 = x.reshape(rows, d_in).astype(F32)
+    if idx is not None:
+        x_out = jnp.take(x2, idx, axis=1)
+        x2 = x2.at[:, idx].set(0.0)
+    per_channel = bits == 8 and off is None and scale.shape[1] == 1
+    if per_channel:
+        y = _w8a8(x2, data, scale)
+    else:
+        w = dequantize_groups(
+            data, scale, off, bits=bits, group_size=group_size, in_features=in_features
+        )
+        y = _dot_rows(x2, w, rows)
+    if idx is not None:
+        y = y + _dot_rows(x_out, w_out.astype(F32), rows)
+    return y.reshape(*lead, data.shape[0]).astype(x.dtype)
+
+
+def _qlinear_abstract(x, data, scale, *rest, bits, group_size, in_features, offset, outliers):
+    o = data.shape[0]
+    groups = -(-in_features // group_size)
+    want = (o, groups * group_size // (2 if bits == 4 else 1))
+    if x.shape[-1] != in_features or tuple(data.shape) != want:
+        raise TypeError(
+            f"qlinear: x {x.shape} and packed int{bits} data {data.shape} (g{group_size}, "
+            f"{in_features} in) disagree"
+        )
+    if data.dtype != (jnp.uint8 if bits == 4 else jnp.int8) or scale.shape != (o, groups):
+        raise TypeError(f"qlinear: data {data.dtype} / scale {scale.shape} malformed")
+    if len(rest) != int(offset) + 2 * int(outliers):
+        raise TypeError(f"qlinear: {len(rest)} extra operands for {offset=} {outliers=}")
+    return ShapedArray((*x.shape[:-1], o), x.dtype)
 
 
 qlinear_p = _define("qlinear", qlinear_reference, _qlinear_abstract)
 qlinear_p.pallax_semantic = True  # type: ignore[attr-defined]
 
 
-def qlinear(x, q, scale):
-    return qlinear_p.bind(x, q, scale)
+def qlinear(x, w):
+    """x @ w.T for a `QuantizedWeight` w (passes/qformat.py)."""
+    rest = [a for a in (w.offset, w.outlier_idx, w.outlier_w) if a is not None]
+    return qlinear_p.bind(
+        x,
+        w.data,
+        w.scale,
+        *rest,
+        bits=w.bits,
+        group_size=w.group_size,
+        in_features=w.in_features,
+        offset=w.offset is not None,
+        outliers=w.outlier_idx is not None,
+    )
+
+
+# -------------------------------------------------------------------------- qembed
+def qembed_reference(
+    ids, data, scale, *rest, bits, group_size, in_features, offset, scale_by, dtype
+):
+    """Rows of a packed table [V, D] gathered and dequantized -> [B, T, D] `dtype`."""
+    take = functools.partial(jnp.take, indices=ids.reshape(-1), axis=0, mode="clip")
+    off = take(rest[0]) if offset else None
+    rows = dequantize_groups(
+        take(data), take(scale), off, bits=bits, group_size=group_size, in_features=in_features
+    )
+    if scale_by is not None:
+        rows = rows * jnp.asarray(scale_by, F32)
+    return rows.reshape(*ids.shape, in_features).astype(dtype)
+
+
+def _qembed_abstract(
+    ids, data, scale, *rest, bits, group_size, in_features, offset, scale_by, dtype
+):
+    return ShapedArray((*ids.shape, in_features), jnp.dtype(dtype))
+
+
+qembed_p = _define("qembed", qembed_reference, _qembed_abstract)
+qembed_p.pallax_semantic = True  # type: ignore[attr-defined]
+
+
+def qembed(ids, w, *, scale=None, dtype=jnp.float32):
+    rest = [w.offset] if w.offset is not None else []
+    return qembed_p.bind(
+        ids,
+        w.data,
+        w.scale,
+        *rest,
+        bits=w.bits,
+        group_size=w.group_size,
+        in_features=w.in_features,
+        offset=w.offset is not None,
+        scale_by=None if scale is None else float(scale),
+        dtype=jnp.dtype(dtype).name,
+    )
 
 
 # ---------------------------------------------------------------------------- rope

@@ -18,6 +18,8 @@ import numpy as np
 from pallax.passes.ir import Graph, StepSpec, capture
 from pallax.passes.manager import run_passes
 from pallax.passes.printer import format_graph
+from pallax.passes.qformat import QuantizedWeight
+from pallax.passes.quantize import use_packed_weights
 from pallax.runtime import generation as gen
 from pallax.runtime.requests import GenerationResult, Request, build_requests, finish
 from pallax.runtime.sampling import pack
@@ -64,10 +66,26 @@ class CompiledModel:
         return self.model.tokenizer
 
     def _capture(self, specs) -> Graph:
-        meta = {"arch": self.config.arch, "dtype": "float32", "model": self.config.name}
-        graph = capture(
-            self.model.forward, self.model.weights, self.model.cache_layout(), specs, meta
-        )
+        meta = {
+            "arch": self.config.arch,
+            "dtype": "float32",
+            "model": self.config.name,
+            # for passes that calibrate on text (quantize_weights with GPTQ or outliers)
+            "forward": self.model.forward,
+            "tokenizer": self.tokenizer,
+            "vocab_size": self.config.vocab_size,
+        }
+        weights = self.model.weights
+        packed = {k for k, v in weights.items() if isinstance(v, QuantizedWeight)}
+        if packed:  # kept quantized from the file: trace against float stand-ins, then swap
+            stand_ins = {
+                k: jax.ShapeDtypeStruct(v.shape, jnp.float32) if k in packed else v
+                for k, v in weights.items()
+            }
+            graph = capture(self.model.forward, stand_ins, self.model.cache_layout(), specs, meta)
+            graph = use_packed_weights(graph, weights, "kept from " + _kinds(weights))
+        else:
+            graph = capture(self.model.forward, weights, self.model.cache_layout(), specs, meta)
         return run_passes(graph, self.passes)
 
     def pipeline_graph(self) -> Graph:
@@ -258,6 +276,11 @@ class CompiledModel:
     def _score_fn(self, t, s):
         graph = self._capture([StepSpec("chunk", 1, t, s)])
         return graph, gen.make_score_chunk(graph)
+
+
+def _kinds(weights) -> str:
+    kinds = sorted({v.describe() for v in weights.values() if isinstance(v, QuantizedWeight)})
+    return "; ".join(kinds)
 
 
 def _stop_array(reqs, batch):

@@ -28,9 +28,15 @@ def _permute(w, n_head):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, smollm2_gguf_path):
+    return write_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf", smollm2_gguf_path)
+
+
+def write_tiny(path, smollm2_gguf_path, types=None):
+    """The tiny model; `types` maps tensor names to a GGML type to store them in (raw
+    bytes from gguf's quantizer, or random valid blocks for types it cannot write)."""
+    types = types or {}
     src = gguf.GGUFReader(str(smollm2_gguf_path))
     vocab = len(src.fields["tokenizer.ggml.tokens"].contents())
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-llama")
     w.add_block_count(LAYERS)
@@ -57,6 +63,21 @@ def tiny_gguf(tmp_path_factory, smollm2_gguf_path):
     def t(*shape, scale=0.08):
         return (rng.standard_normal(shape) * scale).astype(np.float16)
 
+    add_float = w.add_tensor
+
+    def add(name, arr):
+        kind = types.get(name)
+        if kind is None:
+            return add_float(name, arr)
+        q = gguf.GGMLQuantizationType[kind]
+        block, size = gguf.GGML_QUANT_SIZES[q]
+        try:
+            raw = gguf.quants.quantize(arr.astype(np.float32), q)
+        except NotImplementedError:  # random blocks: only the type matters to the loader
+            raw = rng.integers(0, 256, (arr.shape[0], arr.shape[1] // block * size), np.uint8)
+        add_float(name, raw, raw_dtype=q)
+
+    w.add_tensor = add
     w.add_tensor("token_embd.weight", t(vocab, DIM, scale=0.5))
     w.add_tensor("output.weight", t(vocab, DIM))
     w.add_tensor("output_norm.weight", (1 + t(DIM)).astype(np.float32))
@@ -77,6 +98,53 @@ def tiny_gguf(tmp_path_factory, smollm2_gguf_path):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+KEPT = {
+    "blk.0.attn_q.weight": "Q8_0", "blk.0.attn_k.weight": "Q4_0", "blk.0.attn_v.weight": "Q4_1",
+    "blk.0.ffn_gate.weight": "Q5_0", "blk.0.ffn_up.weight": "Q5_1", "blk.1.attn_q.weight": "Q4_1",
+    "blk.1.attn_k.weight": "Q8_0", "token_embd.weight": "Q8_0", "output.weight": "Q4_0",
+}  # fmt: skip
+
+
+def test_keep_quantized_matches_the_dequantized_file(tmp_path, smollm2_gguf_path):
+    """Kept blocks compute what the float path computes from the same file, including the
+    Q/K rows llama.cpp permutes (moved together with their group scales)."""
+    from pallax.passes.qformat import QuantizedWeight
+
+    path = write_tiny(tmp_path / "mixed.gguf", smollm2_gguf_path, KEPT)
+    floats = pallax.load(path)
+    kept = pallax.load(path, keep_quantized=True)
+    packed = {k for k, v in kept.weights.items() if isinstance(v, QuantizedWeight)}
+    assert packed == {
+        "layers.0.wq",
+        "layers.0.wk",
+        "layers.0.wv",
+        "layers.0.w_gate",
+        "layers.0.w_up",
+        "layers.1.wq",
+        "layers.1.wk",
+        "embed",
+        "lm_head",
+    }
+    assert not any(isinstance(v, QuantizedWeight) for v in floats.weights.values())
+    text = "Hello world, this is a small synthetic model with random weights."
+    a, b = pallax.compile(floats, []), pallax.compile(kept, [])
+    np.testing.assert_allclose(b.score(text, chunk_size=8), a.score(text, chunk_size=8), atol=1e-4)
+    graph = b.graph("decode")
+    assert "qembed" in graph and graph.count("qlinear[") == 7 + 1  # 7 linears + the head
+    with pytest.raises(ValueError, match="already quantized"):
+        pallax.compile(kept, ["int8"]).graph()
+
+
+def test_keep_quantized_refuses_types_it_cannot_keep(tmp_path, smollm2_gguf_path):
+    path = write_tiny(tmp_path / "q2k.gguf", smollm2_gguf_path, {"blk.0.ffn_down.weight": "Q2_K"})
+    with pytest.raises(ValueError, match=r"'blk.0.ffn_down.weight' cannot be kept quantized.*Q2_K"):
+        pallax.load(path, keep_quantized=True)
+    with pytest.raises(ValueError, match="keep_quantized='yes' must be True or False"):
+        pallax.load(path, keep_quantized="yes")
+    with pytest.raises(ValueError, match="keep_quantized=True applies to GGUF files"):
+        pallax.load(tmp_path, keep_quantized=True)
 
 
 def test_tiny_llama_matches_hf(tiny_gguf):

@@ -69,3 +69,30 @@ def test_prefill_attention_falls_back_to_reference_on_accelerators():
     text = export.export(jax.jit(prefill), platforms=["tpu"])(*avals).mlir_module()
     assert text.count('kernel_name = "rms_norm"') == 2 * TINY.n_layers + 1
     assert 'kernel_name = "decode_attention"' not in text
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, None)])
+def test_quantized_decode_step_exports_with_qmatmul(bits, group):
+    """After quantize_weights, every qlinear lowers to the qmatmul kernel on tpu and cuda."""
+    from pallax.pallas_kernels.qmatmul.gpu import TRITON_CUSTOM_CALL
+    from pallax.passes import quantize_weights
+
+    graph = run_passes(_tiny_graph("bfloat16"), [quantize_weights(bits, group_size=group)])
+
+    def decode(w, c, tokens, pos):
+        return graph.run("decode", w, c, tokens, pos)
+
+    args = (graph.weights, graph.cache.allocate(2, 256), jnp.ones((2, 1), jnp.int32),
+            jnp.asarray([5, 9], jnp.int32))  # fmt: skip
+    avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    n_linear = 7 * TINY.n_layers
+    tpu = export.export(jax.jit(decode), platforms=["tpu"])(*avals).mlir_module()
+    assert tpu.count('kernel_name = "qmatmul"') == n_linear
+    # jax does not list Triton's custom call as export-stable; pallax opts in for it.
+    checks = [export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
+    exported = export.export(jax.jit(decode), platforms=["cpu", "cuda"], disabled_checks=checks)
+    cuda = exported(*avals)
+    assert cuda.mlir_module().count('name = "qmatmul"') == n_linear
+    got = cuda.call(*args)  # the CPU part runs the reference rules
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(jax.jit(decode)(*args)[0]),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip

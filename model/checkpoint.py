@@ -27,10 +27,13 @@ import orbax.checkpoint as ocp
 
 from pallax.model import architectures
 from pallax.model.configs import ModelConfig
+from pallax.passes import qformat
+from pallax.passes.qformat import QuantizedWeight
 
 MANIFEST = "pallax_checkpoint.json"
 FORMAT = "pallax-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed (quantized) weights, stored as their arrays
+PACKED_FIELDS = ("data", "scale", "offset", "outlier_idx", "outlier_w")
 TOKENIZER_DIR = "tokenizer"
 WEIGHTS_DIR = "weights"
 _KEYS = (
@@ -63,8 +66,22 @@ def save_checkpoint(compiled_or_model, path: str | os.PathLike, *, overwrite: bo
         )
     path = pathlib.Path(path).absolute()
     _check_destination(path, overwrite)
+    entries, stored = {}, {}
     for name, w in weights.items():
-        if not isinstance(w, jax.Array):
+        if isinstance(w, QuantizedWeight):
+            arrays = {f: getattr(w, f) for f in PACKED_FIELDS if getattr(w, f) is not None}
+            stored[name] = arrays
+            entries[name] = {
+                "shape": list(w.shape),
+                "dtype": "packed",
+                "bits": w.bits,
+                "group_size": w.group_size,
+                "in_features": w.in_features,
+                "arrays": {f: _entry(a) for f, a in arrays.items()},
+            }
+        elif isinstance(w, jax.Array):
+            stored[name], entries[name] = w, _entry(w)
+        else:
             raise ValueError(f"weight {name!r} is a {type(w).__name__}; checkpoints store arrays")
     manifest = {
         "format": FORMAT,
@@ -72,7 +89,7 @@ def save_checkpoint(compiled_or_model, path: str | os.PathLike, *, overwrite: bo
         "pallax_version": __version__,
         "config": model.config.to_dict(),
         "passes": [_pass_record(p) for p in passes],
-        "weights": {k: {"shape": list(w.shape), "dtype": w.dtype.name} for k, w in weights.items()},
+        "weights": entries,
         "source": model.source,
     }
     # Written next to `path` and renamed into place, so a failed save leaves no checkpoint.
@@ -81,7 +98,7 @@ def save_checkpoint(compiled_or_model, path: str | os.PathLike, *, overwrite: bo
     try:
         model.tokenizer.save(partial / TOKENIZER_DIR)
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(partial / WEIGHTS_DIR, weights)
+            checkpointer.save(partial / WEIGHTS_DIR, stored)
             checkpointer.wait_until_finished()
         manifest["files"] = {
             f.relative_to(partial).as_posix(): _sha256(f)
@@ -94,6 +111,14 @@ def save_checkpoint(compiled_or_model, path: str | os.PathLike, *, overwrite: bo
         partial.rename(path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _entry(a) -> dict:
+    return {"shape": list(a.shape), "dtype": a.dtype.name}
+
+
+def _sds(e) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(e["shape"]), jnp.dtype(e["dtype"]))
 
 
 def _check_destination(path: pathlib.Path, overwrite: bool) -> None:
@@ -126,17 +151,23 @@ def load_checkpoint(path: str | os.PathLike):
     manifest = _read_manifest(path)
     try:
         config = ModelConfig.from_dict(manifest["config"])
-        abstract = {
-            name: jax.ShapeDtypeStruct(tuple(e["shape"]), jnp.dtype(e["dtype"]))
-            for name, e in manifest["weights"].items()
-        }
+        abstract, shapes = {}, {}
+        for name, e in manifest["weights"].items():
+            if e["dtype"] == "packed":
+                abstract[name] = {f: _sds(a) for f, a in e["arrays"].items()}
+                shapes[name] = jax.ShapeDtypeStruct(tuple(e["shape"]), jnp.float32)
+            else:
+                abstract[name] = shapes[name] = _sds(e)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ValueError(f"{origin}: bad config or weights in {MANIFEST}: {e}") from None
     passes = tuple(_rebuild_pass(entry, origin) for entry in manifest["passes"])
+    # A quantize pass lives on in the packed weights (compiling a model with packed weights
+    # rewrites its linears to qlinear); running it again would quantize twice.
+    passes = tuple(p for p in passes if p.name != "quantize_weights")
     for sub in (TOKENIZER_DIR, WEIGHTS_DIR):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"{origin}: the {sub}/ directory is missing")
-    architectures.check_weights(abstract, config, f"{origin} ({MANIFEST})")
+    architectures.check_weights(shapes, config, f"{origin} ({MANIFEST})")
     for name, digest in manifest["files"].items():
         if not (path / name).is_file():
             raise FileNotFoundError(f"{origin}: the file {name} is missing")
@@ -144,6 +175,16 @@ def load_checkpoint(path: str | os.PathLike):
             raise ValueError(f"{origin}: the file {name} is corrupted (its sha256 differs)")
     tokenizer = Tokenizer.load(path / TOKENIZER_DIR)
     weights = _restore_weights(path / WEIGHTS_DIR, abstract, origin)
+    for name, e in manifest["weights"].items():
+        if e["dtype"] == "packed":
+            arrays = {f: weights[name].get(f) for f in PACKED_FIELDS}
+            weights[name] = QuantizedWeight(
+                **arrays, bits=e["bits"], group_size=e["group_size"], in_features=e["in_features"]
+            )
+            try:
+                qformat.check(weights[name])
+            except TypeError as err:
+                raise ValueError(f"{origin}: packed weight {name!r}: {err}") from None
     return Model(config, weights, tokenizer, source=str(path), passes=passes)
 
 
@@ -202,9 +243,9 @@ def _restore_weights(directory: pathlib.Path, abstract: dict, origin: str) -> di
     """Restore with the manifest's shapes and dtypes, after checking orbax's own metadata
     agrees (orbax would otherwise convert a stored dtype to the requested one)."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {
-        k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device) for k, a in abstract.items()
-    }
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+    )
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             metadata = checkpointer.metadata(directory).item_metadata
@@ -216,8 +257,12 @@ def _restore_weights(directory: pathlib.Path, abstract: dict, origin: str) -> di
                     f"the stored weights {sorted(set(stored) ^ set(abstract))[:5]} differ from "
                     f"the {MANIFEST} weights"
                 )
-            for name, a in abstract.items():
-                got = (tuple(stored[name].shape), jnp.dtype(stored[name].dtype))
+            flat_stored = dict(_flat(stored))
+            for name, a in _flat(abstract):
+                if name not in flat_stored:
+                    raise ValueError(f"weight array {name!r} is not stored")
+                s = flat_stored[name]
+                got = (tuple(s.shape), jnp.dtype(s.dtype))
                 if got != (a.shape, a.dtype):
                     raise ValueError(
                         f"weight {name!r} is stored as {got[1].name}{list(got[0])} but "
@@ -229,3 +274,12 @@ def _restore_weights(directory: pathlib.Path, abstract: dict, origin: str) -> di
         raise ValueError(
             f"{origin}: cannot read the weights in {str(directory)!r}: {detail}"
         ) from e
+
+
+def _flat(tree: dict, prefix: str = ""):
+    """(name, leaf) pairs of a nested weights dict: "embed", "layers.0.wq/scale", ..."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v

@@ -58,7 +58,9 @@ def _attention_rule(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, so
     return out, k_cache, v_cache
 
 
-def _qlinear_rule(x, data, scale, *rest, bits, group_size, in_features, offset, outliers, platform):
+def _qlinear_rule(
+    x, data, scale, *rest, bits, group_size, in_features, offset, outliers, platform, out_dtype=None
+):
     """The dequantizing matmul kernel; outlier features (LLM.int8()) multiply outside it.
 
     Per-channel int8 keeps the op's W8A8 meaning: activations are quantized per row
@@ -81,7 +83,7 @@ def _qlinear_rule(x, data, scale, *rest, bits, group_size, in_features, offset, 
     y = qmatmul(x2, data, scale, off, bits=bits, group_size=group_size, platform=platform)
     if outliers:
         y = y + x_out @ w_out.astype(jnp.float32).T
-    return y.reshape(*lead, data.shape[0]).astype(x.dtype)
+    return y.reshape(*lead, data.shape[0]).astype(out_dtype or x.dtype)
 
 
 def register() -> None:

@@ -54,6 +54,12 @@ class Cast:
                 return eqn.primitive.bind(ids, table, **eqn.params).astype(jnp.float32)
 
             rules[primitives.embed_p] = embed_f32
+        else:
+            # A packed table's embedding states its output dtype; activations follow it.
+            def qembed_cast(eqn, ids, *arrays):
+                return eqn.primitive.bind(ids, *arrays, **{**eqn.params, "dtype": self.dtype})
+
+            rules[primitives.qembed_p] = qembed_cast
         graph = rewrite(graph, rules, weights=weights, cache=graph.cache.with_dtype(dtype))
         return graph.replace(meta={**graph.meta, "dtype": self.dtype})
 

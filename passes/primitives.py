@@ -175,8 +175,9 @@ def _w8a8(x2, q, scale):
     return acc.astype(F32) * xs * scale.reshape(-1).astype(F32)
 
 
-def dequantize_groups(data, scale, offset, *, bits, group_size, in_features):
-    """The float32 matrix [O, I] of a packed weight (see passes/qformat.py)."""
+def dequantize_groups(data, scale, offset, *, bits, group_size, in_features, padded=False):
+    """The float32 matrix [O, I] of a packed weight (see passes/qformat.py); [O, Ip] with
+    the padding columns of a partial last group when `padded`."""
     o = data.shape[0]
     if bits == 4:
         d = data.reshape(o, -1, group_size // 2)
@@ -186,10 +187,13 @@ def dequantize_groups(data, scale, offset, *, bits, group_size, in_features):
     f = v.astype(F32) * scale[..., None]
     if offset is not None:
         f = f + offset[..., None]
-    return f.reshape(o, -1)[:, :in_features]
+    f = f.reshape(o, -1)
+    return f if padded else f[:, :in_features]
 
 
-def qlinear_reference(x, data, scale, *rest, bits, group_size, in_features, offset, outliers):
+def qlinear_reference(
+    x, data, scale, *rest, bits, group_size, in_features, offset, outliers, out_dtype=None
+):
     """x [..., I] against a packed weight [O, I] (passes/qformat.py) -> x.dtype.
 
     Per-output-channel int8 (LLM.int8()'s vector-wise scheme) runs as W8A8:
@@ -218,16 +222,28 @@ def qlinear_reference(x, data, scale, *rest, bits, group_size, in_features, offs
     if per_channel:
         y = _w8a8(x2, data, scale)
     else:
+        # x is zero-padded to whole groups rather than the weight sliced: a slice between
+        # the dequantizing fusion and the dot makes XLA:CPU materialize the float weight.
         w = dequantize_groups(
-            data, scale, off, bits=bits, group_size=group_size, in_features=in_features
+            data,
+            scale,
+            off,
+            bits=bits,
+            group_size=group_size,
+            in_features=in_features,
+            padded=True,
         )
+        if w.shape[1] > d_in:
+            x2 = jnp.pad(x2, ((0, 0), (0, w.shape[1] - d_in)))
         y = _dot_rows(x2, w, rows)
     if idx is not None:
         y = y + _dot_rows(x_out, w_out.astype(F32), rows)
-    return y.reshape(*lead, data.shape[0]).astype(x.dtype)
+    return y.reshape(*lead, data.shape[0]).astype(out_dtype or x.dtype)
 
 
-def _qlinear_abstract(x, data, scale, *rest, bits, group_size, in_features, offset, outliers):
+def _qlinear_abstract(
+    x, data, scale, *rest, bits, group_size, in_features, offset, outliers, out_dtype=None
+):
     o = data.shape[0]
     groups = -(-in_features // group_size)
     want = (o, groups * group_size // (2 if bits == 4 else 1))
@@ -240,15 +256,15 @@ def _qlinear_abstract(x, data, scale, *rest, bits, group_size, in_features, offs
         raise TypeError(f"qlinear: data {data.dtype} / scale {scale.shape} malformed")
     if len(rest) != int(offset) + 2 * int(outliers):
         raise TypeError(f"qlinear: {len(rest)} extra operands for {offset=} {outliers=}")
-    return ShapedArray((*x.shape[:-1], o), x.dtype)
+    return ShapedArray((*x.shape[:-1], o), jnp.dtype(out_dtype or x.dtype))
 
 
 qlinear_p = _define("qlinear", qlinear_reference, _qlinear_abstract)
 qlinear_p.pallax_semantic = True  # type: ignore[attr-defined]
 
 
-def qlinear(x, w):
-    """x @ w.T for a `QuantizedWeight` w (passes/qformat.py)."""
+def qlinear(x, w, *, out_dtype=None):
+    """x @ w.T for a `QuantizedWeight` w (passes/qformat.py); out_dtype defaults to x's."""
     rest = [a for a in (w.offset, w.outlier_idx, w.outlier_w) if a is not None]
     return qlinear_p.bind(
         x,
@@ -260,6 +276,7 @@ def qlinear(x, w):
         in_features=w.in_features,
         offset=w.offset is not None,
         outliers=w.outlier_idx is not None,
+        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
     )
 
 

@@ -241,7 +241,7 @@ def packed_rules() -> dict:
     def head_rule(eqn, x, table):
         if not isinstance(table, QuantizedWeight):
             return eqn.primitive.bind(x, table, **eqn.params)
-        logits = primitives.qlinear(x.astype(jnp.float32), table)
+        logits = primitives.qlinear(x, table, out_dtype=jnp.float32)
         cap = eqn.params["softcap"]
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 

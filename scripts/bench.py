@@ -100,7 +100,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=["fp32", "bf16"],
-                        help="pallax pass pipelines: fp32 (no passes) or pass names")  # fmt: skip
+                        help="pallax pass pipelines: fp32 (no passes), comma-separated pass "
+                             "names (e.g. int8-outliers, bf16,int4), or gguf (the file's own "
+                             "quantization, load(keep_quantized=True))")  # fmt: skip
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     args = parser.parse_args(argv)
 
@@ -109,6 +111,10 @@ def main(argv=None) -> int:
 
     path = sources.resolve(args.model)
     model = pallax.load(path)
+    kept = pallax.load(path, keep_quantized=True) if "gguf" in args.configs else None
+    pipelines = {c: [] if c in ("fp32", "gguf") else c.split(",") for c in args.configs}
+    for c, passes in pipelines.items():  # bad pass names fail here, before any timing
+        pallax.compile(kept if c == "gguf" else model, passes=passes)
     n = args.new_tokens
     rows = []
     for b in args.batch:
@@ -119,8 +125,8 @@ def main(argv=None) -> int:
             base = b * (n - 1) / (total - prefill)
             rows.append((b, "transformers fp32", base, b * n / total, None))
         for cfg in args.configs:
-            passes = [] if cfg == "fp32" else [cfg]
-            total, prefill, comp = bench_pallax(model, passes, prompts, n, args.repeats)
+            m = kept if cfg == "gguf" else model
+            total, prefill, comp = bench_pallax(m, pipelines[cfg], prompts, n, args.repeats)
             rows.append((b, f"pallax {cfg}", b * (n - 1) / (total - prefill), b * n / total, comp))
         lc = bench_llama_cpp(path, prompts, n, args.repeats)
         if lc is not None:

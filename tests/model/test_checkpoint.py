@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,7 +136,7 @@ def _set(*keys, value):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (_set("format_version", value=2), "newer pallax.*format_version 2, this pallax reads 1"),
+        (_set("format_version", value=3), "newer pallax.*format_version 3, this pallax reads 2"),
         (lambda m: m.pop("config"), r"lacks the keys \['config'\]"),
         (_set("format", value="safetensors"), "format='safetensors'"),
         (_set("passes", value=[{"name": "quantize", "bits": 4}]), "unknown pass 'quantize'"),
@@ -209,3 +210,34 @@ def test_save_refuses_a_file(compiled_bf16, tmp_path):
     path.write_bytes(b"GGUF")
     with pytest.raises(ValueError, match="not an empty directory or a pallax checkpoint"):
         compiled_bf16.save(path)
+
+
+@pytest.mark.parametrize("source", ["pass", "gguf"])
+def test_packed_weights_round_trip(source, smollm2, smollm2_gguf_path, tmp_path):
+    """Quantized weights (a quantize pass with the head, or int4 kept from the GGUF) are
+    stored as their packed arrays and come back bit for bit, still packed."""
+    from pallax.passes.qformat import QuantizedWeight
+
+    if source == "pass":
+        p = pallax.passes.quantize_weights(8, head=True, embeddings=True)
+        compiled = pallax.compile(smollm2, passes=["bf16", p])
+    else:
+        compiled = pallax.compile(pallax.load(smollm2_gguf_path, keep_quantized=True))
+    compiled.save(tmp_path / "q")
+    loaded = pallax.load(tmp_path / "q")
+    packed = {k for k, w in compiled.weights.items() if isinstance(w, QuantizedWeight)}
+    assert packed and packed == {k for k, w in loaded.weights.items()
+                                 if isinstance(w, QuantizedWeight)}  # fmt: skip
+    for name in packed:
+        a, b = compiled.weights[name], loaded.weights[name]
+        assert (a.bits, a.group_size, a.in_features) == (b.bits, b.group_size, b.in_features)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    assert all(p.name != "quantize_weights" for p in loaded.passes)  # lives on in the weights
+    reloaded = pallax.compile(loaded)
+    assert reloaded.graph("decode").count("qlinear[") >= 7 * smollm2.config.n_layers
+    kw = dict(max_new_tokens=12, ignore_eos=True)
+    want = compiled.generate(PROMPTS[:2], **kw)
+    assert [r.token_ids for r in reloaded.generate(PROMPTS[:2], **kw)] == [
+        r.token_ids for r in want
+    ]

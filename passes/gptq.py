@@ -201,10 +201,10 @@ def _quantize_columns(wt, s, grid, perm, g, block_size, scale, offset, ready) ->
 
 
 class _Int4Grid:
-    """Asymmetric 0..15 on the grid of qformat.int4_params."""
+    """Asymmetric 0..15 on the grid of qformat.int4_fit (int4_params with a range search)."""
 
     def params(self, cols):  # cols [n, O] -> scale [O], offset [O]
-        return qformat.int4_params(cols.min(axis=0), cols.max(axis=0))
+        return qformat.int4_fit(cols, axis=0)
 
     def round(self, col, scale, offset):
         v = np.clip(np.rint((col - offset) / scale), 0, 15)

@@ -57,8 +57,12 @@ def main(argv=None) -> int:
     parser.add_argument("--file", default=str(DEFAULT_TEXT), help="text file (UTF-8)")
     parser.add_argument(
         "--passes", nargs="+", default=["none"],
-        help="pipelines: 'none' or comma-separated pass names, e.g. bf16 int8",
+        help="pipelines: 'none' or comma-separated pass names, e.g. bf16 int8; a pipeline "
+             "starting with 'gguf' runs on the file's own quantization (keep_quantized=True)",
     )  # fmt: skip
+    parser.add_argument("--agreement", type=int, default=0, metavar="N",
+                        help="also report greedy agreement with the first pipeline: 8 prompts "
+                             "cut from the text, N new tokens each")  # fmt: skip
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--chunk-size", type=int, default=128)
@@ -70,21 +74,51 @@ def main(argv=None) -> int:
         model = pallax.load(args.model)
         _check(args, model.config.context_length)
         pipelines = [[] if p == "none" else [s for s in p.split(",") if s] for p in args.passes]
-        compiled = [pallax.compile(model, passes=p) for p in pipelines]  # validates pass names
+        kept = None
+        compiled = []
+        for p in pipelines:  # compiling validates the pass names before any work
+            if p[:1] == ["gguf"]:
+                kept = kept or pallax.load(args.model, keep_quantized=True)
+                compiled.append(pallax.compile(kept, passes=p[1:]))
+            else:
+                compiled.append(pallax.compile(model, passes=p))
+        if args.agreement < 0:
+            raise ValueError(f"--agreement {args.agreement} must be >= 0")
     except (OSError, ValueError, TypeError) as e:
         print(f"eval_ppl: error: {e}", file=sys.stderr)
         return 2
     n = len(model.tokenizer.encode(text))
     print(f"{args.model}: {n} tokens, window {args.window}, stride {args.stride}")
     base = None
+    prompts = agreement_prompts(model.tokenizer.encode(text)) if args.agreement else []
+    base_tokens = None
     for name, c in zip(args.passes, compiled, strict=True):
         ppl = perplexity(c, text, args.window, args.stride, args.chunk_size)
         base = base or ppl
         mb = c.pipeline_graph().weight_bytes() / 1e6
-        print(
+        line = (
             f"{name:24s} | ppl {ppl:9.4f} | {100 * (ppl / base - 1):+6.2f}% | weights {mb:8.1f} MB"
         )
+        if prompts:
+            outs = c.generate(prompts, max_new_tokens=args.agreement, ignore_eos=True)
+            toks = np.asarray([o.token_ids for o in outs])
+            base_tokens = toks if base_tokens is None else base_tokens
+            same = toks == base_tokens
+            prefix = np.where(same.all(1), same.shape[1], np.argmin(same, axis=1))
+            line += (
+                f" | greedy: {int(same.all(1).sum())}/{len(prompts)} identical, "
+                f"{same.mean():.0%} of tokens, mean common prefix {prefix.mean():.1f}"
+            )
+        print(line, flush=True)
     return 0
+
+
+def agreement_prompts(ids, n: int = 8, length: int = 48) -> list[list[int]]:
+    """n prompts of `length` tokens cut at evenly spaced places from the text."""
+    if len(ids) < length:
+        return [list(ids)]
+    starts = np.linspace(0, len(ids) - length, n).astype(int)
+    return [list(ids[s : s + length]) for s in starts]
 
 
 if __name__ == "__main__":

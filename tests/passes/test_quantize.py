@@ -46,8 +46,17 @@ def test_qlinear_groups_are_dequantize_then_dot(bits, group, d_in, rows):
     deq = np.asarray(qformat.dequantize(qw))
     got = np.asarray(ops.qlinear(jnp.asarray(x), qw))
     np.testing.assert_allclose(got, x @ deq.T, rtol=1e-5, atol=1e-4)
-    step = np.asarray(qw.scale).max()
-    assert np.abs(deq - w).max() <= 0.5 * step + 1e-6  # round to nearest on the group's grid
+    if bits == 8:  # round to nearest on the channel's grid
+        assert np.abs(deq - w).max() <= 0.5 * np.asarray(qw.scale).max() + 1e-6
+    else:  # the range search never does worse than the plain min/max grid
+        pad = qformat.pad_columns(w, group).reshape(40, -1, group)
+        real = (np.arange(pad.shape[1] * group) < d_in).reshape(pad.shape[1], group)
+        lo = np.where(real, pad, np.inf).min(-1)
+        hi = np.where(real, pad, -np.inf).max(-1)
+        s, o = qformat.int4_params(lo, hi)
+        q = np.clip(np.rint((pad - o[..., None]) / s[..., None]), 0, 15)
+        plain = (np.square(q * s[..., None] + o[..., None] - pad) * real).sum()
+        assert np.square(deq - w).sum() <= plain * (1 + 1e-5)
 
 
 def test_int4_packing_layout_and_exact_grid():
@@ -171,6 +180,24 @@ def test_outliers_bring_int8_back_to_fp32(smollm2, compiled_fp32):
     err_dec = np.abs(decomposed.score(text) - ref).mean()
     assert err_dec < 0.75 * err_plain, (err_dec, err_plain)
     assert "calibration=<1 items" in g.meta["passes"][-1]
+
+
+@pytest.mark.slow
+def test_gptq_beats_rtn_on_the_real_model(smollm2, compiled_fp32):
+    """int4 g128 (partial last groups on SmolLM2's 576 features), GPTQ layer by layer on
+    calibration text against round to nearest. Perplexity on data/eval_text.txt with the
+    full default calibration (scripts/eval_ppl.py): fp32 20.13, RTN 26.65, GPTQ 24.82."""
+    text = _eval_text()
+    ref = compiled_fp32.score(text)
+    rtn = pallax.compile(smollm2, passes=[pallax.passes.quantize_weights(4, group_size=128)])
+    p = pallax.passes.quantize_weights(4, group_size=128, method="gptq",
+                                       calibration=_calibration())  # fmt: skip
+    gptq = pallax.compile(smollm2, passes=[p])
+    w = gptq.pipeline_graph().weights["layers.3.w_up"]
+    assert (w.bits, w.group_size, w.groups, w.in_features) == (4, 128, 5, 576)
+    err_rtn = np.abs(rtn.score(text) - ref).mean()
+    err_gptq = np.abs(gptq.score(text) - ref).mean()
+    assert err_gptq < 0.9 * err_rtn, (err_gptq, err_rtn)
 
 
 def test_bad_input(smollm2):

@@ -282,21 +282,26 @@ def qlinear(x, w, *, out_dtype=None):
 
 # -------------------------------------------------------------------------- qembed
 def qembed_reference(
-    ids, data, scale, *rest, bits, group_size, in_features, offset, scale_by, dtype
+    ids, data, scale, *rest, bits, group_size, in_features, offset, scale_by, dtype, outliers=False
 ):
-    """Rows of a packed table [V, D] gathered and dequantized -> [B, T, D] `dtype`."""
+    """Rows of a packed table [V, D] gathered and dequantized -> [B, T, D] `dtype` (outlier
+    columns, when the table has them, put back from their float32 values)."""
     take = functools.partial(jnp.take, indices=ids.reshape(-1), axis=0, mode="clip")
-    off = take(rest[0]) if offset else None
+    rest = list(rest)
+    off = take(rest.pop(0)) if offset else None
     rows = dequantize_groups(
         take(data), take(scale), off, bits=bits, group_size=group_size, in_features=in_features
     )
+    if outliers:
+        idx, w_out = rest
+        rows = rows.at[:, idx].set(take(w_out).astype(F32))
     if scale_by is not None:
         rows = rows * jnp.asarray(scale_by, F32)
     return rows.reshape(*ids.shape, in_features).astype(dtype)
 
 
 def _qembed_abstract(
-    ids, data, scale, *rest, bits, group_size, in_features, offset, scale_by, dtype
+    ids, data, scale, *rest, bits, group_size, in_features, offset, scale_by, dtype, outliers=False
 ):
     return ShapedArray((*ids.shape, in_features), jnp.dtype(dtype))
 
@@ -306,7 +311,7 @@ qembed_p.pallax_semantic = True  # type: ignore[attr-defined]
 
 
 def qembed(ids, w, *, scale=None, dtype=jnp.float32):
-    rest = [w.offset] if w.offset is not None else []
+    rest = [a for a in (w.offset, w.outlier_idx, w.outlier_w) if a is not None]
     return qembed_p.bind(
         ids,
         w.data,
@@ -318,6 +323,7 @@ def qembed(ids, w, *, scale=None, dtype=jnp.float32):
         offset=w.offset is not None,
         scale_by=None if scale is None else float(scale),
         dtype=jnp.dtype(dtype).name,
+        outliers=w.outlier_idx is not None,
     )
 
 

@@ -108,6 +108,16 @@ def test_qembed_gathers_dequantized_rows():
         got = np.asarray(ops.qembed(ids, q, scale=2.0, dtype=jnp.bfloat16).astype(jnp.float32))
         want = np.asarray(qformat.dequantize(q))[np.asarray(ids)] * 2.0
         np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+    # a table with outlier columns (LLM.int8() on a tied head): the embedding restores them
+    idx = np.array([5, 60], np.int32)
+    regular = table.copy()
+    regular[:, idx] = 0
+    q = qformat.quantize_rtn(regular, 8)
+    q = QuantizedWeight(q.data, q.scale, None, jnp.asarray(idx), jnp.asarray(table[:, idx]),
+                        8, 96, 96)  # fmt: skip
+    got = np.asarray(ops.qembed(ids, q, dtype=jnp.float32))
+    np.testing.assert_allclose(got, np.asarray(qformat.dequantize(q))[np.asarray(ids)], atol=1e-6)
+    np.testing.assert_array_equal(got[..., idx], table[np.asarray(ids)][..., idx])
 
 
 # ------------------------------------------------------------------- on the real model

@@ -49,6 +49,22 @@ def test_cli(capsys, smollm2_gguf_path):
     assert 5 < ppl < 60  # SmolLM2 on plain English prose
 
 
+def test_kept_quantization_and_agreement(capsys, smollm2_gguf_path, tmp_path):
+    """The GGUF's own Q4_1 blocks score like the float load of the same file, and greedy
+    agreement of a pipeline with itself is total."""
+    text = tmp_path / "t.txt"
+    text.write_text("The river bends twice before it reaches the sea. " * 12, encoding="utf-8")
+    argv = ["--model", str(smollm2_gguf_path), "--file", str(text), "--window", "128",
+            "--stride", "64", "--passes", "none", "gguf", "--agreement", "4"]  # fmt: skip
+    assert eval_ppl.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    ppl = [float(line.split("ppl")[1].split("|")[0]) for line in lines]
+    assert abs(ppl[1] / ppl[0] - 1) < 1e-4
+    assert all("8/8 identical" in line for line in lines) or all(
+        "1/1 identical" in line for line in lines
+    )
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -56,6 +72,7 @@ def test_cli(capsys, smollm2_gguf_path):
         (["--stride", "600"], "--stride 600 must be in"),
         (["--passes", "quantize_weights:3"], "bits=3 is not supported"),
         (["--file", "/nonexistent/text.txt"], "nonexistent"),
+        (["--agreement", "-1"], "--agreement -1 must be >= 0"),
     ],
 )
 def test_bad_input(capsys, smollm2_gguf_path, argv, message):

@@ -217,7 +217,8 @@ def qlinear_reference(
     x2 = x.reshape(rows, d_in).astype(F32)
     if idx is not None:
         x_out = jnp.take(x2, idx, axis=1)
-        x2 = x2.at[:, idx].set(0.0)
+        # A [I] mask multiply fuses into the row quantization; a scatter into x would not.
+        x2 = x2 * jnp.ones((d_in,), F32).at[idx].set(0.0)
     per_channel = bits == 8 and off is None and scale.shape[1] == 1
     if per_channel:
         y = _w8a8(x2, data, scale)

@@ -8,6 +8,7 @@ outs = compiled.generate(["The capital of France is"], max_new_tokens=32)
 
 from __future__ import annotations
 
+from pallax import cpu_kernels as _cpu_kernels  # registers the CPU qlinear kernel
 from pallax import pallas_kernels as _kernels  # registers the tpu / cuda lowerings
 from pallax import passes
 from pallax.model.configs import DEFAULT_MODEL, KNOWN_MODELS
@@ -17,7 +18,7 @@ from pallax.runtime.requests import GenerationResult
 from pallax.runtime.sampling import SamplingParams
 
 __version__ = "0.1.0"
-del _kernels
+del _cpu_kernels, _kernels
 
 __all__ = [
     "DEFAULT_MODEL", "KNOWN_MODELS", "CompiledModel", "GenerationResult", "Model", "SamplingParams",

@@ -10,7 +10,6 @@ rule falls back to the reference math for that platform.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax.numpy as jnp
 from jax.interpreters import mlir
@@ -58,32 +57,20 @@ def _attention_rule(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, so
     return out, k_cache, v_cache
 
 
-def _qlinear_rule(
-    x, data, scale, *rest, bits, group_size, in_features, offset, outliers, platform, out_dtype=None
-):
-    """The dequantizing matmul kernel; outlier features (LLM.int8()) multiply outside it.
+def _qlinear_rule(x, data, scale, *rest, platform, **params):
+    """The dequantizing matmul kernel inside `qlinear_frame` (outliers multiply outside it).
 
     Per-channel int8 keeps the op's W8A8 meaning: activations are quantized per row
     first, and the kernel multiplies their (exact, float32) dequantized values.
     """
-    rest = list(rest)
-    off = rest.pop(0) if offset else None
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), in_features)
-    if outliers:
-        idx, w_out = rest
-        x_out = jnp.take(x2.astype(jnp.float32), idx, axis=1)
-        x2 = x2.at[:, idx].set(0)
-    if bits == 8 and off is None and scale.shape[1] == 1:
-        xq, xs = ops.quantize_rows(x2)
-        x2 = xq.astype(jnp.float32) * xs
-    padded = scale.shape[1] * group_size
-    if padded > in_features:
-        x2 = jnp.pad(x2, ((0, 0), (0, padded - in_features)))
-    y = qmatmul(x2, data, scale, off, bits=bits, group_size=group_size, platform=platform)
-    if outliers:
-        y = y + x_out @ w_out.astype(jnp.float32).T
-    return y.reshape(*lead, data.shape[0]).astype(out_dtype or x.dtype)
+
+    def matmul(x2, data, scale, off, *, bits, group_size):
+        if bits == 8 and off is None and scale.shape[1] == 1:
+            xq, xs = ops.quantize_rows(x2)
+            x2 = xq.astype(jnp.float32) * xs
+        return qmatmul(x2, data, scale, off, bits=bits, group_size=group_size, platform=platform)
+
+    return ops.qlinear_frame(matmul, x, data, scale, *rest, **params)
 
 
 def register() -> None:

@@ -191,23 +191,17 @@ def dequantize_groups(data, scale, offset, *, bits, group_size, in_features, pad
     return f if padded else f[:, :in_features]
 
 
-def qlinear_reference(
-    x, data, scale, *rest, bits, group_size, in_features, offset, outliers, out_dtype=None
+def qlinear_frame(
+    matmul, x, data, scale, *rest, bits, group_size, in_features, offset, outliers, out_dtype=None
 ):
-    """x [..., I] against a packed weight [O, I] (passes/qformat.py) -> x.dtype.
+    """The parts of `qlinear` every lowering shares, around a `matmul` that multiplies.
 
-    Per-output-channel int8 (LLM.int8()'s vector-wise scheme) runs as W8A8:
-    activations are quantized to int8 per row on the fly and the dot runs in
-    integers with int32 accumulation. On XLA:CPU the int8 x int8 -> int32 dot
-    reads the int8 bytes directly and runs 1.2-1.9x faster than the float32 dot
-    from 2 rows up; a single row takes a slow GEMV path, so it is padded to two.
-    Group-wise weights (int4, or int8 kept from a GGUF file) are unpacked and
-    dequantized inside the step, in a fusion that reads the packed bytes, and
-    multiplied in float32.
-
-    With `outliers`, the input features listed in `outlier_idx` (LLM.int8()'s
-    mixed-precision decomposition) are taken out of the quantized product and
-    multiplied in float32 against `outlier_w`.
+    Flattens x to float32 rows [R, I]; with `outliers`, takes the listed input features
+    out (LLM.int8()'s decomposition: they multiply in float32 against `outlier_w`);
+    zero-pads x to whole groups [R, G * g] (rather than slicing the weight: a slice
+    between a dequantizing fusion and the dot makes XLA:CPU materialize the float
+    weight); then `matmul(x2, data, scale, offset_or_None, bits=, group_size=)` gives the
+    float32 [R, O] product with the packed weight.
     """
     rest = list(rest)
     off = rest.pop(0) if offset else None
@@ -219,27 +213,43 @@ def qlinear_reference(
         x_out = jnp.take(x2, idx, axis=1)
         # A [I] mask multiply fuses into the row quantization; a scatter into x would not.
         x2 = x2 * jnp.ones((d_in,), F32).at[idx].set(0.0)
-    per_channel = bits == 8 and off is None and scale.shape[1] == 1
-    if per_channel:
-        y = _w8a8(x2, data, scale)
-    else:
-        # x is zero-padded to whole groups rather than the weight sliced: a slice between
-        # the dequantizing fusion and the dot makes XLA:CPU materialize the float weight.
-        w = dequantize_groups(
-            data,
-            scale,
-            off,
-            bits=bits,
-            group_size=group_size,
-            in_features=in_features,
-            padded=True,
-        )
-        if w.shape[1] > d_in:
-            x2 = jnp.pad(x2, ((0, 0), (0, w.shape[1] - d_in)))
-        y = _dot_rows(x2, w, rows)
+    padded = scale.shape[1] * group_size
+    if padded > d_in:
+        x2 = jnp.pad(x2, ((0, 0), (0, padded - d_in)))
+    y = matmul(x2, data, scale, off, bits=bits, group_size=group_size)
     if idx is not None:
         y = y + _dot_rows(x_out, w_out.astype(F32), rows)
     return y.reshape(*lead, data.shape[0]).astype(out_dtype or x.dtype)
+
+
+def qmatmul_xla(x2, data, scale, off, *, bits, group_size):
+    """x2 [R, G * g] float32 against a packed weight -> [R, O] float32, in XLA ops.
+
+    Per-output-channel int8 (LLM.int8()'s vector-wise scheme) runs as W8A8:
+    activations are quantized to int8 per row on the fly and the dot runs in
+    integers with int32 accumulation. On XLA:CPU the int8 x int8 -> int32 dot
+    reads the int8 bytes directly and runs 1.2-1.9x faster than the float32 dot
+    from 2 rows up. Group-wise weights (int4, or int8 kept from a GGUF file) are
+    unpacked and dequantized inside the step, in a fusion that reads the packed
+    bytes, and multiplied in float32.
+    """
+    if bits == 8 and off is None and scale.shape[1] == 1:
+        return _w8a8(x2, data, scale)
+    w = dequantize_groups(
+        data, scale, off, bits=bits, group_size=group_size, in_features=x2.shape[1], padded=True
+    )
+    return _dot_rows(x2, w, x2.shape[0])
+
+
+def qlinear_reference(x, data, scale, *rest, **params):
+    """x [..., I] against a packed weight [O, I] (passes/qformat.py) -> x.dtype (or
+    `out_dtype`), in XLA ops: `qlinear_frame` around `qmatmul_xla`.
+
+    This is the lowering on every platform without its own rule. On CPU,
+    `pallax.cpu_kernels` registers one that multiplies decode-sized rows in a C++
+    kernel and keeps this for the rest.
+    """
+    return qlinear_frame(qmatmul_xla, x, data, scale, *rest, **params)
 
 
 def _qlinear_abstract(

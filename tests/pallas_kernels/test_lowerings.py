@@ -72,8 +72,13 @@ def test_prefill_attention_falls_back_to_reference_on_accelerators():
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, None)])
-def test_quantized_decode_step_exports_with_qmatmul(bits, group):
-    """After quantize_weights, every qlinear lowers to the qmatmul kernel on tpu and cuda."""
+def test_quantized_decode_step_exports_with_qmatmul(bits, group, monkeypatch):
+    """After quantize_weights, every qlinear lowers to the qmatmul kernel on tpu and cuda.
+
+    The CPU part of the export uses the XLA lowering: pallax's CPU FFI kernel is a custom
+    call jax.export does not accept by default (PALLAX_CPU_KERNELS=0 is how to export).
+    """
+    monkeypatch.setenv("PALLAX_CPU_KERNELS", "0")
     from pallax.pallas_kernels.qmatmul.gpu import TRITON_CUSTOM_CALL
     from pallax.passes import quantize_weights
 

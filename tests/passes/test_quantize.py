@@ -136,7 +136,7 @@ def test_int8_pass_rewrites_every_linear(smollm2, compiled_fp32):
     assert "Paris" in out.text
 
 
-def test_int4_pass_packs_groups_and_quantizes_head(smollm2, compiled_fp32):
+def test_int4_pass_packs_groups_and_quantizes_head(smollm2, compiled_fp32, monkeypatch):
     """int4 g64 with the (tied) table quantized too: embed -> qembed, lm_head -> qlinear."""
     p = pallax.passes.quantize_weights(4, group_size=64, embeddings=True, head=True)
     exact = pallax.compile(smollm2, passes=["quantize_weights:4:group_size=32"])
@@ -156,6 +156,8 @@ def test_int4_pass_packs_groups_and_quantizes_head(smollm2, compiled_fp32):
     print("int4 g64 + head: mean |delta logprob|", np.abs(ref - got).mean())
     assert np.abs(ref - got).mean() < 1.2  # measured 0.89: RTN int4 g64 with an int4 head is lossy
     # SmolLM2's weights come from a Q4_1 file (int4, g32, min/max grid): RTN at g32 keeps them.
+    # (Exactly so in the XLA lowering; the CPU kernel also quantizes the activations.)
+    monkeypatch.setenv("PALLAX_CPU_KERNELS", "0")
     np.testing.assert_allclose(exact.score(text_in), ref, atol=2e-3)
 
 

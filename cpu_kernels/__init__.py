@@ -1,0 +1,152 @@
+"""C++ kernels for XLA:CPU, called through `jax.ffi`: the quantized matmul.
+
+XLA:CPU has no fused dequantize-matmul: int4 weights are widened to float32 inside the
+step and int8 ones run as an int8 x int8 dot. `qmatmul_cpu` instead multiplies the
+packed bytes directly, as llama.cpp's Q4_1 x Q8_1 / Q8_0 x Q8_0 dot products do:
+activations are quantized to int8 per block of 32 inside the kernel (about 0.5% of
+the output's scale in error), each block is an AVX2 integer dot product, and the
+output rows are split across XLA's intra-op thread pool. The kernel is compiled on
+first use (build.py); `PALLAX_CPU_KERNELS=0` disables it.
+
+`register()` (run on import) makes the kernel the CPU lowering of the `qlinear` op for
+decode-sized inputs, up to `MAX_ROWS` rows; larger ones (prefill) and layouts the kernel
+does not cover keep the XLA lowering (`primitives.qmatmul_xla`). The two differ by the
+kernel's activation quantization: per 32-block here, per row (per-channel int8) or none
+(groups) in XLA.
+
+`jax.export` refuses the kernel's custom call (it has no compatibility guarantee): export
+a CPU module with `PALLAX_CPU_KERNELS=0` set while lowering, or pass
+`DisabledSafetyCheck.custom_call("pallax_qmatmul")` (and `..._offset`) and import
+pallax in the process that runs it, which registers the targets.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.interpreters import mlir
+
+from pallax.cpu_kernels import build
+from pallax.passes import primitives as ops
+
+ENV_SWITCH = "PALLAX_CPU_KERNELS"
+TARGET = "pallax_qmatmul"
+TARGET_OFFSET = "pallax_qmatmul_offset"
+
+
+def available() -> bool:
+    """Whether the FFI kernel can run here: not disabled by `PALLAX_CPU_KERNELS=0` and
+    compiled and registered (built on the first call)."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    return build.ensure_registered()
+
+
+def supported(bits: int, group_size: int, groups: int) -> bool:
+    """Whether the kernel handles this weight layout (any other falls back to XLA):
+    int4 with g 16, 32 or a multiple of 64; int8 per channel or g a multiple of 16."""
+    if bits == 4:
+        return group_size in (16, 32) or group_size % 64 == 0
+    return bits == 8 and (groups == 1 or group_size % 16 == 0)
+
+
+def _check(x, data, scale, offset, bits, group_size):
+    if bits not in (4, 8):
+        raise ValueError(f"qmatmul_cpu: {bits=} must be 4 or 8")
+    if x.ndim != 2 or data.ndim != 2 or scale.ndim != 2:
+        raise ValueError(
+            f"qmatmul_cpu: x {x.shape}, data {data.shape}, scale {scale.shape}: not 2-D"
+        )
+    num_out, groups = scale.shape
+    padded_in = groups * group_size
+    want = (num_out, padded_in // 2 if bits == 4 else padded_in)
+    dtype = jnp.uint8 if bits == 4 else jnp.int8
+    if group_size <= 0 or (bits == 4 and group_size % 2):
+        raise ValueError(f"qmatmul_cpu: {group_size=} must be positive (even for int4)")
+    if x.shape[1] != padded_in:
+        raise ValueError(
+            f"qmatmul_cpu: x {x.shape} must be zero-padded to {padded_in=} ({groups=} x g)"
+        )
+    if tuple(data.shape) != want or data.dtype != dtype:
+        raise ValueError(
+            f"qmatmul_cpu: data {data.dtype}{tuple(data.shape)}, expected {jnp.dtype(dtype)}{want}"
+        )
+    if offset is not None and tuple(offset.shape) != tuple(scale.shape):
+        raise ValueError(f"qmatmul_cpu: offset {offset.shape} must match scale {scale.shape}")
+
+
+def qmatmul_cpu(x, data, scale, offset, *, bits: int, group_size: int) -> jax.Array:
+    """x [R, Ip] @ dequant(w).T -> float32 [R, O], for a packed weight (passes/qformat.py).
+
+    x must already be zero-padded to Ip = G * group_size. Runs the FFI kernel when
+    `available()` and the layout is `supported`, else the same product in XLA
+    (dequantize to float32, then dot). Traceable; R may be anything from 1 up.
+    """
+    _check(x, data, scale, offset, bits, group_size)
+    x = x.astype(jnp.float32)
+    scale = scale.astype(jnp.float32)
+    offset = None if offset is None else offset.astype(jnp.float32)
+    if not (available() and supported(bits, group_size, scale.shape[1])):
+        return _qmatmul_xla(x, data, scale, offset, bits=bits, group_size=group_size)
+    return _qmatmul_ffi(x, data, scale, offset, bits=bits, group_size=group_size)
+
+
+def _qmatmul_ffi(x, data, scale, offset, *, bits, group_size, suffix=""):
+    """The FFI call (`suffix` picks another registered build of the kernel, for tests)."""
+    out = jax.ShapeDtypeStruct((x.shape[0], data.shape[0]), jnp.float32)
+    target = TARGET if offset is None else TARGET_OFFSET
+    operands = (x, data, scale) if offset is None else (x, data, scale, offset)
+    call = jax.ffi.ffi_call(target + suffix, out)
+    return call(*operands, bits=np.int64(bits), group_size=np.int64(group_size))
+
+
+def _qmatmul_xla(x, data, scale, offset, *, bits, group_size):
+    """The fallback: the weight dequantized to float32 [O, Ip], then x @ w.T."""
+    num_out = data.shape[0]
+    if bits == 4:
+        d = data.reshape(num_out, -1, group_size // 2)
+        v = jnp.concatenate([d & 15, d >> 4], axis=-1)  # [O, G, g]
+    else:
+        v = data.reshape(num_out, -1, group_size)
+    w = v.astype(jnp.float32) * scale[..., None]
+    if offset is not None:
+        w = w + offset[..., None]
+    return jnp.einsum("ri,oi->ro", x, w.reshape(num_out, -1), preferred_element_type=jnp.float32)
+
+
+# Rows (tokens in the batch) up to which qlinear uses the kernel, by weight kind; from
+# scripts/bench_qmatmul_cpu.py on the 2-core development machine (see use_kernel).
+MAX_ROWS = {"int4": 64, "int8_groups": 64, "int8_channel": 64}
+
+
+def use_kernel(rows: int, bits: int, group_size: int, groups: int) -> bool:
+    """Whether qlinear's CPU lowering multiplies `rows` rows in the kernel."""
+    kind = "int4" if bits == 4 else ("int8_channel" if groups == 1 else "int8_groups")
+    return rows <= MAX_ROWS[kind] and supported(bits, group_size, groups) and available()
+
+
+def _qlinear_cpu_rule(x, data, scale, *rest, **params):
+    rows = math.prod(x.shape[:-1])
+
+    def matmul(x2, data, scale, off, *, bits, group_size):
+        if use_kernel(rows, bits, group_size, scale.shape[1]):
+            return _qmatmul_ffi(x2, data, scale, off, bits=bits, group_size=group_size)
+        return ops.qmatmul_xla(x2, data, scale, off, bits=bits, group_size=group_size)
+
+    return ops.qlinear_frame(matmul, x, data, scale, *rest, **params)
+
+
+def register() -> None:
+    """Install the kernel as qlinear's CPU lowering (it falls back to XLA where unused)."""
+    mlir.register_lowering(
+        ops.qlinear_p, mlir.lower_fun(_qlinear_cpu_rule, multiple_results=False), platform="cpu"
+    )
+
+
+register()
+
+__all__ = ["MAX_ROWS", "available", "qmatmul_cpu", "register", "supported", "use_kernel"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pallax.passes.cast import CAST_DTYPES, Cast, cast
 from pallax.passes.ir import CacheLayout, Graph, StepSpec, capture
+from pallax.passes.kvcache import CompressKV, compress_kv
 from pallax.passes.manager import Pass, describe, run_passes
 from pallax.passes.printer import format_graph
 from pallax.passes.qformat import QuantizedWeight
@@ -13,7 +14,7 @@ from pallax.passes.verify import GraphError, verify
 
 # Pass names accepted on the command line and as strings in `pallax.compile`:
 # "name" or "name:arg" (e.g. "cast:bfloat16", "bf16").
-PASS_FACTORIES = {"cast": cast, "quantize_weights": quantize_weights}
+PASS_FACTORIES = {"cast": cast, "compress_kv": compress_kv, "quantize_weights": quantize_weights}
 ALIASES = {
     "bf16": "cast:bfloat16",
     "bfloat16": "cast:bfloat16",
@@ -22,6 +23,8 @@ ALIASES = {
     "int8-outliers": "quantize_weights:8:outlier_threshold=6.0",
     "int4": "quantize_weights:4",
     "int4-gptq": "quantize_weights:4:method=gptq",
+    "kivi2": "compress_kv:kivi:2",
+    "kivi4": "compress_kv:kivi:4",
 }
 
 
@@ -90,7 +93,8 @@ def resolve_passes(passes) -> tuple:
 
 
 __all__ = [
-    "CAST_DTYPES", "CacheLayout", "Cast", "Graph", "GraphError", "Pass",
+    "CAST_DTYPES", "CacheLayout", "Cast", "CompressKV", "Graph", "GraphError", "Pass",
+    "compress_kv",
     "QuantizeWeights", "QuantizedWeight", "StepSpec", "capture", "cast", "describe",
     "format_graph", "parse_pass",
     "quantize_weights", "resolve_passes", "rewrite", "run_passes", "verify",

@@ -33,13 +33,33 @@ class CacheLayout:
         return cls(tuple((k, tuple(s), name) for k, s in sorted(shapes.items())))
 
     def with_dtype(self, dtype) -> CacheLayout:
+        """The layout with its float k / v entries in `dtype` (packed data and the
+        scales of a quantized cache keep theirs)."""
         name = jnp.dtype(dtype).name
-        return dataclasses.replace(self, entries=tuple((k, s, name) for k, s, _ in self.entries))
+
+        def cast(k, d):
+            keep = not jnp.issubdtype(jnp.dtype(d), jnp.floating) or k.endswith((".scale", ".zero"))
+            return d if keep else name
+
+        return dataclasses.replace(
+            self, entries=tuple((k, s, cast(k, d)) for k, s, d in self.entries)
+        )
 
     def shapes(self, batch: int, seq: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Concrete shapes: "B" and "S" are the batch and cache length; "S/g" is
+        ceil(S / g) (per-group arrays of a quantized cache); ints are fixed sizes."""
         sizes = {"B": batch, "S": seq}
+
+        def size(d):
+            if isinstance(d, int):
+                return d
+            if d in sizes:
+                return sizes[d]
+            name, _, div = d.partition("/")
+            return -(-sizes[name] // int(div))
+
         return {
-            name: jax.ShapeDtypeStruct(tuple(sizes.get(d, d) for d in shape), jnp.dtype(dtype))
+            name: jax.ShapeDtypeStruct(tuple(size(d) for d in shape), jnp.dtype(dtype))
             for name, shape, dtype in self.entries
         }
 
@@ -49,12 +69,23 @@ class CacheLayout:
             for k, s in self.shapes(batch, seq).items()
         }
 
-    def bytes_per_token(self) -> int:
-        """Cache bytes one token of one sequence takes."""
-        total = 0
-        for s in self.shapes(1, 1).values():
-            total += int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize
-        return total
+    def _bytes(self, seq: int) -> int:
+        return sum(
+            int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize
+            for s in self.shapes(1, seq).values()
+        )
+
+    def bytes_per_token(self) -> float:
+        """Cache bytes each token of a sequence adds (all layers); 0 for a fixed-size
+        cache. Measured over 4096 tokens, so per-group scales count exactly."""
+        n = 4096
+        per = (self._bytes(2 * n) - self._bytes(n)) / n
+        return int(per) if per == int(per) else per
+
+    def fixed_bytes(self) -> int:
+        """Cache bytes a sequence takes whatever its length (a residual window, a
+        fixed-size cache)."""
+        return int(round(self._bytes(4096) - 4096 * self.bytes_per_token()))
 
 
 @dataclasses.dataclass(frozen=True)

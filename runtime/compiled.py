@@ -103,9 +103,41 @@ class CompiledModel:
             raise ValueError(f"step={step!r} must be 'prefill' or 'decode'")
         return format_graph(self.pipeline_graph(), step)
 
-    def memory_report(self) -> dict:
+    def memory_report(self, budget_bytes: int | None = None, context: int | None = None) -> dict:
+        """Weight bytes, KV bytes per token (all layers, one sequence) and fixed KV bytes
+        per sequence (a KIVI residual window, a fixed-size cache), after the passes.
+
+        With `budget_bytes` (the device memory for weights + KV cache), also the
+        largest batch at `context` tokens (default: the model's context length) and the
+        largest batch x context (tokens in flight) that fit; activations are not counted.
+        """
         g = self.pipeline_graph()
-        return {"weight_bytes": g.weight_bytes(), "kv_bytes_per_token": g.cache.bytes_per_token()}
+        report = {
+            "weight_bytes": g.weight_bytes(),
+            "kv_bytes_per_token": g.cache.bytes_per_token(),
+            "kv_fixed_bytes_per_sequence": g.cache.fixed_bytes(),
+            "kv_layout": g.cache.kind,
+        }
+        if budget_bytes is None:
+            if context is not None:
+                raise ValueError("memory_report: context= needs budget_bytes=")
+            return report
+        for name, value in (("budget_bytes", budget_bytes), ("context", context)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"memory_report: {name}={value!r} must be a positive integer")
+        context = self.config.context_length if context is None else context
+        free = budget_bytes - report["weight_bytes"]
+        per_seq = context * report["kv_bytes_per_token"] + report["kv_fixed_bytes_per_sequence"]
+        batch = max(0, int(free // per_seq)) if free > 0 else 0
+        report.update(
+            budget_bytes=budget_bytes,
+            context=context,
+            max_batch=batch,
+            max_batch_x_context=batch * context,
+        )
+        return report
 
     @property
     def weights(self):
@@ -223,7 +255,9 @@ class CompiledModel:
         logits = None
         for c in range(b.chunks):
             start = c * b.prefill
-            last = np.clip(lens - 1 - start, 0, b.prefill - 1).astype(np.int32)
+            # -1: the row's prompt ended before this chunk (its logits are not used; a
+            # compressed KV cache must not take its padding).
+            last = np.clip(lens - 1 - start, -1, b.prefill - 1).astype(np.int32)
             chunk_logits, cache = prefill(
                 self.weights,
                 cache,

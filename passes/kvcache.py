@@ -1,0 +1,248 @@
+"""KV-cache passes: they change the graph's cache layout and its attention ops.
+
+`compress_kv(method="kivi", bits, group_size, residual)` replaces each layer's dense
+[B, K, S, H] key and value arrays with KIVI's packed format (passes/kvquant.py) and
+its `attention` op with `kivi_attention`, in every step (prefill, decode, chunk), so
+prefill writes the prompt's cache in the same format and `score` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+
+from pallax.passes import primitives as ops
+from pallax.passes.ir import CacheLayout, Graph, trace_step
+from pallax.passes.kvquant import BITS, PARTS, KiviConfig, kivi_attention
+from pallax.passes.rewrite import eval_with_rules
+
+GROUP_SIZES = (16, 32, 64, 128)
+METHODS = ("kivi",)
+LAYER_CHOICES = ("all", "global")
+_KV_NAME = re.compile(r"^(.*\.)?([kv])$")
+
+
+@dataclasses.dataclass
+class _LayerRef:
+    """Stands for one dense cache leaf (a layer's k or v) while a step is re-traced: the
+    attention rule reads the layer's new cache arrays from `state` and replaces it."""
+
+    prefix: str
+    part: str
+    state: dict
+
+
+def _dense_layers(layout: CacheLayout) -> dict[str, tuple]:
+    """Layer prefix -> (shape template, dtype) of its dense k / v pair."""
+    entries = {name: (shape, dtype) for name, shape, dtype in layout.entries}
+    out = {}
+    for name, (shape, dtype) in entries.items():
+        m = _KV_NAME.match(name)
+        if m is None or len(shape) != 4:
+            raise ValueError(f"cache entry {name!r} {shape} is not a dense [B, K, S, H] k/v")
+        prefix = m.group(1) or ""
+        other = prefix + ("v" if m.group(2) == "k" else "k")
+        if other not in entries or entries[other] != (shape, dtype):
+            raise ValueError(f"cache entry {name!r} has no matching {other!r}")
+        out[prefix] = (shape, dtype)
+    return out
+
+
+def rewrite_cache(graph: Graph, layout: CacheLayout, make_rule) -> Graph:
+    """Re-trace every step with a new cache `layout` whose attention ops `make_rule`
+    rewrites.
+
+    `make_rule(step_name, args)` returns the rule for `attention` (see rewrite.py): it
+    receives `_LayerRef`s in place of the dense k / v caches and returns refs carrying
+    the layer's new arrays. Cache entries of the new layout are named
+    `<layer prefix><part>`, e.g. "layers.3.k.data".
+    """
+    old_names = sorted(name for name, _, _ in graph.cache.entries)
+    steps = {}
+    for name, step in graph.steps.items():
+
+        def fn(w, c, *args, _step=step, _name=name):
+            states: dict[str, dict] = {}
+            for key, value in c.items():
+                prefix, part = _split(key)
+                states.setdefault(prefix, {})[part] = value
+            refs = []
+            for old in old_names:
+                m = _KV_NAME.match(old)
+                refs.append(_LayerRef(m.group(1) or "", m.group(2), states[m.group(1) or ""]))
+            flat = jax.tree.leaves(w) + refs + list(args)
+            rules = {ops.attention_p: make_rule(_name, args)}
+            outs = eval_with_rules(_step.jaxpr.jaxpr, _step.jaxpr.consts, flat, rules)
+            logits, old_cache = jax.tree.unflatten(_step.out_tree, outs)
+            new_cache = {}
+            for ref in old_cache.values():
+                if not isinstance(ref, _LayerRef):
+                    raise ValueError("a dense cache entry reached the output without attention")
+                for part, value in ref.state.items():
+                    new_cache[ref.prefix + part] = value
+            return logits, new_cache
+
+        steps[name] = trace_step(fn, step.spec, graph.weights, layout)
+    return graph.replace(steps=steps, cache=layout)
+
+
+def _split(key: str) -> tuple[str, str]:
+    """ "layers.3.k.data" -> ("layers.3.", "k.data"); a dense "layers.3.k" -> ("layers.3.", "k")."""
+    for part in PARTS:
+        if key.endswith("." + part) or key == part:
+            return key[: len(key) - len(part)], part
+    m = _KV_NAME.match(key)
+    if m is None:
+        raise ValueError(f"cache entry {key!r} is neither a KIVI part nor a dense k / v")
+    return m.group(1) or "", m.group(2)
+
+
+def _valid(step_name: str, args):
+    """Tokens per row of this call that are real (prefill pads rows to the bucket)."""
+    tokens, pos = args[0], args[1]
+    b, t = tokens.shape
+    if step_name == "prefill":
+        # The runtime passes logits_index = -1 for rows whose prompt ended before the chunk.
+        return jnp.clip(args[2] + 1, 0, t).astype(jnp.int32)
+    del pos
+    return jnp.full((b,), t, jnp.int32)
+
+
+def _bad(name, value, allowed) -> ValueError:
+    return ValueError(f"compress_kv: {name}={value!r} is not allowed; allowed: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressKV:
+    """KIVI: keys per channel, values per token, `bits` asymmetric, the newest
+    `residual` tokens in full precision (see passes/kvquant.py)."""
+
+    method: str = "kivi"
+    bits: int = 2
+    group_size: int = 32
+    residual: int = 128
+    scale_dtype: str = "bfloat16"
+    layers: str = "all"
+    name: str = dataclasses.field(default="compress_kv", init=False, repr=False)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise _bad("method", self.method, METHODS)
+        if isinstance(self.bits, bool) or self.bits not in BITS:
+            raise _bad("bits", self.bits, BITS)
+        if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
+            raise _bad("group_size", self.group_size, GROUP_SIZES)
+        if (
+            isinstance(self.residual, bool)
+            or not isinstance(self.residual, int)
+            or self.residual < 0
+            or self.residual % self.group_size
+        ):
+            raise _bad(
+                "residual", self.residual, f"a multiple of group_size={self.group_size}, >= 0"
+            )
+        if self.scale_dtype not in ("bfloat16", "float16", "float32"):
+            raise _bad("scale_dtype", self.scale_dtype, ("bfloat16", "float16", "float32"))
+        if self.layers not in LAYER_CHOICES:
+            raise _bad("layers", self.layers, LAYER_CHOICES)
+
+    @property
+    def config(self) -> KiviConfig:
+        return KiviConfig(self.bits, self.group_size, self.residual, self.scale_dtype)
+
+    def __call__(self, graph: Graph) -> Graph:
+        if graph.cache.kind != "dense":
+            raise ValueError(
+                f"compress_kv: the cache is already {graph.cache.kind!r}; "
+                "apply compress_kv once, before any eviction pass"
+            )
+        layers = _dense_layers(graph.cache)
+        cfg = self.config
+        windowed = _windowed_layers(graph)
+        entries = []
+        chosen = set()
+        for prefix, (shape, dtype) in sorted(layers.items()):
+            _, kv, _, h = shape
+            if h % self.group_size or (h * self.bits) % 8:
+                raise ValueError(
+                    f"compress_kv: head dim {h} of {prefix!r} is not a multiple of "
+                    f"group_size={self.group_size} (values are grouped along channels)"
+                )
+            if self.layers == "global" and prefix in windowed:
+                entries += [(prefix + p, s, d) for p, s, d in _dense_entries(shape, dtype)]
+                continue
+            chosen.add(prefix)
+            for part, (s, d) in cfg.shapes(kv, h, dtype).items():
+                entries.append((prefix + part, s, d))
+        layout = CacheLayout(tuple(sorted(entries)), kind="kivi")
+
+        def make_rule(step_name, args):
+            valid = _valid(step_name, args)
+
+            def rule(eqn, q, k, v, kref, vref, pos):
+                prm = eqn.params
+                if kref.prefix not in chosen:  # left dense (a sliding-window layer)
+                    out, kc, vc = ops.attention_p.bind(
+                        q, k, v, kref.state["k"], vref.state["v"], pos, **prm
+                    )
+                    state = {"k": kc, "v": vc}
+                else:
+                    out, state = kivi_attention(
+                        q, k, v, pos, valid, kref.state, cfg, scale=prm["scale"],
+                        sliding_window=prm["sliding_window"], softcap=prm["softcap"],
+                    )  # fmt: skip
+                return [out, _LayerRef(kref.prefix, "k", state), _LayerRef(vref.prefix, "v", {})]
+
+            return rule
+
+        return rewrite_cache(graph, layout, make_rule)
+
+
+def _dense_entries(shape, dtype):
+    return [("k", shape, dtype), ("v", shape, dtype)]
+
+
+def _windowed_layers(graph: Graph) -> set[str]:
+    """Layer prefixes whose attention has a sliding window (Gemma 3's local layers), in
+    the order of the attention ops in the decode step matched to the cache names."""
+    step = graph.steps.get("decode") or next(iter(graph.steps.values()))
+    names = dict(zip(step.jaxpr.jaxpr.invars, step.input_names, strict=True))
+    out = set()
+    for eqn in _eqns(step.jaxpr.jaxpr):
+        if eqn.primitive is ops.attention_p and eqn.params.get("sliding_window"):
+            cname = names.get(eqn.invars[3], "")
+            if cname.startswith("cache:"):
+                out.add(cname[len("cache:") : -1])
+    return out
+
+
+def _eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+        if inner is not None:
+            yield from _eqns(getattr(inner, "jaxpr", inner))
+
+
+def compress_kv(
+    method: str = "kivi",
+    bits: int = 2,
+    group_size: int = 32,
+    residual: int = 128,
+    *,
+    scale_dtype: str = "bfloat16",
+    layers: str = "all",
+) -> CompressKV:
+    """The KIVI pass; numbers may come as strings from a pass string ("compress_kv:kivi:2")."""
+    bits, group_size, residual = (_int(x) for x in (bits, group_size, residual))
+    return CompressKV(method, bits, group_size, residual, scale_dtype, layers)
+
+
+def _int(x):
+    return int(x) if isinstance(x, str) and x.strip().lstrip("-").isdigit() else x
+
+
+__all__ = ["CompressKV", "compress_kv", "rewrite_cache"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pallax.passes.cast import CAST_DTYPES, Cast, cast
 from pallax.passes.ir import CacheLayout, Graph, StepSpec, capture
-from pallax.passes.kvcache import CompressKV, compress_kv
+from pallax.passes.kvcache import CompressKV, EvictKV, compress_kv, evict_kv
 from pallax.passes.manager import Pass, describe, run_passes
 from pallax.passes.printer import format_graph
 from pallax.passes.qformat import QuantizedWeight
@@ -14,7 +14,12 @@ from pallax.passes.verify import GraphError, verify
 
 # Pass names accepted on the command line and as strings in `pallax.compile`:
 # "name" or "name:arg" (e.g. "cast:bfloat16", "bf16").
-PASS_FACTORIES = {"cast": cast, "compress_kv": compress_kv, "quantize_weights": quantize_weights}
+PASS_FACTORIES = {
+    "cast": cast,
+    "compress_kv": compress_kv,
+    "evict_kv": evict_kv,
+    "quantize_weights": quantize_weights,
+}
 ALIASES = {
     "bf16": "cast:bfloat16",
     "bfloat16": "cast:bfloat16",
@@ -94,7 +99,7 @@ def resolve_passes(passes) -> tuple:
 
 __all__ = [
     "CAST_DTYPES", "CacheLayout", "Cast", "CompressKV", "Graph", "GraphError", "Pass",
-    "compress_kv",
+    "EvictKV", "compress_kv", "evict_kv",
     "QuantizeWeights", "QuantizedWeight", "StepSpec", "capture", "cast", "describe",
     "format_graph", "parse_pass",
     "quantize_weights", "resolve_passes", "rewrite", "run_passes", "verify",

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from pallax.passes import primitives as ops
 from pallax.passes.ir import CacheLayout, Graph, trace_step
 from pallax.passes.kvquant import BITS, PARTS, KiviConfig, kivi_attention
+from pallax.passes.kvsinks import SinkConfig, sink_attention
 from pallax.passes.rewrite import eval_with_rules
 
 GROUP_SIZES = (16, 32, 64, 128)
@@ -51,7 +52,17 @@ def _dense_layers(layout: CacheLayout) -> dict[str, tuple]:
     return out
 
 
-def rewrite_cache(graph: Graph, layout: CacheLayout, make_rule) -> Graph:
+@dataclasses.dataclass
+class _Roped:
+    """A rope op's input and parameters, kept for an attention op that rotates itself."""
+
+    x: object
+    positions: object
+    theta: float
+    scaling: float
+
+
+def rewrite_cache(graph: Graph, layout: CacheLayout, make_rule, *, defer_rope=False) -> Graph:
     """Re-trace every step with a new cache `layout` whose attention ops `make_rule`
     rewrites.
 
@@ -75,6 +86,8 @@ def rewrite_cache(graph: Graph, layout: CacheLayout, make_rule) -> Graph:
                 refs.append(_LayerRef(m.group(1) or "", m.group(2), states[m.group(1) or ""]))
             flat = jax.tree.leaves(w) + refs + list(args)
             rules = {ops.attention_p: make_rule(_name, args)}
+            if defer_rope:
+                rules[ops.rope_p] = lambda eqn, x, positions: _Roped(x, positions, **eqn.params)
             outs = eval_with_rules(_step.jaxpr.jaxpr, _step.jaxpr.consts, flat, rules)
             logits, old_cache = jax.tree.unflatten(_step.out_tree, outs)
             new_cache = {}
@@ -205,17 +218,17 @@ def _dense_entries(shape, dtype):
     return [("k", shape, dtype), ("v", shape, dtype)]
 
 
-def _windowed_layers(graph: Graph) -> set[str]:
+def _windowed_layers(graph: Graph) -> dict[str, int]:
     """Layer prefixes whose attention has a sliding window (Gemma 3's local layers), in
     the order of the attention ops in the decode step matched to the cache names."""
     step = graph.steps.get("decode") or next(iter(graph.steps.values()))
     names = dict(zip(step.jaxpr.jaxpr.invars, step.input_names, strict=True))
-    out = set()
+    out = {}
     for eqn in _eqns(step.jaxpr.jaxpr):
         if eqn.primitive is ops.attention_p and eqn.params.get("sliding_window"):
             cname = names.get(eqn.invars[3], "")
             if cname.startswith("cache:"):
-                out.add(cname[len("cache:") : -1])
+                out[cname[len("cache:") : -1]] = int(eqn.params["sliding_window"])
     return out
 
 
@@ -225,6 +238,81 @@ def _eqns(jaxpr):
         inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
         if inner is not None:
             yield from _eqns(getattr(inner, "jaxpr", inner))
+
+
+POLICIES = ("sinks",)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvictKV:
+    """StreamingLLM: a fixed cache of `sinks` first tokens and a rolling `window` per
+    layer (see passes/kvsinks.py). Layers with their own sliding window (Gemma 3's local
+    layers) keep a ring of exactly that window and no sinks: they never attend further
+    back, so for them the fixed cache is exact."""
+
+    policy: str = "sinks"
+    sinks: int = 4
+    window: int = 252
+    name: str = dataclasses.field(default="evict_kv", init=False, repr=False)
+
+    unbounded_context = True  # generation may run past the model's context length
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"evict_kv: policy={self.policy!r} is not allowed; allowed: {POLICIES}"
+            )
+        for name in ("sinks", "window"):
+            value = getattr(self, name)
+            low = 0 if name == "sinks" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"evict_kv: {name}={value!r} must be an integer >= {low}")
+
+    def __call__(self, graph: Graph) -> Graph:
+        if graph.cache.kind != "dense":
+            raise ValueError(
+                f"evict_kv: the cache is already {graph.cache.kind!r}; sinks do not compose "
+                "with compress_kv yet (use one of them)"
+            )
+        layers = _dense_layers(graph.cache)
+        windowed = _windowed_layers(graph)
+        configs, entries = {}, []
+        for prefix, (shape, dtype) in sorted(layers.items()):
+            _, kv, _, h = shape
+            if prefix in windowed:
+                cfg = SinkConfig(0, windowed[prefix])
+            else:
+                cfg = SinkConfig(self.sinks, self.window)
+            configs[prefix] = cfg
+            for part in ("k", "v"):
+                entries.append((prefix + part, ("B", kv, cfg.slots, h), dtype))
+        layout = CacheLayout(tuple(entries), kind="sinks")
+
+        def make_rule(step_name, args):
+            valid = _valid(step_name, args)
+
+            def rule(eqn, q, k, v, kref, vref, pos):
+                if not (isinstance(q, _Roped) and isinstance(k, _Roped)):
+                    raise ValueError("evict_kv: attention's q and k must come from rope ops")
+                prm = eqn.params
+                q_r = ops.rope(q.x, q.positions, theta=q.theta, scaling=q.scaling)
+                k_r = ops.rope(k.x, k.positions, theta=k.theta, scaling=k.scaling)
+                out, kc, vc = sink_attention(
+                    q_r, k_r, v, kref.state["k"], vref.state["v"], pos, valid,
+                    configs[kref.prefix], theta=k.theta, scaling=k.scaling, scale=prm["scale"],
+                    sliding_window=prm["sliding_window"], softcap=prm["softcap"],
+                )  # fmt: skip
+                state = {"k": kc, "v": vc}
+                return [out, _LayerRef(kref.prefix, "k", state), _LayerRef(vref.prefix, "v", {})]
+
+            return rule
+
+        return rewrite_cache(graph, layout, make_rule, defer_rope=True)
+
+
+def evict_kv(policy: str = "sinks", *, sinks: int = 4, window: int = 252) -> EvictKV:
+    """StreamingLLM attention sinks: `sinks` first tokens + the newest `window`."""
+    return EvictKV(policy, _int(sinks), _int(window))
 
 
 def compress_kv(
@@ -245,4 +333,4 @@ def _int(x):
     return int(x) if isinstance(x, str) and x.strip().lstrip("-").isdigit() else x
 
 
-__all__ = ["CompressKV", "compress_kv", "rewrite_cache"]
+__all__ = ["CompressKV", "EvictKV", "compress_kv", "evict_kv", "rewrite_cache"]

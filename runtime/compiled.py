@@ -174,13 +174,22 @@ class CompiledModel:
         return self._timed(key, build)
 
     # ----------------------------------------------------------------- buckets
+    @property
+    def unbounded_context(self) -> bool:
+        """Whether a pass (attention sinks) lets generation run past the context length
+        with a fixed-size cache."""
+        return any(getattr(p, "unbounded_context", False) for p in self.passes)
+
     def _buckets(self, reqs: Sequence[Request]) -> Buckets:
         ctx = self.config.context_length
         longest = max(len(r.prompt_ids) for r in reqs)
         prefill = min(max(MIN_PREFILL, _pow2(longest)), PREFILL_CHUNK, ctx)
         chunks = -(-longest // prefill)
         need = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs)
-        cache = min(_round_up(max(need, chunks * prefill), CACHE_ROUND), ctx)
+        # S also sizes the buffer of generated tokens; a fixed-size cache ignores it.
+        cap = None if self.unbounded_context else ctx
+        cache = _round_up(max(need, chunks * prefill), CACHE_ROUND)
+        cache = cache if cap is None else min(cache, cap)
         cache = max(cache, chunks * prefill)
         return Buckets(batch=_pow2(len(reqs)), prefill=prefill, chunks=chunks, cache=cache)
 
@@ -290,10 +299,12 @@ class CompiledModel:
             raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
         n = len(ids)
         ctx = self.config.context_length
-        if n > ctx:
+        if n > ctx and not self.unbounded_context:
             raise ValueError(f"text has {n} tokens; the context length is {ctx}")
         t = min(_pow2(chunk_size), _pow2(n))
-        s = min(max(_round_up(n, CACHE_ROUND), _round_up(n, t)), _round_up(ctx, t))
+        s = max(_round_up(n, CACHE_ROUND), _round_up(n, t))
+        if not self.unbounded_context:
+            s = min(s, _round_up(ctx, t))
         fn = self._timed(("score", t, s), lambda: self._score_fn(t, s))
         graph, chunk = fn
         cache = graph.cache.allocate(1, s)

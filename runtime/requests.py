@@ -102,7 +102,7 @@ def build_requests(
             raise ValueError(f"max_new_tokens={m!r} must be an integer >= 1")
         if len(ids) >= ctx:
             raise ValueError(f"prompt {i} has {len(ids)} tokens; the context length is {ctx}")
-        if len(ids) + m > ctx:
+        if len(ids) + m > ctx and not getattr(compiled, "unbounded_context", False):
             raise ValueError(
                 f"prompt {i} has {len(ids)} tokens and max_new_tokens={m}: "
                 f"{len(ids) + m} exceeds the context length {ctx}"

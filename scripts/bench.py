@@ -78,7 +78,8 @@ def bench_llama_cpp(path, prompts, new_tokens, repeats):
         return None
     if len(prompts) != 1:
         return None
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=2, verbose=False)
+    n_ctx = max(1024, len(prompts[0]) + new_tokens + 16)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, verbose=False)
 
     def gen(n):
         llm.reset()

@@ -38,7 +38,8 @@ class CacheLayout:
         name = jnp.dtype(dtype).name
 
         def cast(k, d):
-            keep = not jnp.issubdtype(jnp.dtype(d), jnp.floating) or k.endswith((".scale", ".zero"))
+            quant = k.endswith((".scale", ".zero", ".score"))  # compressed-cache metadata
+            keep = quant or not jnp.issubdtype(jnp.dtype(d), jnp.floating)
             return d if keep else name
 
         return dataclasses.replace(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from pallax.passes import primitives as ops
 from pallax.passes.ir import CacheLayout, Graph, trace_step
+from pallax.passes.kvh2o import H2OConfig, h2o_attention
 from pallax.passes.kvquant import BITS, PARTS, KiviConfig, kivi_attention
 from pallax.passes.kvsinks import SinkConfig, sink_attention
 from pallax.passes.rewrite import eval_with_rules
@@ -104,7 +105,7 @@ def rewrite_cache(graph: Graph, layout: CacheLayout, make_rule, *, defer_rope=Fa
 
 def _split(key: str) -> tuple[str, str]:
     """ "layers.3.k.data" -> ("layers.3.", "k.data"); a dense "layers.3.k" -> ("layers.3.", "k")."""
-    for part in PARTS:
+    for part in (*PARTS, "h2o.pos", "h2o.score"):
         if key.endswith("." + part) or key == part:
             return key[: len(key) - len(part)], part
     m = _KV_NAME.match(key)
@@ -240,39 +241,65 @@ def _eqns(jaxpr):
             yield from _eqns(getattr(inner, "jaxpr", inner))
 
 
-POLICIES = ("sinks",)
+POLICIES = ("sinks", "h2o")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvictKV:
-    """StreamingLLM: a fixed cache of `sinks` first tokens and a rolling `window` per
-    layer (see passes/kvsinks.py). Layers with their own sliding window (Gemma 3's local
-    layers) keep a ring of exactly that window and no sinks: they never attend further
-    back, so for them the fixed cache is exact."""
+    """A fixed-size cache per layer.
+
+    - `policy="sinks"`: StreamingLLM, `sinks` first tokens and a rolling `window`
+      (passes/kvsinks.py); generation may run past the context length.
+    - `policy="h2o"`: H2O, `budget` slots holding the `recent` newest tokens and the
+      heaviest hitters by accumulated attention (passes/kvh2o.py).
+
+    Layers with their own sliding window (Gemma 3's local layers) keep a ring of
+    exactly that window under either policy: they never attend further back, so for
+    them a fixed cache is exact and eviction would only lose information.
+    """
 
     policy: str = "sinks"
     sinks: int = 4
     window: int = 252
+    budget: int | None = None
+    recent: int | None = None
     name: str = dataclasses.field(default="evict_kv", init=False, repr=False)
 
-    unbounded_context = True  # generation may run past the model's context length
+    @property
+    def unbounded_context(self) -> bool:
+        """Sinks assign positions within the cache, so generation may run past the
+        model's context length; H2O keeps true positions and may not."""
+        return self.policy == "sinks"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(
                 f"evict_kv: policy={self.policy!r} is not allowed; allowed: {POLICIES}"
             )
-        for name in ("sinks", "window"):
+        names = ("sinks", "window") if self.policy == "sinks" else ("budget", "recent")
+        for name in names:
             value = getattr(self, name)
-            low = 0 if name == "sinks" else 1
+            low = 0 if name in ("sinks", "recent") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"evict_kv: {name}={value!r} must be an integer >= {low}")
+                raise ValueError(
+                    f"evict_kv({self.policy}): {name}={value!r} must be an integer >= {low}"
+                )
+        if self.policy == "h2o" and self.budget <= self.recent:
+            raise ValueError(
+                f"evict_kv(h2o): budget={self.budget} must be larger than recent="
+                f"{self.recent} (the rest of the budget holds the heavy hitters)"
+            )
 
     def __call__(self, graph: Graph) -> Graph:
         if graph.cache.kind != "dense":
             raise ValueError(
-                f"evict_kv: the cache is already {graph.cache.kind!r}; sinks do not compose "
-                "with compress_kv yet (use one of them)"
+                f"evict_kv: the cache is already {graph.cache.kind!r}; eviction does not "
+                "compose with compress_kv or another evict_kv yet (use one of them)"
+            )
+        ctx = graph.meta.get("context_length")
+        if self.policy == "h2o" and ctx is not None and self.budget > ctx:
+            raise ValueError(
+                f"evict_kv(h2o): budget={self.budget} is larger than the context length {ctx}"
             )
         layers = _dense_layers(graph.cache)
         windowed = _windowed_layers(graph)
@@ -281,12 +308,18 @@ class EvictKV:
             _, kv, _, h = shape
             if prefix in windowed:
                 cfg = SinkConfig(0, windowed[prefix])
-            else:
+            elif self.policy == "sinks":
                 cfg = SinkConfig(self.sinks, self.window)
+            else:
+                cfg = H2OConfig(self.budget, self.recent)
             configs[prefix] = cfg
+            slots = cfg.slots if isinstance(cfg, SinkConfig) else cfg.budget
             for part in ("k", "v"):
-                entries.append((prefix + part, ("B", kv, cfg.slots, h), dtype))
-        layout = CacheLayout(tuple(entries), kind="sinks")
+                entries.append((prefix + part, ("B", kv, slots, h), dtype))
+            if isinstance(cfg, H2OConfig):
+                entries.append((prefix + "h2o.pos", ("B", kv, slots), "int32"))
+                entries.append((prefix + "h2o.score", ("B", kv, slots), "float32"))
+        layout = CacheLayout(tuple(sorted(entries)), kind=self.policy)
 
         def make_rule(step_name, args):
             valid = _valid(step_name, args)
@@ -297,12 +330,24 @@ class EvictKV:
                 prm = eqn.params
                 q_r = ops.rope(q.x, q.positions, theta=q.theta, scaling=q.scaling)
                 k_r = ops.rope(k.x, k.positions, theta=k.theta, scaling=k.scaling)
-                out, kc, vc = sink_attention(
-                    q_r, k_r, v, kref.state["k"], vref.state["v"], pos, valid,
-                    configs[kref.prefix], theta=k.theta, scaling=k.scaling, scale=prm["scale"],
-                    sliding_window=prm["sliding_window"], softcap=prm["softcap"],
-                )  # fmt: skip
-                state = {"k": kc, "v": vc}
+                cfg = configs[kref.prefix]
+                st = kref.state
+                if isinstance(cfg, SinkConfig):
+                    out, kc, vc = sink_attention(
+                        q_r, k_r, v, st["k"], vref.state["v"], pos, valid, cfg,
+                        theta=k.theta, scaling=k.scaling, scale=prm["scale"],
+                        sliding_window=prm["sliding_window"], softcap=prm["softcap"],
+                    )  # fmt: skip
+                    state = {"k": kc, "v": vc}
+                else:
+                    h2o_state = {"k": st["k"], "v": vref.state["v"], "pos": st["h2o.pos"],
+                                 "score": st["h2o.score"]}  # fmt: skip
+                    out, new = h2o_attention(
+                        q_r, k_r, v, pos, valid, h2o_state, cfg, scale=prm["scale"],
+                        sliding_window=prm["sliding_window"], softcap=prm["softcap"],
+                    )  # fmt: skip
+                    state = {"k": new["k"], "v": new["v"], "h2o.pos": new["pos"],
+                             "h2o.score": new["score"]}  # fmt: skip
                 return [out, _LayerRef(kref.prefix, "k", state), _LayerRef(vref.prefix, "v", {})]
 
             return rule
@@ -310,9 +355,22 @@ class EvictKV:
         return rewrite_cache(graph, layout, make_rule, defer_rope=True)
 
 
-def evict_kv(policy: str = "sinks", *, sinks: int = 4, window: int = 252) -> EvictKV:
-    """StreamingLLM attention sinks: `sinks` first tokens + the newest `window`."""
-    return EvictKV(policy, _int(sinks), _int(window))
+def evict_kv(
+    policy: str = "sinks",
+    *,
+    sinks: int = 4,
+    window: int = 252,
+    budget: int | None = None,
+    recent: int | None = None,
+) -> EvictKV:
+    """StreamingLLM sinks (`sinks` first tokens + the newest `window`) or H2O (`budget`
+    slots: the `recent` newest tokens and the heaviest hitters)."""
+    if policy == "h2o":
+        sinks, window = 0, 0
+        recent = 0 if recent is None else recent
+    elif budget is not None or recent is not None:
+        raise ValueError(f"evict_kv(policy={policy!r}): budget= and recent= belong to policy='h2o'")
+    return EvictKV(policy, _int(sinks), _int(window), _int(budget), _int(recent))
 
 
 def compress_kv(

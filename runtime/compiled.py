@@ -74,6 +74,7 @@ class CompiledModel:
             "forward": self.model.forward,
             "tokenizer": self.tokenizer,
             "vocab_size": self.config.vocab_size,
+            "context_length": self.config.context_length,
         }
         weights = self.model.weights
         packed = {k for k, v in weights.items() if isinstance(v, QuantizedWeight)}

@@ -31,6 +31,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.core import ShapedArray
 
 from pallax.passes import primitives
@@ -202,9 +203,52 @@ def _write_one(state, k, v, pos, valid, cfg: KiviConfig):
 def write(state: dict, k, v, pos, valid, cfg: KiviConfig) -> dict:
     """Write k, v [B, T, K, H] at positions pos [B] (the first valid [B] of the T tokens;
     the others are padding and leave the cache as it is)."""
+    if k.shape[1] == 1:
+        return _write_token(state, k, v, pos, valid, cfg)
     return jax.vmap(lambda st, kk, vv, p, n: _write_one(st, kk, vv, p, n, cfg))(
         state, k, v, pos, valid
     )
+
+
+def _write_token(state, k, v, pos, valid, cfg: KiviConfig) -> dict:
+    """The decode write (T = 1), equal to `_write_one`: the token goes to ring slot
+    pos % C; only when it completes a group (once every G steps per row) is the group
+    leaving the window quantized, under a `lax.cond` that the other steps skip."""
+    g, ring = cfg.group_size, cfg.ring
+    b = k.shape[0]
+    live = valid > 0
+    slot = jnp.mod(pos, ring)
+    out = dict(state)
+    for name, new in (("k.res", k), ("v.res", v)):
+        res = state[name]
+        upd = jax.vmap(lambda r, n, j: lax.dynamic_update_slice(r, n, (0, j, 0)))(
+            res, jnp.swapaxes(new, 1, 2).astype(res.dtype), slot
+        )
+        out[name] = jnp.where(live[:, None, None, None], upd, res)
+    nq0 = num_quantized(pos, g, cfg.residual)
+    nq1 = num_quantized(pos + valid, g, cfg.residual)
+    need = live & (nq1 > nq0)  # [B]: a group [nq1 - G, nq1) leaves the window
+
+    def quantize_group(st):
+        start = jnp.maximum(nq1 - g, 0)  # [B]
+        idx = jnp.mod(start[:, None] + jnp.arange(g, dtype=jnp.int32)[None, :], ring)
+        new = dict(st)
+        sdt = jnp.dtype(cfg.scale_dtype)
+        for kind, quant in (("k", quantize_keys), ("v", quantize_values)):
+            grp = jnp.take_along_axis(st[kind + ".res"], idx[:, None, :, None], axis=2)
+            d, sc, z = quant(grp.astype(F32), cfg.bits, g, sdt)
+            for part, val, at in (
+                ("data", d, start), ("scale", sc, start // g if kind == "k" else start),
+                ("zero", z, start // g if kind == "k" else start),
+            ):  # fmt: skip
+                arr = st[f"{kind}.{part}"]
+                upd = jax.vmap(lambda a, x, j: lax.dynamic_update_slice(a, x, (0, j, 0)))(
+                    arr, val.astype(arr.dtype), at
+                )
+                new[f"{kind}.{part}"] = jnp.where(need.reshape(b, 1, 1, 1), upd, arr)
+        return new
+
+    return lax.cond(jnp.any(need), quantize_group, lambda st: st, out)
 
 
 # ------------------------------------------------------------------- attention

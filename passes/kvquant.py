@@ -39,6 +39,7 @@ from pallax.passes import primitives
 F32 = jnp.float32
 BITS = (2, 4, 8)
 PARTS = ("k.data", "k.scale", "k.zero", "k.res", "v.data", "v.scale", "v.zero", "v.res")
+FIRST_PARTS = ("k.first", "v.first")  # with full_first > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +48,15 @@ class KiviConfig:
     group_size: int = 32
     residual: int = 128
     scale_dtype: str = "bfloat16"
+    full_first: int = 0  # leading positions kept in full precision (a multiple of G)
 
     @property
     def ring(self) -> int:
         return self.residual + self.group_size
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return PARTS + (FIRST_PARTS if self.full_first else ())
 
     def shapes(self, kv_heads: int, head_dim: int, dtype) -> dict[str, tuple]:
         """Cache entries of one layer, as shape templates over "B" and "S"."""
@@ -65,7 +71,14 @@ class KiviConfig:
             "v.scale": (("B", kv_heads, "S", head_dim // g), self.scale_dtype),
             "v.zero": (("B", kv_heads, "S", head_dim // g), self.scale_dtype),
             "v.res": (("B", kv_heads, self.ring, head_dim), dtype),
-        }
+        } | (
+            {
+                "k.first": (("B", kv_heads, self.full_first, head_dim), dtype),
+                "v.first": (("B", kv_heads, self.full_first, head_dim), dtype),
+            }
+            if self.full_first
+            else {}
+        )
 
 
 def num_quantized(length, group_size: int, residual: int):
@@ -197,6 +210,28 @@ def _write_one(state, k, v, pos, valid, cfg: KiviConfig):
         res = state[name]
         fresh = jnp.take(jnp.swapaxes(new, 0, 1), slot_i, axis=1).astype(res.dtype)
         out[name] = jnp.where(take_new, fresh, res)
+    _write_first(out, k, v, pos, end, cfg)
+    return out
+
+
+def _write_first(out, k, v, pos, end, cfg: KiviConfig) -> None:
+    """Positions below full_first also go, unquantized, to the k/v.first arrays (one
+    sequence: k, v [T, K, H]; pos, end scalars)."""
+    if not cfg.full_first:
+        return
+    t = k.shape[0]
+    j = jnp.arange(cfg.full_first, dtype=jnp.int32)
+    take_new = ((j >= pos) & (j < end))[None, :, None]
+    idx = jnp.clip(j - pos, 0, t - 1)
+    for name, new in (("k.first", k), ("v.first", v)):
+        buf = out[name]
+        fresh = jnp.take(jnp.swapaxes(new, 0, 1), idx, axis=1).astype(buf.dtype)
+        out[name] = jnp.where(take_new, fresh, buf)
+
+
+def _first_only(firsts, k, v, pos, end, cfg):
+    out = dict(firsts)
+    _write_first(out, k, v, pos, end, cfg)
     return out
 
 
@@ -225,6 +260,11 @@ def _write_token(state, k, v, pos, valid, cfg: KiviConfig) -> dict:
             res, jnp.swapaxes(new, 1, 2).astype(res.dtype), slot
         )
         out[name] = jnp.where(live[:, None, None, None], upd, res)
+    if cfg.full_first:
+        firsts = jax.vmap(lambda st, kk, vv, p, n: _first_only(st, kk, vv, p, p + n, cfg))(
+            {n: out[n] for n in FIRST_PARTS}, k, v, pos, valid
+        )
+        out.update(firsts)
     nq0 = num_quantized(pos, g, cfg.residual)
     nq1 = num_quantized(pos + valid, g, cfg.residual)
     need = live & (nq1 > nq0)  # [B]: a group [nq1 - G, nq1) leaves the window
@@ -263,13 +303,23 @@ def attend(q, state: dict, pos, valid, cfg: KiviConfig, *, scale, sliding_window
     nq = num_quantized(length, g, cfg.residual)
     keys = dequantize_keys(state["k.data"], state["k.scale"], state["k.zero"], bits, g)
     vals = dequantize_values(state["v.data"], state["v.scale"], state["v.zero"], bits, g)
-    keys = jnp.concatenate([keys, state["k.res"].astype(F32)], axis=2)  # [B, K, S+C, H]
-    vals = jnp.concatenate([vals, state["v.res"].astype(F32)], axis=2)
+    keys = [keys, state["k.res"].astype(F32)]  # -> [B, K, S+C(+F), H]
+    vals = [vals, state["v.res"].astype(F32)]
+    if cfg.full_first:
+        keys.append(state["k.first"].astype(F32))
+        vals.append(state["v.first"].astype(F32))
+    keys, vals = jnp.concatenate(keys, axis=2), jnp.concatenate(vals, axis=2)
     qpos = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     packed_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     slot_pos = ring_positions(length, cfg.ring)  # [B, C]
-    kpos = jnp.concatenate([packed_pos, slot_pos], axis=1)  # [B, S+C]
-    stored = jnp.concatenate([packed_pos < nq[:, None], slot_pos >= nq[:, None]], axis=1)
+    nqb = nq[:, None]
+    kpos = [packed_pos, slot_pos]
+    stored = [(packed_pos < nqb) & (packed_pos >= cfg.full_first), slot_pos >= nqb]
+    if cfg.full_first:  # the first positions that left the ring: read unquantized
+        first = jnp.broadcast_to(jnp.arange(cfg.full_first, dtype=jnp.int32), (b, cfg.full_first))
+        kpos.append(first)
+        stored.append(first < nqb)
+    kpos, stored = jnp.concatenate(kpos, axis=1), jnp.concatenate(stored, axis=1)
     ok = stored[:, None, :] & (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])
     if sliding_window is not None:
         ok &= kpos[:, None, :] > qpos[:, :, None] - sliding_window
@@ -302,25 +352,27 @@ def kivi_attention_reference(
     group_size,
     residual,
     scale_dtype,
+    full_first=0,
 ):
     """Write k/v [B, T, K, H] (the first `valid` [B] tokens) into the KIVI cache at pos,
     then attend: (out [B, T, N, H] in q's dtype, *the 8 cache arrays of PARTS)."""
-    cfg = KiviConfig(bits, group_size, residual, scale_dtype)
-    st = write(dict(zip(PARTS, state, strict=True)), k, v, pos, valid, cfg)
+    cfg = KiviConfig(bits, group_size, residual, scale_dtype, full_first)
+    st = write(dict(zip(cfg.parts, state, strict=True)), k, v, pos, valid, cfg)
     out = attend(q, st, pos, valid, cfg, scale=scale, sliding_window=sliding_window,
                  softcap=softcap)  # fmt: skip
-    return (out.astype(q.dtype), *(st[p] for p in PARTS))
+    return (out.astype(q.dtype), *(st[p] for p in cfg.parts))
 
 
-def _kivi_abstract(q, k, v, pos, valid, *state, bits, group_size, residual, **_):
+def _kivi_abstract(q, k, v, pos, valid, *state, bits, group_size, residual, full_first=0, **_):
     b, t, n, h = q.shape
     kv = k.shape[2]
     if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != h or n % kv:
         raise TypeError(f"kivi_attention: q {q.shape}, k {k.shape}, v {v.shape} disagree")
     if pos.shape != (b,) or valid.shape != (b,):
         raise TypeError(f"kivi_attention: pos {pos.shape} / valid {valid.shape} must be [{b}]")
-    if len(state) != len(PARTS):
-        raise TypeError(f"kivi_attention: {len(state)} cache arrays, expected {len(PARTS)}")
+    want = len(PARTS) + (len(FIRST_PARTS) if full_first else 0)
+    if len(state) != want:
+        raise TypeError(f"kivi_attention: {len(state)} cache arrays, expected {want}")
     kd, _, _, kres = state[:4]
     if (
         kd.shape[:2] != (b, kv)
@@ -341,12 +393,12 @@ def kivi_attention(q, k, v, pos, valid, state: dict, cfg: KiviConfig, *, scale,
                    sliding_window=None, softcap=None):  # fmt: skip
     """(out, new state dict) for one layer's KIVI cache `state` (PARTS -> array)."""
     outs = kivi_attention_p.bind(
-        q, k, v, pos, valid, *(state[p] for p in PARTS),
+        q, k, v, pos, valid, *(state[p] for p in cfg.parts),
         scale=float(scale), sliding_window=sliding_window, softcap=softcap,
         bits=cfg.bits, group_size=cfg.group_size, residual=cfg.residual,
-        scale_dtype=jnp.dtype(cfg.scale_dtype).name,
+        scale_dtype=jnp.dtype(cfg.scale_dtype).name, full_first=cfg.full_first,
     )  # fmt: skip
-    return outs[0], dict(zip(PARTS, outs[1:], strict=True))
+    return outs[0], dict(zip(cfg.parts, outs[1:], strict=True))
 
 
 def bytes_per_token(cfg: KiviConfig, kv_heads: int, head_dim: int) -> float:

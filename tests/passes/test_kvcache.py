@@ -63,17 +63,22 @@ def _view(state, length, cfg):
     slots = np.asarray(kvquant.ring_positions(length, cfg.ring))
     kr, vr = np.asarray(state["k.res"]), np.asarray(state["v.res"])
     keys, vals = k[:, :, :length].copy(), v[:, :, :length].copy()
+    if cfg.full_first:
+        first = min(cfg.full_first, nq)
+        keys[:, :, :first] = np.asarray(state["k.first"])[:, :, :first]
+        vals[:, :, :first] = np.asarray(state["v.first"])[:, :, :first]
     for j, p in enumerate(slots):
         if nq <= p < length:
             keys[:, :, p], vals[:, :, p] = kr[:, :, j], vr[:, :, j]
     return keys, vals, nq
 
 
-@pytest.mark.parametrize("residual", [0, 32, 64])
-def test_decode_steps_equal_one_prefill_and_chunks(residual):
+@pytest.mark.parametrize("residual,full_first", [(0, 0), (32, 0), (64, 0), (32, 64)])
+def test_decode_steps_equal_one_prefill_and_chunks(residual, full_first):
     """Token by token, one call, or 3 uneven chunks: the same cache; the newest `residual`
-    (to residual + G - 1) tokens are exact, the rest quantized a group at a time."""
-    cfg = KiviConfig(bits=4, group_size=32, residual=residual)
+    (to residual + G - 1) tokens are exact, the rest quantized a group at a time (except
+    the first `full_first`, kept exact)."""
+    cfg = KiviConfig(bits=4, group_size=32, residual=residual, full_first=full_first)
     n = 150
     k = jnp.asarray(_rng(2).standard_normal((2, n, 2, 64)), jnp.float32)
     v = jnp.asarray(_rng(3).standard_normal((2, n, 2, 64)), jnp.float32)
@@ -93,6 +98,7 @@ def test_decode_steps_equal_one_prefill_and_chunks(residual):
         keys, vals, nq = _view(st, n, cfg)
         assert nq == want_nq
         np.testing.assert_array_equal(keys[:, :, nq:], ref_k[:, :, nq:])
+        np.testing.assert_array_equal(keys[:, :, :full_first], ref_k[:, :, :full_first])
         assert np.abs(keys - ref_k).max() < 0.5  # 4-bit groups of normals
     for st in (steps, chunks):
         for a, b in zip(_view(st, n, cfg), _view(one, n, cfg), strict=True):
@@ -150,6 +156,7 @@ def test_attention_matches_dense_attention_on_the_dequantized_cache(window):
         ({"group_size": 48}, "group_size=48"),
         ({"method": "h2o"}, "method='h2o'"),
         ({"layers": "odd"}, "layers='odd'"),
+        ({"full_first": 40}, "full_first=40"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, match):
@@ -166,7 +173,7 @@ def test_pass_strings():
 def test_twice_and_bad_head_dim_are_refused(smollm2):
     with pytest.raises(ValueError, match="already 'kivi'"):
         pallax.compile(smollm2, passes=["kivi2", "kivi4"]).graph("decode")
-    with pytest.raises(ValueError, match="do not compose"):
+    with pytest.raises(ValueError, match="does not compose"):
         pallax.compile(smollm2, passes=["kivi2", "evict_kv:sinks"]).graph("decode")
     with pytest.raises(ValueError, match="head dim 64 .* group_size=128"):
         pallax.compile(smollm2, passes=["compress_kv:kivi:2:group_size=128"]).graph("decode")
@@ -179,7 +186,7 @@ def kivi2(smollm2):
 
 def test_graph_layout_and_memory(kivi2, compiled_fp32):
     text = kivi2.graph("decode")
-    assert "kivi_attention[bits=2, group_size=32, residual=128" in text
+    assert "kivi_attention[bits=2, full_first=32, group_size=32, residual=128" in text
     assert " attention[" not in text
     assert "cache:layers.0.k.data" in text
     dense = compiled_fp32.memory_report()
@@ -187,7 +194,10 @@ def test_graph_layout_and_memory(kivi2, compiled_fp32):
     bf16_per_token = dense["kv_bytes_per_token"] / 2
     assert rep["kv_bytes_per_token"] <= bf16_per_token / 5  # 4320 vs 23040
     cfg = kivi2.config
-    assert rep["kv_fixed_bytes_per_sequence"] == cfg.n_layers * 2 * cfg.n_kv_heads * 160 * 64 * 4
+    ring_and_first = 160 + 32  # residual + G float slots, and the first G positions
+    assert rep["kv_fixed_bytes_per_sequence"] == cfg.n_layers * 2 * cfg.n_kv_heads * 64 * 4 * (
+        ring_and_first
+    )
     budget = 2**30
     big = kivi2.memory_report(budget_bytes=budget, context=2048)
     small = compiled_fp32.memory_report(budget_bytes=budget, context=2048)

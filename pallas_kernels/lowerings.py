@@ -15,9 +15,11 @@ import jax.numpy as jnp
 from jax.interpreters import mlir
 
 from pallax.pallas_kernels.decode_attention import decode_attention
+from pallax.pallas_kernels.kivi_attention import kivi_decode_attention
 from pallax.pallas_kernels.platforms import PLATFORMS
 from pallax.pallas_kernels.qmatmul import qmatmul
 from pallax.pallas_kernels.rms_norm import rms_norm
+from pallax.passes import kvquant
 from pallax.passes import primitives as ops
 
 
@@ -73,6 +75,38 @@ def _qlinear_rule(x, data, scale, *rest, platform, **params):
     return ops.qlinear_frame(matmul, x, data, scale, *rest, **params)
 
 
+def _kivi_attention_rule(
+    q, k, v, pos, valid, *state, scale, sliding_window, softcap, bits, group_size, residual,
+    scale_dtype, full_first=0, platform,
+):  # fmt: skip
+    """Write k/v into the KIVI cache (XLA), then attend: the kernel for single-token decode.
+
+    The kernel reads the query at ``pos + valid - 1``: for a padding row (valid 0) that
+    is ``pos - 1``, so with a sliding window its output (unused) may differ.
+    """
+    cfg = kvquant.KiviConfig(bits, group_size, residual, scale_dtype, full_first)
+    st = kvquant.write(dict(zip(cfg.parts, state, strict=True)), k, v, pos, valid, cfg)
+    if q.shape[1] == 1:
+        out = kivi_decode_attention(
+            q[:, 0],  # [B, N, H]
+            st,
+            (pos + valid).astype(jnp.int32),
+            bits=bits,
+            group_size=group_size,
+            residual=residual,
+            full_first=full_first,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            platform=platform,
+        )[:, None]  # [B, 1, N, H]
+    else:
+        out = kvquant.attend(
+            q, st, pos, valid, cfg, scale=scale, sliding_window=sliding_window, softcap=softcap
+        )
+    return (out.astype(q.dtype), *(st[p] for p in cfg.parts))
+
+
 def register() -> None:
     for platform in PLATFORMS:
         mlir.register_lowering(
@@ -88,6 +122,11 @@ def register() -> None:
         mlir.register_lowering(
             ops.attention_p,
             mlir.lower_fun(functools.partial(_attention_rule, platform=platform), True),
+            platform=platform,
+        )
+        mlir.register_lowering(
+            kvquant.kivi_attention_p,
+            mlir.lower_fun(functools.partial(_kivi_attention_rule, platform=platform), True),
             platform=platform,
         )
 

@@ -116,12 +116,10 @@ def _split(key: str) -> tuple[str, str]:
 
 def _valid(step_name: str, args):
     """Tokens per row of this call that are real (prefill pads rows to the bucket)."""
-    tokens, pos = args[0], args[1]
-    b, t = tokens.shape
+    b, t = args[0].shape  # tokens
     if step_name == "prefill":
         # The runtime passes logits_index = -1 for rows whose prompt ended before the chunk.
         return jnp.clip(args[2] + 1, 0, t).astype(jnp.int32)
-    del pos
     return jnp.full((b,), t, jnp.int32)
 
 

@@ -401,15 +401,6 @@ def kivi_attention(q, k, v, pos, valid, state: dict, cfg: KiviConfig, *, scale,
     return outs[0], dict(zip(cfg.parts, outs[1:], strict=True))
 
 
-def bytes_per_token(cfg: KiviConfig, kv_heads: int, head_dim: int) -> float:
-    """Quantized bytes one token takes in one layer (the ring is a fixed extra)."""
-    sb = jnp.dtype(cfg.scale_dtype).itemsize
-    data = 2 * kv_heads * head_dim * cfg.bits / 8
-    kscale = 2 * kv_heads * head_dim * sb / cfg.group_size
-    vscale = 2 * kv_heads * (head_dim // cfg.group_size) * sb
-    return data + kscale + vscale
-
-
 __all__ = [
     "BITS", "PARTS", "KiviConfig", "attend", "dequantize_keys", "dequantize_values",
     "kivi_attention", "kivi_attention_p",

@@ -107,9 +107,13 @@ KEPT = {
 }  # fmt: skip
 
 
-def test_keep_quantized_matches_the_dequantized_file(tmp_path, smollm2_gguf_path):
+def test_keep_quantized_matches_the_dequantized_file(tmp_path, smollm2_gguf_path, monkeypatch):
     """Kept blocks compute what the float path computes from the same file, including the
-    Q/K rows llama.cpp permutes (moved together with their group scales)."""
+    Q/K rows llama.cpp permutes (moved together with their group scales).
+
+    Exact (to float rounding) through XLA's qlinear lowering; the CPU kernel also
+    quantizes activations to int8 per block of 32, as llama.cpp does, so with it the
+    log-probabilities move by up to about 0.1% (0.016 nats measured on this model)."""
     from pallax.passes.qformat import QuantizedWeight
 
     path = write_tiny(tmp_path / "mixed.gguf", smollm2_gguf_path, KEPT)
@@ -130,7 +134,12 @@ def test_keep_quantized_matches_the_dequantized_file(tmp_path, smollm2_gguf_path
     assert not any(isinstance(v, QuantizedWeight) for v in floats.weights.values())
     text = "Hello world, this is a small synthetic model with random weights."
     a, b = pallax.compile(floats, []), pallax.compile(kept, [])
-    np.testing.assert_allclose(b.score(text, chunk_size=8), a.score(text, chunk_size=8), atol=1e-4)
+    want = a.score(text, chunk_size=8)
+    with monkeypatch.context() as m:
+        m.setenv("PALLAX_CPU_KERNELS", "0")
+        exact = pallax.compile(kept, []).score(text, chunk_size=8)
+    np.testing.assert_allclose(exact, want, atol=1e-4)
+    np.testing.assert_allclose(b.score(text, chunk_size=8), want, rtol=5e-3, atol=5e-3)
     graph = b.graph("decode")
     assert "qembed" in graph and graph.count("qlinear[") == 7 + 1  # 7 linears + the head
     with pytest.raises(ValueError, match="already quantized"):

@@ -14,6 +14,7 @@ import re
 import jax
 import jax.numpy as jnp
 
+from pallax.passes import kvkivi_sinks
 from pallax.passes import primitives as ops
 from pallax.passes.ir import CacheLayout, Graph, trace_step
 from pallax.passes.kvh2o import H2OConfig, h2o_attention
@@ -186,11 +187,20 @@ class CompressKV:
             self.bits, self.group_size, self.residual, self.scale_dtype, self.full_first
         )
 
+    def check_head_dim(self, prefix: str, h: int) -> None:
+        if h % self.group_size or (h * self.bits) % 8:
+            raise ValueError(
+                f"compress_kv: head dim {h} of {prefix!r} is not a multiple of "
+                f"group_size={self.group_size} (values are grouped along channels)"
+            )
+
     def __call__(self, graph: Graph) -> Graph:
+        if graph.cache.kind == "sinks":
+            return _compose(graph, self)
         if graph.cache.kind != "dense":
             raise ValueError(
-                f"compress_kv: the cache is already {graph.cache.kind!r}; "
-                "apply compress_kv once, before any eviction pass"
+                f"compress_kv: the cache is already {graph.cache.kind!r}; KIVI composes "
+                "with evict_kv(policy='sinks') only, once"
             )
         layers = _dense_layers(graph.cache)
         cfg = self.config
@@ -199,11 +209,7 @@ class CompressKV:
         chosen = set()
         for prefix, (shape, dtype) in sorted(layers.items()):
             _, kv, _, h = shape
-            if h % self.group_size or (h * self.bits) % 8:
-                raise ValueError(
-                    f"compress_kv: head dim {h} of {prefix!r} is not a multiple of "
-                    f"group_size={self.group_size} (values are grouped along channels)"
-                )
+            self.check_head_dim(prefix, h)
             if self.layers == "global" and prefix in windowed:
                 entries += [(prefix + p, s, d) for p, s, d in _dense_entries(shape, dtype)]
                 continue
@@ -231,7 +237,79 @@ class CompressKV:
 
             return rule
 
-        return rewrite_cache(graph, layout, make_rule)
+        return _remember(graph, self, rewrite_cache(graph, layout, make_rule))
+
+
+def _remember(base: Graph, kv_pass, graph: Graph) -> Graph:
+    """Keep the dense graph a KV pass rewrote, so that a second KV pass right after it
+    can build the composition from it (see `_compose`)."""
+    n = len(base.meta.get("passes", ()))
+    return graph.replace(meta={**graph.meta, "kv_base": (base, kv_pass, n)})
+
+
+def _compose(graph: Graph, second) -> Graph:
+    """KIVI + sinks in either order: rebuild from the dense graph with both policies."""
+    base, first, n = graph.meta["kv_base"]
+    if len(graph.meta.get("passes", ())) != n + 1:
+        raise ValueError(
+            f"{second.name}: compose KV passes next to each other (another pass ran after "
+            f"{first.name}, and the composition is built from the graph before it)"
+        )
+    kivi, ev = (first, second) if isinstance(first, CompressKV) else (second, first)
+    return _remember(base, (kivi, ev), _kivi_sinks(base, kivi, ev))
+
+
+def _kivi_sinks(graph: Graph, kivi: CompressKV, ev: EvictKV) -> Graph:
+    """Fixed-size quantized caches with sinks (passes/kvkivi_sinks.py). A sliding-window
+    layer gets a quantized ring of its own window and no sinks (with
+    compress_kv(layers="global"): a dense ring, as evict_kv alone gives it)."""
+    windowed = _windowed_layers(graph)
+    configs, entries = {}, []
+    for prefix, (shape, dtype) in sorted(_dense_layers(graph.cache).items()):
+        _, kv, _, h = shape
+        kivi.check_head_dim(prefix, h)
+        sinks = SinkConfig(0, windowed[prefix]) if prefix in windowed else ev.sink_config
+        if prefix in windowed and kivi.layers == "global":
+            configs[prefix] = (None, sinks)
+            entries += [(prefix + p, ("B", kv, sinks.slots, h), dtype) for p in ("k", "v")]
+            continue
+        cfg = kvkivi_sinks.config(kivi.config, sinks)
+        configs[prefix] = (cfg, sinks)
+        rows = kvkivi_sinks.ring_rows(sinks.window, kivi.group_size)
+        entries += [(prefix + p, s, d) for p, (s, d) in cfg.shapes(kv, h, dtype, rows).items()]
+    layout = CacheLayout(tuple(sorted(entries)), kind="kivi+sinks")
+
+    def make_rule(step_name, args):
+        valid = _valid(step_name, args)
+
+        def rule(eqn, q, k, v, kref, vref, pos):
+            q_r, k_r = _rotate(q, k)
+            prm = eqn.params
+            cfg, sinks = configs[kref.prefix]
+            kw = dict(theta=k.theta, scaling=k.scaling, scale=prm["scale"],
+                      sliding_window=prm["sliding_window"], softcap=prm["softcap"])  # fmt: skip
+            if cfg is None:
+                out, kc, vc = sink_attention(
+                    q_r, k_r, v, kref.state["k"], vref.state["v"], pos, valid, sinks, **kw
+                )
+                state = {"k": kc, "v": vc}
+            else:
+                out, state = kvkivi_sinks.kivi_sink_attention(
+                    q_r, k_r, v, pos, valid, kref.state, cfg, sinks, **kw
+                )
+            return [out, _LayerRef(kref.prefix, "k", state), _LayerRef(vref.prefix, "v", {})]
+
+        return rule
+
+    return rewrite_cache(graph, layout, make_rule, defer_rope=True)
+
+
+def _rotate(q, k):
+    if not (isinstance(q, _Roped) and isinstance(k, _Roped)):
+        raise ValueError("evict_kv: attention's q and k must come from rope ops")
+    q_r = ops.rope(q.x, q.positions, theta=q.theta, scaling=q.scaling)
+    k_r = ops.rope(k.x, k.positions, theta=k.theta, scaling=k.scaling)
+    return q_r, k_r
 
 
 def _dense_entries(shape, dtype):
@@ -309,11 +387,23 @@ class EvictKV:
                 f"{self.recent} (the rest of the budget holds the heavy hitters)"
             )
 
+    @property
+    def sink_config(self) -> SinkConfig:
+        return SinkConfig(self.sinks, self.window)
+
     def __call__(self, graph: Graph) -> Graph:
+        if graph.cache.kind == "kivi" and self.policy == "sinks":
+            return _compose(graph, self)
+        if graph.cache.kind == "kivi":
+            raise ValueError(
+                "evict_kv(h2o) does not compose with compress_kv: H2O evicts single "
+                "tokens, KIVI quantizes keys per channel over groups of tokens; "
+                "compress_kv composes with evict_kv(policy='sinks')"
+            )
         if graph.cache.kind != "dense":
             raise ValueError(
-                f"evict_kv: the cache is already {graph.cache.kind!r}; eviction does not "
-                "compose with compress_kv or another evict_kv yet (use one of them)"
+                f"evict_kv: the cache is already {graph.cache.kind!r}; apply one eviction "
+                "policy (evict_kv once)"
             )
         ctx = graph.meta.get("context_length")
         if self.policy == "h2o" and ctx is not None and self.budget > ctx:
@@ -344,11 +434,8 @@ class EvictKV:
             valid = _valid(step_name, args)
 
             def rule(eqn, q, k, v, kref, vref, pos):
-                if not (isinstance(q, _Roped) and isinstance(k, _Roped)):
-                    raise ValueError("evict_kv: attention's q and k must come from rope ops")
+                q_r, k_r = _rotate(q, k)
                 prm = eqn.params
-                q_r = ops.rope(q.x, q.positions, theta=q.theta, scaling=q.scaling)
-                k_r = ops.rope(k.x, k.positions, theta=k.theta, scaling=k.scaling)
                 cfg = configs[kref.prefix]
                 st = kref.state
                 if isinstance(cfg, SinkConfig):
@@ -371,7 +458,44 @@ class EvictKV:
 
             return rule
 
-        return rewrite_cache(graph, layout, make_rule, defer_rope=True)
+        return _remember(graph, self, rewrite_cache(graph, layout, make_rule, defer_rope=True))
+
+
+def check_pipeline(passes) -> None:
+    """Refuse a KV pass sequence the passes would refuse at capture, at compile time:
+    each `__call__` below is the authority, this only runs it ahead on the kinds."""
+    kind, last_kv = "dense", False
+    for p in passes:
+        if isinstance(p, CompressKV | EvictKV):
+            if kind == "dense":
+                kind = "kivi" if isinstance(p, CompressKV) else p.policy
+            elif isinstance(p, EvictKV) and kind == "kivi" and p.policy == "sinks" and last_kv:
+                kind = "kivi+sinks"
+            elif isinstance(p, CompressKV) and kind == "sinks" and last_kv:
+                kind = "kivi+sinks"
+            elif (
+                kind in ("kivi", "sinks")
+                and not last_kv
+                and (isinstance(p, EvictKV) if kind == "kivi" else isinstance(p, CompressKV))
+            ):
+                raise ValueError(
+                    f"{p.name}: compose KV passes next to each other (another pass ran "
+                    "between compress_kv and evict_kv)"
+                )
+            elif isinstance(p, EvictKV) and p.policy == "h2o" and kind == "kivi":
+                raise ValueError(
+                    "evict_kv(h2o) does not compose with compress_kv: H2O evicts single "
+                    "tokens, KIVI quantizes keys per channel over groups of tokens; "
+                    "compress_kv composes with evict_kv(policy='sinks')"
+                )
+            else:
+                raise ValueError(
+                    f"{p.name}: the cache is already {kind!r} when it runs; KIVI composes "
+                    "with evict_kv(policy='sinks') only, once each"
+                )
+            last_kv = True
+        else:
+            last_kv = False
 
 
 def evict_kv(
@@ -411,4 +535,6 @@ def _int(x):
     return int(x) if isinstance(x, str) and x.strip().lstrip("-").isdigit() else x
 
 
-__all__ = ["CompressKV", "EvictKV", "compress_kv", "evict_kv", "rewrite_cache"]
+__all__ = [
+    "CompressKV", "EvictKV", "check_pipeline", "compress_kv", "evict_kv", "rewrite_cache",
+]  # fmt: skip

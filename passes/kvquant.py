@@ -58,18 +58,20 @@ class KiviConfig:
     def parts(self) -> tuple[str, ...]:
         return PARTS + (FIRST_PARTS if self.full_first else ())
 
-    def shapes(self, kv_heads: int, head_dim: int, dtype) -> dict[str, tuple]:
-        """Cache entries of one layer, as shape templates over "B" and "S"."""
+    def shapes(self, kv_heads: int, head_dim: int, dtype, rows=None) -> dict[str, tuple]:
+        """Cache entries of one layer, as shape templates over "B" and "S" (or, with
+        `rows`, a fixed number of quantized rows used as a ring: passes/kvkivi_sinks.py)."""
         g, per = self.group_size, 8 // self.bits
-        packed = ("B", kv_heads, "S", head_dim // per)
+        s, sg = ("S", f"S/{g}") if rows is None else (rows, rows // g)
+        packed = ("B", kv_heads, s, head_dim // per)
         return {
             "k.data": (packed, "uint8"),
-            "k.scale": (("B", kv_heads, f"S/{g}", head_dim), self.scale_dtype),
-            "k.zero": (("B", kv_heads, f"S/{g}", head_dim), self.scale_dtype),
+            "k.scale": (("B", kv_heads, sg, head_dim), self.scale_dtype),
+            "k.zero": (("B", kv_heads, sg, head_dim), self.scale_dtype),
             "k.res": (("B", kv_heads, self.ring, head_dim), dtype),
             "v.data": (packed, "uint8"),
-            "v.scale": (("B", kv_heads, "S", head_dim // g), self.scale_dtype),
-            "v.zero": (("B", kv_heads, "S", head_dim // g), self.scale_dtype),
+            "v.scale": (("B", kv_heads, s, head_dim // g), self.scale_dtype),
+            "v.zero": (("B", kv_heads, s, head_dim // g), self.scale_dtype),
             "v.res": (("B", kv_heads, self.ring, head_dim), dtype),
         } | (
             {
@@ -191,10 +193,11 @@ def _write_one(state, k, v, pos, valid, cfg: KiviConfig):
     kspan, vspan = gather(state["k.res"], k), gather(state["v.res"], v)
     kd, ks, kz = quantize_keys(kspan, bits, g, sdt)
     vd, vs, vz = quantize_values(vspan, bits, g, sdt)
-    # Token rows below nq1 land at their position; the rest index past S and drop.
-    rows = jnp.where(p < nq1, p, s)
+    # Token rows below nq1 land at their position (modulo S: a fixed-size cache keeps
+    # the newest S quantized positions as a ring); the rest index past S and drop.
+    rows = jnp.where((p < nq1) & (p >= nq1 - s), jnp.mod(p, s), s)
     groups = jnp.arange(span // g, dtype=jnp.int32) * g + nq0
-    grows = jnp.where(groups < nq1, groups // g, sg)
+    grows = jnp.where((groups < nq1) & (groups >= nq1 - s), jnp.mod(groups // g, sg), sg)
     out = dict(state)
     out["k.data"] = state["k.data"].at[:, rows].set(kd, mode="drop")
     out["k.scale"] = state["k.scale"].at[:, grows].set(ks, mode="drop")
@@ -271,6 +274,7 @@ def _write_token(state, k, v, pos, valid, cfg: KiviConfig) -> dict:
 
     def quantize_group(st):
         start = jnp.maximum(nq1 - g, 0)  # [B]
+        s, sg = st["k.data"].shape[2], st["k.scale"].shape[2]  # rows: a ring when fixed
         idx = jnp.mod(start[:, None] + jnp.arange(g, dtype=jnp.int32)[None, :], ring)
         new = dict(st)
         sdt = jnp.dtype(cfg.scale_dtype)
@@ -278,8 +282,9 @@ def _write_token(state, k, v, pos, valid, cfg: KiviConfig) -> dict:
             grp = jnp.take_along_axis(st[kind + ".res"], idx[:, None, :, None], axis=2)
             d, sc, z = quant(grp.astype(F32), cfg.bits, g, sdt)
             for part, val, at in (
-                ("data", d, start), ("scale", sc, start // g if kind == "k" else start),
-                ("zero", z, start // g if kind == "k" else start),
+                ("data", d, jnp.mod(start, s)),
+                ("scale", sc, jnp.mod(start // g, sg) if kind == "k" else jnp.mod(start, s)),
+                ("zero", z, jnp.mod(start // g, sg) if kind == "k" else jnp.mod(start, s)),
             ):  # fmt: skip
                 arr = st[f"{kind}.{part}"]
                 upd = jax.vmap(lambda a, x, j: lax.dynamic_update_slice(a, x, (0, j, 0)))(

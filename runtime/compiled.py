@@ -370,4 +370,8 @@ def compile(model, passes=None) -> CompiledModel:  # noqa: A001 - the public API
 
     if not isinstance(model, Model):
         raise TypeError(f"compile() takes a pallax Model (from pallax.load), got {model!r:.80}")
-    return CompiledModel(model, model.passes + resolve_passes(passes))
+    from pallax.passes.kvcache import check_pipeline
+
+    pipeline = model.passes + resolve_passes(passes)
+    check_pipeline(pipeline)  # KV passes that cannot compose: refused before any capture
+    return CompiledModel(model, pipeline)

@@ -14,7 +14,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from pallax.passes import kvkivi_sinks
+from pallax.passes import kvkivi_h2o, kvkivi_sinks
 from pallax.passes import primitives as ops
 from pallax.passes.ir import CacheLayout, Graph, trace_step
 from pallax.passes.kvh2o import H2OConfig, h2o_attention
@@ -106,7 +106,7 @@ def rewrite_cache(graph: Graph, layout: CacheLayout, make_rule, *, defer_rope=Fa
 
 def _split(key: str) -> tuple[str, str]:
     """ "layers.3.k.data" -> ("layers.3.", "k.data"); a dense "layers.3.k" -> ("layers.3.", "k")."""
-    for part in (*PARTS, *FIRST_PARTS, "h2o.pos", "h2o.score"):
+    for part in (*PARTS, *FIRST_PARTS, *kvkivi_h2o.EXTRA, "h2o.pos", "h2o.score"):
         if key.endswith("." + part) or key == part:
             return key[: len(key) - len(part)], part
     m = _KV_NAME.match(key)
@@ -195,12 +195,12 @@ class CompressKV:
             )
 
     def __call__(self, graph: Graph) -> Graph:
-        if graph.cache.kind == "sinks":
+        if graph.cache.kind in POLICIES:
             return _compose(graph, self)
         if graph.cache.kind != "dense":
             raise ValueError(
                 f"compress_kv: the cache is already {graph.cache.kind!r}; KIVI composes "
-                "with evict_kv(policy='sinks') only, once"
+                "with one evict_kv, once"
             )
         layers = _dense_layers(graph.cache)
         cfg = self.config
@@ -256,7 +256,71 @@ def _compose(graph: Graph, second) -> Graph:
             f"{first.name}, and the composition is built from the graph before it)"
         )
     kivi, ev = (first, second) if isinstance(first, CompressKV) else (second, first)
-    return _remember(base, (kivi, ev), _kivi_sinks(base, kivi, ev))
+    build = _kivi_sinks if ev.policy == "sinks" else _kivi_h2o
+    return _remember(base, (kivi, ev), build(base, kivi, ev))
+
+
+def _kivi_h2o(graph: Graph, kivi: CompressKV, ev: EvictKV) -> Graph:
+    """Group-wise H2O over KIVI caches (passes/kvkivi_h2o.py). A sliding-window layer
+    keeps a ring of its own window, as under evict_kv alone (quantized unless
+    compress_kv(layers="global"))."""
+    ev.check_context(graph)
+    pool = kvkivi_h2o.check(kivi.config, ev.budget, ev.recent)
+    windowed = _windowed_layers(graph)
+    configs, entries = {}, []
+    for prefix, (shape, dtype) in sorted(_dense_layers(graph.cache).items()):
+        _, kv, _, h = shape
+        kivi.check_head_dim(prefix, h)
+        if prefix in windowed:
+            sinks = SinkConfig(0, windowed[prefix])
+            if kivi.layers == "global":
+                configs[prefix] = ("dense-ring", sinks)
+                entries += [(prefix + p, ("B", kv, sinks.slots, h), dtype) for p in ("k", "v")]
+            else:
+                cfg = kvkivi_sinks.config(kivi.config, sinks)
+                configs[prefix] = ("kivi-ring", (cfg, sinks))
+                rows = kvkivi_sinks.ring_rows(sinks.window, kivi.group_size)
+                entries += [
+                    (prefix + p, s, d) for p, (s, d) in cfg.shapes(kv, h, dtype, rows).items()
+                ]
+            continue
+        c = kivi.config
+        cfg = kvkivi_h2o.KiviH2OConfig(
+            c.bits, c.group_size, c.residual, c.scale_dtype, c.full_first, pool
+        )
+        configs[prefix] = ("h2o", cfg)
+        entries += [(prefix + p, s, d) for p, (s, d) in cfg.shapes(kv, h, dtype).items()]
+    layout = CacheLayout(tuple(sorted(entries)), kind="kivi+h2o")
+
+    def make_rule(step_name, args):
+        valid = _valid(step_name, args)
+
+        def rule(eqn, q, k, v, kref, vref, pos):
+            q_r, k_r = _rotate(q, k)
+            prm = eqn.params
+            kw = dict(scale=prm["scale"], sliding_window=prm["sliding_window"],
+                      softcap=prm["softcap"])  # fmt: skip
+            kind, cfg = configs[kref.prefix]
+            if kind == "dense-ring":
+                out, kc, vc = sink_attention(
+                    q_r, k_r, v, kref.state["k"], vref.state["v"], pos, valid, cfg,
+                    theta=k.theta, scaling=k.scaling, **kw,
+                )  # fmt: skip
+                state = {"k": kc, "v": vc}
+            elif kind == "kivi-ring":
+                out, state = kvkivi_sinks.kivi_sink_attention(
+                    q_r, k_r, v, pos, valid, kref.state, *cfg, theta=k.theta,
+                    scaling=k.scaling, **kw,
+                )  # fmt: skip
+            else:
+                out, state = kvkivi_h2o.kivi_h2o_attention(
+                    q_r, k_r, v, pos, valid, kref.state, cfg, **kw
+                )
+            return [out, _LayerRef(kref.prefix, "k", state), _LayerRef(vref.prefix, "v", {})]
+
+        return rule
+
+    return rewrite_cache(graph, layout, make_rule, defer_rope=True)
 
 
 def _kivi_sinks(graph: Graph, kivi: CompressKV, ev: EvictKV) -> Graph:
@@ -387,29 +451,26 @@ class EvictKV:
                 f"{self.recent} (the rest of the budget holds the heavy hitters)"
             )
 
-    @property
-    def sink_config(self) -> SinkConfig:
-        return SinkConfig(self.sinks, self.window)
-
-    def __call__(self, graph: Graph) -> Graph:
-        if graph.cache.kind == "kivi" and self.policy == "sinks":
-            return _compose(graph, self)
-        if graph.cache.kind == "kivi":
-            raise ValueError(
-                "evict_kv(h2o) does not compose with compress_kv: H2O evicts single "
-                "tokens, KIVI quantizes keys per channel over groups of tokens; "
-                "compress_kv composes with evict_kv(policy='sinks')"
-            )
-        if graph.cache.kind != "dense":
-            raise ValueError(
-                f"evict_kv: the cache is already {graph.cache.kind!r}; apply one eviction "
-                "policy (evict_kv once)"
-            )
+    def check_context(self, graph: Graph) -> None:
         ctx = graph.meta.get("context_length")
         if self.policy == "h2o" and ctx is not None and self.budget > ctx:
             raise ValueError(
                 f"evict_kv(h2o): budget={self.budget} is larger than the context length {ctx}"
             )
+
+    @property
+    def sink_config(self) -> SinkConfig:
+        return SinkConfig(self.sinks, self.window)
+
+    def __call__(self, graph: Graph) -> Graph:
+        if graph.cache.kind == "kivi":
+            return _compose(graph, self)
+        if graph.cache.kind != "dense":
+            raise ValueError(
+                f"evict_kv: the cache is already {graph.cache.kind!r}; apply one eviction "
+                "policy (evict_kv once)"
+            )
+        self.check_context(graph)
         layers = _dense_layers(graph.cache)
         windowed = _windowed_layers(graph)
         configs, entries = {}, []
@@ -462,40 +523,33 @@ class EvictKV:
 
 
 def check_pipeline(passes) -> None:
-    """Refuse a KV pass sequence the passes would refuse at capture, at compile time:
-    each `__call__` below is the authority, this only runs it ahead on the kinds."""
-    kind, last_kv = "dense", False
+    """Refuse, at compile time, a KV pass sequence the passes would refuse at capture:
+    one compress_kv and one evict_kv at most, next to each other when both are there,
+    and the H2O budget a KIVI cache can hold."""
+    kind, last = "dense", None
     for p in passes:
-        if isinstance(p, CompressKV | EvictKV):
-            if kind == "dense":
-                kind = "kivi" if isinstance(p, CompressKV) else p.policy
-            elif isinstance(p, EvictKV) and kind == "kivi" and p.policy == "sinks" and last_kv:
-                kind = "kivi+sinks"
-            elif isinstance(p, CompressKV) and kind == "sinks" and last_kv:
-                kind = "kivi+sinks"
-            elif (
-                kind in ("kivi", "sinks")
-                and not last_kv
-                and (isinstance(p, EvictKV) if kind == "kivi" else isinstance(p, CompressKV))
-            ):
+        if not isinstance(p, CompressKV | EvictKV):
+            last = None
+            continue
+        if kind != "dense":
+            pair = {type(p), type(last)} == {CompressKV, EvictKV}
+            if last is None and "+" not in kind:
                 raise ValueError(
                     f"{p.name}: compose KV passes next to each other (another pass ran "
                     "between compress_kv and evict_kv)"
                 )
-            elif isinstance(p, EvictKV) and p.policy == "h2o" and kind == "kivi":
-                raise ValueError(
-                    "evict_kv(h2o) does not compose with compress_kv: H2O evicts single "
-                    "tokens, KIVI quantizes keys per channel over groups of tokens; "
-                    "compress_kv composes with evict_kv(policy='sinks')"
-                )
-            else:
+            if "+" in kind or not pair:
                 raise ValueError(
                     f"{p.name}: the cache is already {kind!r} when it runs; KIVI composes "
-                    "with evict_kv(policy='sinks') only, once each"
+                    "with one evict_kv, once each"
                 )
-            last_kv = True
+            kivi, ev = (p, last) if isinstance(p, CompressKV) else (last, p)
+            if ev.policy == "h2o":
+                kvkivi_h2o.check(kivi.config, ev.budget, ev.recent)
+            kind = f"kivi+{ev.policy}"
         else:
-            last_kv = False
+            kind = "kivi" if isinstance(p, CompressKV) else p.policy
+        last = p
 
 
 def evict_kv(

@@ -173,8 +173,8 @@ def test_pass_strings():
 def test_twice_and_bad_head_dim_are_refused(smollm2):
     with pytest.raises(ValueError, match="already 'kivi'"):
         pallax.compile(smollm2, passes=["kivi2", "kivi4"]).graph("decode")
-    with pytest.raises(ValueError, match="does not compose"):
-        pallax.compile(smollm2, passes=["kivi2", "evict_kv:h2o:budget=256"]).graph("decode")
+    with pytest.raises(ValueError, match="KIVI composes with one evict_kv"):
+        pallax.compile(smollm2, passes=["kivi2", "evict_kv:sinks", "evict_kv:h2o:budget=256"])
     with pytest.raises(ValueError, match="head dim 64 .* group_size=128"):
         pallax.compile(smollm2, passes=["compress_kv:kivi:2:group_size=128"]).graph("decode")
 

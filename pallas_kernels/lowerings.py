@@ -4,7 +4,9 @@ CPU keeps the reference rules registered with the primitives. jax picks the rule
 for the platform it lowers for, so one exported module can carry all three.
 Where a kernel does not cover a case (for example prefill attention, T > 1, or
 float32 decode attention on CUDA, whose Mosaic GPU kernel is 16-bit only) the
-rule falls back to the reference math for that platform.
+rule falls back to the reference math for that platform. The Triton kernels
+(`qmatmul`, `kivi_attention` and `h2o_attention` on CUDA) need
+`export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")` at export.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import jax.numpy as jnp
 from jax.interpreters import mlir
 
 from pallax.pallas_kernels.decode_attention import decode_attention
+from pallax.pallas_kernels.h2o_attention import h2o_decode_attention
 from pallax.pallas_kernels.kivi_attention import kivi_decode_attention
 from pallax.pallas_kernels.platforms import PLATFORMS
 from pallax.pallas_kernels.qmatmul import qmatmul
 from pallax.pallas_kernels.rms_norm import rms_norm
-from pallax.passes import kvquant
+from pallax.passes import kvh2o, kvquant
 from pallax.passes import primitives as ops
 
 
@@ -107,6 +110,41 @@ def _kivi_attention_rule(
     return (out.astype(q.dtype), *(st[p] for p in cfg.parts))
 
 
+def _h2o_attention_rule(
+    q, k, v, pos, valid, k_cache, v_cache, slot_pos, slot_score, *, budget, recent, scale,
+    sliding_window, softcap, platform,
+):  # fmt: skip
+    """H2O for single-token decode: the kernel attends over the candidates and returns the
+    mass each received, then the scores and the eviction are the reference's (XLA).
+
+    A padding row (valid 0) attends like the reference (its new token is not a candidate)
+    and adds no mass, as the reference's query weights do. Prefill and chunks (T > 1)
+    use the reference.
+    """
+    cfg = kvh2o.H2OConfig(budget, recent)
+    if q.shape[1] != 1:
+        return kvh2o.h2o_attention_reference(
+            q, k, v, pos, valid, k_cache, v_cache, slot_pos, slot_score, budget=budget,
+            recent=recent, scale=scale, sliding_window=sliding_window, softcap=softcap,
+        )  # fmt: skip
+    state = {"k": k_cache, "v": v_cache, "pos": slot_pos, "score": slot_score}
+    keys, vals, kpos, tpos, real = kvh2o.candidates(k, v, state, pos, valid)
+    out, mass = h2o_decode_attention(
+        q[:, 0],  # [B, N, H]
+        keys,
+        vals,
+        kpos.astype(jnp.int32),
+        tpos[:, 0].astype(jnp.int32),
+        scale=scale,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        platform=platform,
+    )
+    mass = jnp.where(real[:, :, None], mass, 0.0)  # [B, K, M + 1]
+    new = kvh2o.evict(state, keys, vals, kpos, mass, pos + valid, cfg)
+    return (out[:, None].astype(q.dtype), *(new[p] for p in kvh2o.PARTS))
+
+
 def register() -> None:
     for platform in PLATFORMS:
         mlir.register_lowering(
@@ -127,6 +165,11 @@ def register() -> None:
         mlir.register_lowering(
             kvquant.kivi_attention_p,
             mlir.lower_fun(functools.partial(_kivi_attention_rule, platform=platform), True),
+            platform=platform,
+        )
+        mlir.register_lowering(
+            kvh2o.h2o_attention_p,
+            mlir.lower_fun(functools.partial(_h2o_attention_rule, platform=platform), True),
             platform=platform,
         )
 

@@ -66,10 +66,11 @@ def attend_with_mass(q, keys, vals, kpos, qpos, *, scale, sliding_window, softca
     return out, mass
 
 
-def step(q, k, v, state: dict, pos, valid, cfg: H2OConfig, *, scale, sliding_window, softcap):
-    """Attend and evict: (out [B, T, N, H] float32, new state)."""
-    b, t, n, h = q.shape
-    kv = k.shape[2]
+def candidates(k, v, state: dict, pos, valid):
+    """The M cache slots followed by the T new tokens k, v [B, T, K, H]: (keys, vals
+    [B, K, M + T, H] in the cache dtype, kpos [B, K, M + T] (-1: empty or padding), the
+    queries' positions tpos [B, T] and which of them are real [B, T])."""
+    b, t, kv, _ = k.shape
     tpos = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     real = jnp.arange(t)[None, :] < valid[:, None]  # [B, T]
     new_pos = jnp.where(real, tpos, -1)
@@ -77,25 +78,37 @@ def step(q, k, v, state: dict, pos, valid, cfg: H2OConfig, *, scale, sliding_win
     kpos = jnp.concatenate([old_pos, jnp.broadcast_to(new_pos[:, None], (b, kv, t))], -1)
     keys = jnp.concatenate([state["k"], jnp.swapaxes(k, 1, 2).astype(state["k"].dtype)], 2)
     vals = jnp.concatenate([state["v"], jnp.swapaxes(v, 1, 2).astype(state["v"].dtype)], 2)
-    out, mass = attend_with_mass(
-        q, keys, vals, kpos, tpos, scale=scale, sliding_window=sliding_window, softcap=softcap,
-        weights=real,
-    )  # fmt: skip
+    return keys, vals, kpos, tpos, real
+
+
+def evict(state: dict, keys, vals, kpos, mass, length, cfg: H2OConfig) -> dict:
+    """Add the candidates' attention `mass` [B, K, M + T] to their scores, then keep the
+    `recent` newest positions below `length` [B] and the highest scores: the new state."""
+    b, kv, s = kpos.shape
+    t = s - state["score"].shape[-1]
     score = jnp.concatenate([state["score"], jnp.zeros((b, kv, t), F32)], -1) + mass
-    length = (pos + valid)[:, None, None]
-    recent = kpos >= length - cfg.recent
+    recent = kpos >= length[:, None, None] - cfg.recent
     rank = jnp.where(kpos < 0, -jnp.inf, jnp.where(recent, jnp.inf, score))
     _, keep = lax.top_k(rank, cfg.budget)  # [B, K, M]
     take = lambda a: jnp.take_along_axis(a, keep, axis=-1)  # noqa: E731
     take4 = lambda a: jnp.take_along_axis(a, keep[..., None], axis=2)  # noqa: E731
     kept_pos = take(kpos)
-    new = {
+    return {
         "k": take4(keys),
         "v": take4(vals),
         "pos": kept_pos + 1,
         "score": jnp.where(kept_pos >= 0, take(score), 0.0),
     }
-    return out, new
+
+
+def step(q, k, v, state: dict, pos, valid, cfg: H2OConfig, *, scale, sliding_window, softcap):
+    """Attend and evict: (out [B, T, N, H] float32, new state)."""
+    keys, vals, kpos, tpos, real = candidates(k, v, state, pos, valid)
+    out, mass = attend_with_mass(
+        q, keys, vals, kpos, tpos, scale=scale, sliding_window=sliding_window, softcap=softcap,
+        weights=real,
+    )  # fmt: skip
+    return out, evict(state, keys, vals, kpos, mass, pos + valid, cfg)
 
 
 PARTS = ("k", "v", "pos", "score")
@@ -145,4 +158,12 @@ def h2o_attention(q, k, v, pos, valid, state: dict, cfg: H2OConfig, *, scale,
     return outs[0], dict(zip(PARTS, outs[1:], strict=True))
 
 
-__all__ = ["H2OConfig", "attend_with_mass", "h2o_attention", "h2o_attention_p", "step"]
+__all__ = [
+    "H2OConfig",
+    "attend_with_mass",
+    "candidates",
+    "evict",
+    "h2o_attention",
+    "h2o_attention_p",
+    "step",
+]

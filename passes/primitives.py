@@ -225,15 +225,18 @@ def qlinear_frame(
 def qmatmul_xla(x2, data, scale, off, *, bits, group_size):
     """x2 [R, G * g] float32 against a packed weight -> [R, O] float32, in XLA ops.
 
-    Per-output-channel int8 (LLM.int8()'s vector-wise scheme) runs as W8A8:
-    activations are quantized to int8 per row on the fly and the dot runs in
-    integers with int32 accumulation. On XLA:CPU the int8 x int8 -> int32 dot
-    reads the int8 bytes directly and runs 1.2-1.9x faster than the float32 dot
-    from 2 rows up. Group-wise weights (int4, or int8 kept from a GGUF file) are
-    unpacked and dequantized inside the step, in a fusion that reads the packed
-    bytes, and multiplied in float32.
+    Per-output-channel int8 (LLM.int8()'s vector-wise scheme) runs as W8A8 up to
+    SKINNY_ROWS rows (decode): activations are quantized to int8 per row on the fly
+    and the dot runs in integers with int32 accumulation. On XLA:CPU the int8 x int8 ->
+    int32 dot reads the int8 bytes directly and runs 1.2-1.9x faster than the float32
+    dot from 2 rows up. Above that (prefill, score), where the GEMM is compute-bound
+    and dequantizing the weight costs little, it is weight-only: one scale per row of
+    activations costs SmolLM2 +4.0% perplexity against +0.6% through the CPU kernel's
+    per-32 blocks (scripts/eval_ppl.py, --chunk-size 128 vs 64). Group-wise weights
+    (int4, or int8 kept from a GGUF file) are unpacked and dequantized inside the
+    step, in a fusion that reads the packed bytes, and multiplied in float32.
     """
-    if bits == 8 and off is None and scale.shape[1] == 1:
+    if bits == 8 and off is None and scale.shape[1] == 1 and x2.shape[0] <= SKINNY_ROWS:
         return _w8a8(x2, data, scale)
     w = dequantize_groups(
         data, scale, off, bits=bits, group_size=group_size, in_features=x2.shape[1], padded=True

@@ -21,15 +21,18 @@ def _w8a8(x, qw):
     return (xq @ np.asarray(qw.data, np.float64).T) * xs * np.asarray(qw.scale)[:, 0]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 100])
+@pytest.mark.parametrize("rows", [1, 3, 8, 64, 100])
 def test_qlinear_per_channel_is_w8a8(rows):
-    """Every row-count path (padded GEMV, plain, transposed, large) computes the same W8A8 math."""
+    """Every decode-sized row-count path (padded GEMV, plain, transposed) computes the same
+    W8A8 math; prefill-sized inputs (> 64 rows) multiply the dequantized weight."""
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 64)).astype(np.float32) * 3
     w = rng.standard_normal((48, 64)).astype(np.float32)
     qw = qformat.quantize_rtn(w, 8)
     got = np.asarray(ops.qlinear(jnp.asarray(x), qw))
-    np.testing.assert_allclose(got, _w8a8(x, qw), rtol=1e-5, atol=1e-4)
+    deq = np.asarray(qformat.dequantize(qw))
+    want = _w8a8(x, qw) if rows <= ops.SKINNY_ROWS else x @ deq.T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got, x @ w.T, atol=0.05 * np.abs(x @ w.T).max())
 
 

@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     parser.add_argument("--agreement", type=int, default=0, metavar="N",
                         help="also report greedy agreement with the first pipeline: 8 prompts "
                              "cut from the text, N new tokens each")  # fmt: skip
+    parser.add_argument("--prompt-len", type=int, default=48, metavar="L",
+                        help="tokens per agreement prompt (long ones exercise a compressed "
+                             "KV cache)")  # fmt: skip
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--chunk-size", type=int, default=128)
@@ -84,13 +87,19 @@ def main(argv=None) -> int:
                 compiled.append(pallax.compile(model, passes=p))
         if args.agreement < 0:
             raise ValueError(f"--agreement {args.agreement} must be >= 0")
+        if not 1 <= args.prompt_len <= model.config.context_length - args.agreement:
+            raise ValueError(
+                f"--prompt-len {args.prompt_len} must be in [1, context length "
+                f"{model.config.context_length} - --agreement {args.agreement}]"
+            )
     except (OSError, ValueError, TypeError) as e:
         print(f"eval_ppl: error: {e}", file=sys.stderr)
         return 2
     n = len(model.tokenizer.encode(text))
     print(f"{args.model}: {n} tokens, window {args.window}, stride {args.stride}")
     base = None
-    prompts = agreement_prompts(model.tokenizer.encode(text)) if args.agreement else []
+    ids = model.tokenizer.encode(text)
+    prompts = agreement_prompts(ids, length=args.prompt_len) if args.agreement else []
     base_tokens = None
     for name, c in zip(args.passes, compiled, strict=True):
         ppl = perplexity(c, text, args.window, args.stride, args.chunk_size)

@@ -73,6 +73,7 @@ def test_kept_quantization_and_agreement(capsys, smollm2_gguf_path, tmp_path):
         (["--passes", "quantize_weights:3"], "bits=3 is not supported"),
         (["--file", "/nonexistent/text.txt"], "nonexistent"),
         (["--agreement", "-1"], "--agreement -1 must be >= 0"),
+        (["--agreement", "4", "--prompt-len", "0"], "--prompt-len 0 must be in"),
     ],
 )
 def test_bad_input(capsys, smollm2_gguf_path, argv, message):

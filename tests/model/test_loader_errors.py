@@ -26,6 +26,13 @@ def test_not_a_gguf(tmp_path):
         pallax.load(f)
 
 
+def test_empty_file(tmp_path):
+    f = tmp_path / "empty.gguf"
+    f.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.gguf' is empty, not a GGUF file"):
+        pallax.load(f)
+
+
 def test_truncated_gguf(tmp_path, smollm2_gguf_path):
     f = tmp_path / "cut.gguf"
     f.write_bytes(smollm2_gguf_path.read_bytes()[: 3 << 20])

@@ -1,4 +1,5 @@
-"""C++ kernels for XLA:CPU, called through `jax.ffi`: the quantized matmul.
+"""C++ kernels for XLA:CPU, called through `jax.ffi`: the quantized matmul and the
+bfloat16-weight matmul (bf16_matmul.cc, decode-sized `linear` / `lm_head`).
 
 XLA:CPU has no fused dequantize-matmul: int4 weights are widened to float32 inside the
 step and int8 ones run as an int8 x int8 dot. `qmatmul_cpu` instead multiplies the
@@ -140,13 +141,66 @@ def _qlinear_cpu_rule(x, data, scale, *rest, **params):
     return ops.qlinear_frame(matmul, x, data, scale, *rest, **params)
 
 
+# ------------------------------------------------------------------ bfloat16 weights
+TARGET_BF16 = "pallax_bf16_matmul"
+
+
+def bf16_matmul(x, w) -> jax.Array:
+    """x [R, I] (any float) @ w.T for a bfloat16 weight w [O, I] -> float32 [R, O].
+
+    The FFI kernel when `available()` (it reads the bf16 bytes and widens them in
+    registers), else XLA's widened float32 dot (`primitives.linear_reference` math).
+    """
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or w.dtype != jnp.bfloat16:
+        raise ValueError(
+            f"bf16_matmul: x {x.shape} and w {w.dtype}{w.shape}: need [R, I], bf16 [O, I]"
+        )
+    if not available():
+        return ops._dot_rows(x.astype(jnp.float32), ops.widen(w), x.shape[0])
+    return _bf16_ffi(x, w)
+
+
+def _bf16_ffi(x, w, suffix=""):
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET_BF16 + suffix, out)(x.astype(jnp.float32), w)
+
+
+def use_bf16_kernel(rows: int, w) -> bool:
+    """Whether a linear / lm_head of `rows` rows against weight `w` runs in the kernel:
+    bfloat16 weights, decode-sized inputs (XLA's native bf16 GEMM serves prefill)."""
+    return w.dtype == jnp.bfloat16 and 1 <= rows <= ops.SKINNY_ROWS and available()
+
+
+def _linear_cpu_rule(x, w):
+    rows = math.prod(x.shape[:-1])
+    if not use_bf16_kernel(rows, w):
+        return ops.linear_reference(x, w)
+    y = _bf16_ffi(x.reshape(rows, x.shape[-1]), w)
+    return y.reshape(*x.shape[:-1], w.shape[0]).astype(x.dtype)
+
+
+def _lm_head_cpu_rule(x, table, *, softcap):
+    rows = math.prod(x.shape[:-1])
+    if not use_bf16_kernel(rows, table):
+        return ops.lm_head_reference(x, table, softcap=softcap)
+    logits = _bf16_ffi(x.reshape(rows, x.shape[-1]), table).reshape(*x.shape[:-1], -1)
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+
+
 def register() -> None:
-    """Install the kernel as qlinear's CPU lowering (it falls back to XLA where unused)."""
-    mlir.register_lowering(
-        ops.qlinear_p, mlir.lower_fun(_qlinear_cpu_rule, multiple_results=False), platform="cpu"
-    )
+    """Install the kernels as the CPU lowerings of qlinear, and of linear and lm_head
+    with bfloat16 weights (each falls back to XLA where unused)."""
+    for prim, rule in (
+        (ops.qlinear_p, _qlinear_cpu_rule),
+        (ops.linear_p, _linear_cpu_rule),
+        (ops.lm_head_p, _lm_head_cpu_rule),
+    ):
+        mlir.register_lowering(prim, mlir.lower_fun(rule, multiple_results=False), platform="cpu")
 
 
 register()
 
-__all__ = ["MAX_ROWS", "available", "qmatmul_cpu", "register", "supported", "use_kernel"]
+__all__ = [
+    "MAX_ROWS", "available", "bf16_matmul", "qmatmul_cpu", "register", "supported",
+    "use_bf16_kernel", "use_kernel",
+]  # fmt: skip

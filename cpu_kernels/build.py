@@ -26,12 +26,15 @@ import jaxlib.version
 
 log = logging.getLogger("pallax.cpu_kernels")
 
-SOURCE = pathlib.Path(__file__).with_name("qmatmul.cc")
+HERE = pathlib.Path(__file__).parent
+SOURCES = (HERE / "qmatmul.cc", HERE / "bf16_matmul.cc")  # one library
+HEADERS = (HERE / "parallel.h",)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 # FFI target name -> exported handler symbol in qmatmul.cc.
 TARGETS = {
     "pallax_qmatmul": "PallaxQMatmul",
     "pallax_qmatmul_offset": "PallaxQMatmulOffset",
+    "pallax_bf16_matmul": "PallaxBf16Matmul",
 }
 COMPILE_TIMEOUT_S = 300
 
@@ -76,7 +79,9 @@ def compile_library(
     cxx = cxx or os.environ.get("CXX") or "g++"
     if shutil.which(cxx) is None:
         raise OSError(f"C++ compiler {cxx!r} not found")
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256()
+    for src in (*SOURCES, *HEADERS):
+        key.update(src.read_bytes() + b"\0")
     for part in (" ".join(flags), _compiler_version(cxx), jaxlib.version.__version__):
         key.update(b"\0" + part.encode())
     key.update(b"\0" + _cpu_fingerprint().encode())
@@ -88,7 +93,7 @@ def compile_library(
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        cmd = [cxx, *flags, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        cmd = [cxx, *flags, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if out.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")

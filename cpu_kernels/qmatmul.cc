@@ -36,11 +36,15 @@
 #include <immintrin.h>
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using pallax_cpu::ParallelFor;
+using pallax_cpu::PoolThreads;
 
 constexpr int64_t kBlock = 32;  // activation quantization block
 constexpr int64_t kRowTile = 64;  // activation rows per task (keeps them in L2)
@@ -430,52 +434,6 @@ Kernel SelectKernel(const Problem& p) {
 #else
   return {DotTileScalar};
 #endif
-}
-
-// ------------------------------------------------------------------ threading
-// Runs fn(0..n-1) on the calling thread and on up to (threads - 1) pool tasks.
-struct Claims {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0;
-  const std::function<void(int64_t)>* fn = nullptr;  // valid while done < total
-
-  void Work() {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
-      (*fn)(i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t n,
-                 const std::function<void(int64_t)>& fn) {
-  threads = std::min(threads, n);
-  if (threads <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  auto claims = std::make_shared<Claims>();
-  claims->total = n;
-  claims->fn = &fn;
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([claims] { claims->Work(); });
-  claims->Work();
-  // Every index is claimed; wait for the ones pool threads are still running.
-  for (int spins = 0; claims->done.load(std::memory_order_acquire) < n; ++spins) {
-    if (spins < 4096) {
-#if defined(__AVX2__)
-      _mm_pause();
-#endif
-    } else {
-      std::this_thread::yield();
-    }
-  }
-}
-
-int64_t PoolThreads(ffi::ThreadPool& pool) {
-  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int64_t n = pool.num_threads();
-  return n > 0 ? std::min(n, hw) : 1;
 }
 
 // -------------------------------------------------------------------- handler

@@ -60,7 +60,14 @@ def _define(name: str, reference, abstract, *, multiple_results: bool = False) -
 # --------------------------------------------------------------------------- embed
 def embed_reference(ids, table, *, scale):
     """ids [B, T] int32, table [V, D] -> [B, T, D] in table dtype (times `scale`)."""
-    rows = jnp.take(table, ids, axis=0, mode="clip")  # [B, T, D]
+    if table.dtype in (jnp.bfloat16, jnp.float16):
+        # Gather the 16-bit patterns: XLA:CPU runs a 16-bit float gather in float32,
+        # converting the whole table, and hoists that convert out of the decode loop
+        # (a float32 copy of the table kept in memory).
+        bits = jnp.take(lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0, mode="clip")
+        rows = lax.bitcast_convert_type(bits, table.dtype)  # [B, T, D]
+    else:
+        rows = jnp.take(table, ids, axis=0, mode="clip")  # [B, T, D]
     if scale is None:
         return rows
     return (widen(rows) * jnp.asarray(scale, F32)).astype(table.dtype)

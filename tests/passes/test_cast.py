@@ -71,3 +71,32 @@ def test_cast_greedy_agreement(smollm2, compiled_fp32, activations, min_same):
     print(f"bf16 (activations={activations}) greedy: {same}/{len(PROMPTS)} identical; {prefix}")
     assert same >= min_same
     assert np.mean(prefix) >= 20
+
+
+def test_bf16_decode_loop_keeps_no_float32_weight_copy(compiled_bf16):
+    """XLA hoists loop-invariant conversions out of an on-device loop, which would keep a
+    float32 copy of each bf16 weight (the tied 49152 x 576 table included) and read 4
+    bytes per weight again. In the optimized HLO of a decode loop no weight-sized float32
+    array exists: the CPU kernel reads the bf16 bytes."""
+    import jax
+    from jax import lax
+
+    g = compiled_bf16.pipeline_graph()
+    spec = g.step("decode").spec
+    cache = g.cache.allocate(spec.batch, spec.cache_len)
+
+    def loop(weights, cache, token):
+        def body(i, carry):
+            cache, token = carry
+            logits, cache = g.run("decode", weights, cache, token, jnp.full((1,), i, jnp.int32))
+            nxt = jnp.argmax(logits.reshape(1, -1), -1).astype(jnp.int32)
+            return cache, nxt[:, None]
+
+        return lax.fori_loop(0, 4, body, (cache, token))
+
+    hlo = jax.jit(loop).lower(g.weights, cache, jnp.zeros((1, 1), jnp.int32)).compile().as_text()
+    shapes = {tuple(w.shape) for w in jax.tree.leaves(g.weights) if w.ndim == 2}
+    assert (49152, 576) in shapes
+    for shape in shapes:
+        assert f"f32[{shape[0]},{shape[1]}]" not in hlo, shape
+    assert hlo.count("pallax_bf16_matmul") >= 7 * compiled_bf16.config.n_layers

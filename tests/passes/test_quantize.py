@@ -177,11 +177,14 @@ def _calibration(chars=3000):
     return [default_calibration()[0][:chars]]
 
 
-def test_outliers_bring_int8_back_to_fp32(smollm2, compiled_fp32):
+def test_outliers_bring_int8_back_to_fp32(smollm2, compiled_fp32, monkeypatch):
     """LLM.int8()'s decomposition, with outlier features found on calibration text: the
     activations feeding w_down have features in the hundreds, which per-row int8 cannot hold.
-    Measured: mean |delta logprob| 0.185 without, 0.113 with (this test's texts); perplexity
-    on data/eval_text.txt (scripts/eval_ppl.py, full default calibration) +4.0% / -0.2%."""
+    Checked on the vector-wise W8A8 path (XLA, decode-sized 32-row chunks, CPU kernel off).
+    Measured: mean |delta logprob| 0.186 without, 0.117 with (this test's texts). The CPU
+    kernel's per-32 activation blocks already localize outliers (0.070 / 0.058), and prefill
+    (> 64 rows) multiplies the dequantized weight (0.048 / 0.041)."""
+    monkeypatch.setenv("PALLAX_CPU_KERNELS", "0")
     text = _eval_text()
     plain = pallax.compile(smollm2, passes=["int8"])
     p = pallax.passes.quantize_weights(8, outlier_threshold=6.0, calibration=_calibration())
@@ -190,9 +193,9 @@ def test_outliers_bring_int8_back_to_fp32(smollm2, compiled_fp32):
     n_out = {k: w.outlier_idx.shape[0] / w.in_features for k, w in g.weights.items()
              if isinstance(w, QuantizedWeight) and w.outlier_idx is not None}  # fmt: skip
     assert any("w_down" in k for k in n_out) and max(n_out.values()) <= 0.25
-    ref = compiled_fp32.score(text)
-    err_plain = np.abs(plain.score(text) - ref).mean()
-    err_dec = np.abs(decomposed.score(text) - ref).mean()
+    ref = compiled_fp32.score(text, chunk_size=32)
+    err_plain = np.abs(plain.score(text, chunk_size=32) - ref).mean()
+    err_dec = np.abs(decomposed.score(text, chunk_size=32) - ref).mean()
     assert err_dec < 0.75 * err_plain, (err_dec, err_plain)
     assert "calibration=<1 items" in g.meta["passes"][-1]
 

@@ -46,7 +46,7 @@ def _hlo(fn, *args):
     return jax.jit(fn).lower(*args).as_text()
 
 
-@pytest.mark.parametrize("lead", [(1, 1), (8, 1), (2, 3)])
+@pytest.mark.parametrize("lead", [(1, 1), (4, 1), (2, 2)])
 def test_decode_sized_linear_and_lm_head_run_the_kernel(lead):
     x, w = _inputs(int(np.prod(lead)), 64, 48)
     x = x.reshape(*lead, 64)
@@ -63,7 +63,7 @@ def test_decode_sized_linear_and_lm_head_run_the_kernel(lead):
 
 
 def test_prefill_rows_float32_weights_and_the_switch_keep_xla(monkeypatch):
-    x, w = _inputs(ops.SKINNY_ROWS + 1, 64, 48)
+    x, w = _inputs(cpu_kernels.BF16_MAX_ROWS + 1, 64, 48)
     assert "pallax_bf16_matmul" not in _hlo(ops.linear, x, w)
     assert "pallax_bf16_matmul" not in _hlo(ops.linear, x[:4], w.astype(jnp.float32))
     monkeypatch.setenv("PALLAX_CPU_KERNELS", "0")

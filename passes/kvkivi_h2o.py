@@ -129,18 +129,12 @@ def _admit(state, k, v, mass_new, res_score, pos, valid, cfg: KiviH2OConfig):
     end = pos + valid
     nq0 = kvquant.num_quantized(pos, g, cfg.residual)
     nq1 = kvquant.num_quantized(end, g, cfg.residual)
-    span = -(-(ring + t) // g) * g  # static: covers [nq0, end) whatever pos is
-    p = nq0 + jnp.arange(span, dtype=jnp.int32)
+    p, kspan, vspan = kvquant.gather_span(state, k, v, pos, cfg.kivi)
+    span = p.shape[0]
     from_new = p >= pos
     new_i = jnp.clip(p - pos, 0, t - 1)
-
-    def gather(res, new):  # -> [K, span, H] float32
-        old = jnp.take(res, jnp.mod(p, ring), axis=1).astype(F32)
-        fresh = jnp.take(jnp.swapaxes(new, 0, 1), new_i, axis=1).astype(F32)
-        return jnp.where(from_new[None, :, None], fresh, old)
-
-    kd, ks, kz = kvquant.quantize_keys(gather(state["k.res"], k), bits, g, sdt)
-    vd, vs, vz = kvquant.quantize_values(gather(state["v.res"], v), bits, g, sdt)
+    kd, ks, kz = kvquant.quantize_keys(kspan, bits, g, sdt)
+    vd, vs, vz = kvquant.quantize_values(vspan, bits, g, sdt)
     span_score = jnp.where(
         from_new[None], jnp.take(mass_new, new_i, axis=1), jnp.take(res_score, jnp.mod(p, ring), 1)
     )  # [K, span]
@@ -182,16 +176,9 @@ def _admit(state, k, v, mass_new, res_score, pos, valid, cfg: KiviH2OConfig):
 def _write_residual(state, k, v, mass_new, res_score, pos, valid, cfg: KiviH2OConfig):
     """One sequence: the new tokens take their residual slots (with their mass as the
     slot's score); the first positions go to the full-precision first part."""
-    ring, t = cfg.kivi.ring, k.shape[0]
     end = pos + valid
-    slot_pos = kvquant.ring_positions(end, ring)  # [C]
-    take_new = slot_pos >= pos
-    slot_i = jnp.clip(slot_pos - pos, 0, t - 1)
     out = dict(state)
-    for name, new in (("k.res", k), ("v.res", v)):
-        res = state[name]
-        fresh = jnp.take(jnp.swapaxes(new, 0, 1), slot_i, axis=1).astype(res.dtype)
-        out[name] = jnp.where(take_new[None, :, None], fresh, res)
+    take_new, slot_i = kvquant.write_ring(out, state, k, v, pos, end, cfg.kivi)
     out["h2o.res.score"] = jnp.where(take_new[None], jnp.take(mass_new, slot_i, 1), res_score)
     kvquant._write_first(out, k, v, pos, end, cfg.kivi)
     return out

@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.core import ShapedArray
 
-from pallax.passes import kvquant, primitives
+from pallax.passes import kvquant, kvsinks, primitives
 from pallax.passes.kvquant import KiviConfig
 from pallax.passes.kvsinks import SinkConfig
 
@@ -48,8 +48,7 @@ def attend(q, k, v, state, pos, valid, cfg: KiviConfig, sinks: SinkConfig, *, th
            scale, sliding_window, softcap):  # fmt: skip
     """q [B, T, N, H] and the call's k, v [B, T, K, H] (rotated at their true positions)
     over the cache before the call plus the call's own tokens. -> [B, T, N, H] float32."""
-    b, t, n, h = q.shape
-    kv = k.shape[2]
+    t = q.shape[1]
     g, bits, ns = cfg.group_size, cfg.bits, sinks.sinks
     s = state["k.data"].shape[2]
     nq0 = kvquant.num_quantized(pos, g, cfg.residual)[:, None]  # [B, 1]
@@ -77,32 +76,9 @@ def attend(q, k, v, state, pos, valid, cfg: KiviConfig, sinks: SinkConfig, *, th
     ]
     keys, vals = jnp.concatenate(keys, axis=2), jnp.concatenate(vals, axis=2)  # [B, K, S', H]
     kpos = jnp.concatenate(([first_pos] if ns else []) + [new_pos, packed_pos, res_pos], axis=1)
-    q32 = q.astype(F32)
-    qg = q32.reshape(b, t, kv, n // kv, h)
-    logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys)
-    if ns:  # sinks meet the query at its rank within the cache: rotate the query on
-        shift = jnp.minimum(tpos, sinks.slots - 1) - tpos  # [B, T], <= 0
-        q_s = primitives.rope_reference(q32, shift, theta=theta, scaling=scaling)
-        c = ns + t
-        ls = jnp.einsum("BTKGH,BKSH->BKGTS", q_s.reshape(qg.shape), keys[:, :, :c])
-        sink = (kpos[:, :c] >= 0) & (kpos[:, :c] < ns)
-        head = jnp.where(sink[:, None, None, None, :], ls, logits[..., :c])
-        logits = jnp.concatenate([head, logits[..., c:]], axis=-1)
-    logits = logits * scale
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    kp, qp = kpos[:, None, :], tpos[:, :, None]  # [B, 1, S'], [B, T, 1]
-    ok = (kp >= 0) & (kp <= qp) & ((kp < ns) | (kp > qp - sinks.window))
-    if sliding_window is not None:
-        ok &= kp > qp - sliding_window
-    logits = jnp.where(ok[:, None, None], logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    probs = jnp.exp(logits - m)
-    denom = jnp.sum(probs, axis=-1, keepdims=True)
-    probs = probs / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, vals)
-    return out.reshape(b, t, n, h)
+    return kvsinks.attend_keys(q, keys, vals, kpos, tpos, ns + t, sinks, theta=theta,
+                               scaling=scaling, scale=scale, sliding_window=sliding_window,
+                               softcap=softcap)  # fmt: skip
 
 
 def kivi_sink_attention_reference(

@@ -173,24 +173,14 @@ def _write_one(state, k, v, pos, valid, cfg: KiviConfig):
     whole groups of it below nq(pos + valid) are quantized and scattered into the
     packed arrays (the rest is dropped), and the ring takes the new tokens' slots.
     """
-    g, ring, bits = cfg.group_size, cfg.ring, cfg.bits
+    g, bits = cfg.group_size, cfg.bits
     sdt = jnp.dtype(cfg.scale_dtype)
-    t = k.shape[0]
     s, sg = state["k.data"].shape[1], state["k.scale"].shape[1]
     end = pos + valid
     nq0 = num_quantized(pos, g, cfg.residual)
     nq1 = num_quantized(end, g, cfg.residual)
-    span = -(-(ring + t) // g) * g  # static: covers [nq0, end) whatever pos is
-    p = nq0 + jnp.arange(span, dtype=jnp.int32)  # positions of the span
-    new_i = jnp.clip(p - pos, 0, t - 1)
-    from_new = (p >= pos)[None, :, None]
-
-    def gather(res, new):  # res [K, C, H], new [T, K, H] -> [K, span, H] float32
-        old = jnp.take(res, jnp.mod(p, ring), axis=1).astype(F32)
-        fresh = jnp.take(jnp.swapaxes(new, 0, 1), new_i, axis=1).astype(F32)
-        return jnp.where(from_new, fresh, old)
-
-    kspan, vspan = gather(state["k.res"], k), gather(state["v.res"], v)
+    p, kspan, vspan = gather_span(state, k, v, pos, cfg)
+    span = p.shape[0]
     kd, ks, kz = quantize_keys(kspan, bits, g, sdt)
     vd, vs, vz = quantize_values(vspan, bits, g, sdt)
     # Token rows below nq1 land at their position (modulo S: a fixed-size cache keeps
@@ -205,16 +195,40 @@ def _write_one(state, k, v, pos, valid, cfg: KiviConfig):
     out["v.data"] = state["v.data"].at[:, rows].set(vd, mode="drop")
     out["v.scale"] = state["v.scale"].at[:, rows].set(vs, mode="drop")
     out["v.zero"] = state["v.zero"].at[:, rows].set(vz, mode="drop")
-    # Ring slots whose newest position after the write is a new token take it.
-    slot_pos = ring_positions(end, ring)  # [C]
-    take_new = (slot_pos >= pos)[None, :, None]
-    slot_i = jnp.clip(slot_pos - pos, 0, t - 1)
+    write_ring(out, state, k, v, pos, end, cfg)
+    _write_first(out, k, v, pos, end, cfg)
+    return out
+
+
+def gather_span(state, k, v, pos, cfg: KiviConfig):
+    """One sequence (k, v [T, K, H]): the positions p [span] a write may quantize (whole
+    groups from nq(pos), a static count covering [nq(pos), pos + T) whatever pos is) and
+    their keys and values [K, span, H] float32: the ring below pos, the new tokens from it."""
+    t, g = k.shape[0], cfg.group_size
+    span = -(-(cfg.ring + t) // g) * g
+    p = num_quantized(pos, g, cfg.residual) + jnp.arange(span, dtype=jnp.int32)
+    new_i = jnp.clip(p - pos, 0, t - 1)
+    from_new = (p >= pos)[None, :, None]
+
+    def gather(res, new):  # res [K, C, H], new [T, K, H] -> [K, span, H] float32
+        old = jnp.take(res, jnp.mod(p, cfg.ring), axis=1).astype(F32)
+        fresh = jnp.take(jnp.swapaxes(new, 0, 1), new_i, axis=1).astype(F32)
+        return jnp.where(from_new, fresh, old)
+
+    return p, gather(state["k.res"], k), gather(state["v.res"], v)
+
+
+def write_ring(out, state, k, v, pos, end, cfg: KiviConfig):
+    """One sequence: ring slots whose newest position below `end` is a new token (at or
+    after pos) take it, into `out`. -> (take_new [C] bool, slot_i [C]: its index in k)."""
+    slot_pos = ring_positions(end, cfg.ring)  # [C]
+    take_new = slot_pos >= pos
+    slot_i = jnp.clip(slot_pos - pos, 0, k.shape[0] - 1)
     for name, new in (("k.res", k), ("v.res", v)):
         res = state[name]
         fresh = jnp.take(jnp.swapaxes(new, 0, 1), slot_i, axis=1).astype(res.dtype)
-        out[name] = jnp.where(take_new, fresh, res)
-    _write_first(out, k, v, pos, end, cfg)
-    return out
+        out[name] = jnp.where(take_new[None, :, None], fresh, res)
+    return take_new, slot_i
 
 
 def _write_first(out, k, v, pos, end, cfg: KiviConfig) -> None:

@@ -83,33 +83,41 @@ def attend(q, k, v, k_cache, v_cache, pos, valid, cfg, *, theta, scaling, scale,
     """q [B, T, N, H] and the chunk's k, v [B, T, K, H] (q and k rotated at their true
     positions, as the model does) over the cache as it was before the chunk plus the
     chunk itself. -> [B, T, N, H] float32."""
-    b, t, n, h = q.shape
-    kv = k.shape[2]
+    t, ns = q.shape[1], cfg.sinks
     old = slot_positions(pos, cfg)  # [B, N]
     tpos = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     new = jnp.where(jnp.arange(t)[None, :] < valid[:, None], tpos, -1)
-    kpos = jnp.concatenate([old, new], axis=1)  # [B, N+T]
-    keys = jnp.concatenate([k_cache.astype(F32), jnp.swapaxes(k, 1, 2).astype(F32)], axis=2)
-    vals = jnp.concatenate([v_cache.astype(F32), jnp.swapaxes(v, 1, 2).astype(F32)], axis=2)
-    sink = kpos < cfg.sinks  # [B, N+T]
-    # Sink keys sit at their true positions j; the query meets them at its rank within
-    # the cache, min(qp, N - 1): rotate it on by that minus qp (rotations compose).
+    # [sink slots, chunk, window slots]: the keys that can be sinks come first.
+    kpos = jnp.concatenate([old[:, :ns], new, old[:, ns:]], axis=1)  # [B, N+T]
+
+    def order(cache, x):
+        c, x = cache.astype(F32), jnp.swapaxes(x, 1, 2).astype(F32)
+        return jnp.concatenate([c[:, :, :ns], x, c[:, :, ns:]], axis=2)
+
+    return attend_keys(q, order(k_cache, k), order(v_cache, v), kpos, tpos, ns + t, cfg,
+                       theta=theta, scaling=scaling, scale=scale,
+                       sliding_window=sliding_window, softcap=softcap)  # fmt: skip
+
+
+def attend_keys(q, keys, vals, kpos, tpos, n_cand, cfg: SinkConfig, *, theta, scaling, scale,
+                sliding_window, softcap):  # fmt: skip
+    """q [B, T, N, H] at tpos [B, T] over keys / vals [B, K, S', H] float32 at kpos
+    [B, S'] (-1: empty), of which only the first `n_cand` can be sinks (kpos < sinks).
+    A query at qp sees the sinks and (qp - window, qp]. -> [B, T, N, H] float32."""
+    b, t, n, h = q.shape
+    kv = keys.shape[1]
     q32 = q.astype(F32)
-    shift = jnp.minimum(tpos, cfg.slots - 1) - tpos  # [B, T], <= 0
-    q_s = primitives.rope_reference(q32, shift, theta=theta, scaling=scaling)
     qg = q32.reshape(b, t, kv, n // kv, h)
-    qg_s = q_s.reshape(b, t, kv, n // kv, h)
     logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys)
-    if cfg.sinks:  # only the sink slots and the chunk's own tokens can be sinks
-        ns = cfg.sinks
-        cand = jnp.concatenate([keys[:, :, :ns], keys[:, :, cfg.slots :]], axis=2)
-        ls = jnp.einsum("BTKGH,BKSH->BKGTS", qg_s, cand)
-        sink_c = jnp.concatenate([sink[:, :ns], sink[:, cfg.slots :]], axis=1)
-        both = jnp.concatenate([logits[..., :ns], logits[..., cfg.slots :]], axis=-1)
-        both = jnp.where(sink_c[:, None, None, None, :], ls, both)
-        logits = jnp.concatenate(
-            [both[..., :ns], logits[..., ns : cfg.slots], both[..., ns:]], axis=-1
-        )
+    if cfg.sinks:
+        # Sink keys sit at their true positions j; the query meets them at its rank within
+        # the cache, min(qp, N - 1): rotate it on by that minus qp (rotations compose).
+        shift = jnp.minimum(tpos, cfg.slots - 1) - tpos  # [B, T], <= 0
+        q_s = primitives.rope_reference(q32, shift, theta=theta, scaling=scaling)
+        ls = jnp.einsum("BTKGH,BKSH->BKGTS", q_s.reshape(qg.shape), keys[:, :, :n_cand])
+        sink = (kpos[:, :n_cand] >= 0) & (kpos[:, :n_cand] < cfg.sinks)
+        head = jnp.where(sink[:, None, None, None, :], ls, logits[..., :n_cand])
+        logits = jnp.concatenate([head, logits[..., n_cand:]], axis=-1)
     logits = logits * scale
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
@@ -171,4 +179,12 @@ def sink_attention(q, k, v, k_cache, v_cache, pos, valid, cfg: SinkConfig, *, th
     )  # fmt: skip
 
 
-__all__ = ["SinkConfig", "attend", "sink_attention", "sink_attention_p", "slot_positions", "write"]
+__all__ = [
+    "SinkConfig",
+    "attend",
+    "attend_keys",
+    "sink_attention",
+    "sink_attention_p",
+    "slot_positions",
+    "write",
+]

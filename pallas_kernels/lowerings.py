@@ -146,32 +146,17 @@ def _h2o_attention_rule(
 
 
 def register() -> None:
+    rules = (  # (primitive, rule, multiple results)
+        (ops.rms_norm_p, _rms_norm_rule, False),
+        (ops.qlinear_p, _qlinear_rule, False),
+        (ops.attention_p, _attention_rule, True),
+        (kvquant.kivi_attention_p, _kivi_attention_rule, True),
+        (kvh2o.h2o_attention_p, _h2o_attention_rule, True),
+    )
     for platform in PLATFORMS:
-        mlir.register_lowering(
-            ops.rms_norm_p,
-            mlir.lower_fun(functools.partial(_rms_norm_rule, platform=platform), False),
-            platform=platform,
-        )
-        mlir.register_lowering(
-            ops.qlinear_p,
-            mlir.lower_fun(functools.partial(_qlinear_rule, platform=platform), False),
-            platform=platform,
-        )
-        mlir.register_lowering(
-            ops.attention_p,
-            mlir.lower_fun(functools.partial(_attention_rule, platform=platform), True),
-            platform=platform,
-        )
-        mlir.register_lowering(
-            kvquant.kivi_attention_p,
-            mlir.lower_fun(functools.partial(_kivi_attention_rule, platform=platform), True),
-            platform=platform,
-        )
-        mlir.register_lowering(
-            kvh2o.h2o_attention_p,
-            mlir.lower_fun(functools.partial(_h2o_attention_rule, platform=platform), True),
-            platform=platform,
-        )
+        for prim, rule, multiple in rules:
+            fn = mlir.lower_fun(functools.partial(rule, platform=platform), multiple)
+            mlir.register_lowering(prim, fn, platform=platform)
 
 
 register()

@@ -194,20 +194,81 @@ def _lm_head_cpu_rule(x, table, *, softcap):
     return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
 
 
+# -------------------------------------------------------------- decode attention
+TARGET_ATTENTION = "pallax_decode_attention"
+
+
+def use_attention_kernel(q, k_cache) -> bool:
+    """Whether `attention` runs in the kernel: single-token decode over a float32 or
+    bfloat16 cache (prefill, T > 1, and other dtypes keep the XLA rule)."""
+    return q.shape[1] == 1 and k_cache.dtype in (jnp.float32, jnp.bfloat16) and available()
+
+
+def decode_attention_cpu(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
+    """Write k, v [B, 1, K, H] at pos [B] into the caches [B, K, S, H], attend q [B, 1, N, H]
+    over them: `primitives.attention`'s contract for T = 1, in the kernel (the caches are
+    aliased to the results and written in place) when `use_attention_kernel`, else the
+    reference. -> (out [B, 1, N, H] in q's dtype, k_cache, v_cache)."""
+    kw = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
+    if q.ndim != 4 or q.shape[1] != 1:
+        raise ValueError(f"decode_attention_cpu: q {q.shape} must be [B, 1, N, H]")
+    if not use_attention_kernel(q, k_cache):
+        return ops.attention_reference(q, k, v, k_cache, v_cache, pos, **kw)
+    return _attention_ffi(q, k, v, k_cache, v_cache, pos, **kw)
+
+
+def _attention_ffi(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap, suffix=""):
+    b, _, n, h = q.shape
+    out_types = (
+        jax.ShapeDtypeStruct((b, n, h), jnp.float32),
+        jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+        jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+    )
+    call = jax.ffi.ffi_call(TARGET_ATTENTION + suffix, out_types, input_output_aliases={3: 1, 4: 2})
+    f32 = jnp.float32
+    out, k_cache, v_cache = call(
+        q[:, 0].astype(f32),
+        k[:, 0].astype(f32),
+        v[:, 0].astype(f32),
+        k_cache,
+        v_cache,
+        pos.astype(jnp.int32),
+        scale=np.float32(scale),
+        window=np.int64(sliding_window or 0),
+        softcap=np.float32(softcap or 0.0),
+    )
+    return out[:, None].astype(q.dtype), k_cache, v_cache
+
+
+def _attention_cpu_rule(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
+    if not use_attention_kernel(q, k_cache):
+        return ops.attention_reference(
+            q, k, v, k_cache, v_cache, pos, scale=scale, sliding_window=sliding_window,
+            softcap=softcap,
+        )  # fmt: skip
+    return _attention_ffi(
+        q, k, v, k_cache, v_cache, pos, scale=scale, sliding_window=sliding_window,
+        softcap=softcap,
+    )  # fmt: skip
+
+
 def register() -> None:
-    """Install the kernels as the CPU lowerings of qlinear, and of linear and lm_head
-    with bfloat16 weights (each falls back to XLA where unused)."""
+    """Install the kernels as the CPU lowerings of qlinear, of linear and lm_head with
+    bfloat16 weights and of decode attention (each falls back to XLA where unused)."""
     for prim, rule in (
         (ops.qlinear_p, _qlinear_cpu_rule),
         (ops.linear_p, _linear_cpu_rule),
         (ops.lm_head_p, _lm_head_cpu_rule),
+        (ops.attention_p, _attention_cpu_rule),
     ):
-        mlir.register_lowering(prim, mlir.lower_fun(rule, multiple_results=False), platform="cpu")
+        mlir.register_lowering(
+            prim, mlir.lower_fun(rule, multiple_results=prim.multiple_results), platform="cpu"
+        )
 
 
 register()
 
 __all__ = [
-    "BF16_MAX_ROWS", "MAX_ROWS", "available", "bf16_matmul", "qmatmul_cpu", "register", "supported",
-    "use_bf16_kernel", "use_kernel",
+    "BF16_MAX_ROWS", "MAX_ROWS", "available", "bf16_matmul", "decode_attention_cpu", "qmatmul_cpu",
+    "register", "supported", "use_attention_kernel", "use_bf16_kernel", "use_kernel",
 ]  # fmt: skip

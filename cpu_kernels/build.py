@@ -27,14 +27,15 @@ import jaxlib.version
 log = logging.getLogger("pallax.cpu_kernels")
 
 HERE = pathlib.Path(__file__).parent
-SOURCES = (HERE / "qmatmul.cc", HERE / "bf16_matmul.cc")  # one library
+SOURCES = (HERE / "qmatmul.cc", HERE / "bf16_matmul.cc", HERE / "attention.cc")  # one library
 HEADERS = (HERE / "parallel.h",)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
-# FFI target name -> exported handler symbol in qmatmul.cc.
+# FFI target name -> exported handler symbol in SOURCES.
 TARGETS = {
     "pallax_qmatmul": "PallaxQMatmul",
     "pallax_qmatmul_offset": "PallaxQMatmulOffset",
     "pallax_bf16_matmul": "PallaxBf16Matmul",
+    "pallax_decode_attention": "PallaxDecodeAttention",
 }
 COMPILE_TIMEOUT_S = 300
 

@@ -16,9 +16,9 @@
 //
 // Per (row b, KV head) the G = N / K query heads of the group share each key and value
 // row read: logits for a block of keys, then an online softmax (running max, rescaled
-// sums) over the blocks, accumulated in float32. Long contexts are split into key
-// ranges (FlashDecoding's split-K) spread over XLA's intra-op thread pool, and the
-// partial results are merged at the end.
+// sums) over the blocks, accumulated in float32. Key ranges are cut into chunks of 512
+// (FlashDecoding's split-K) that the threads share (parallel.h), and the chunks'
+// partial results are merged in order at the end.
 
 #include <algorithm>
 #include <cmath>
@@ -40,8 +40,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kKeyBlock = 64;        // keys whose logits are held at once
-constexpr int64_t kMinSplitKeys = 512;   // keys per task when a range is split
-constexpr int64_t kMinParallelMacs = int64_t{1} << 20;
+constexpr int64_t kChunkKeys = 512;      // keys per task (FlashDecoding's split)
 
 struct AttnProblem {
   int64_t b = 0, n = 0, kv = 0, s = 0, h = 0, g = 0;
@@ -231,38 +230,34 @@ void WriteToken(const AttnProblem& p, int64_t b) {
 }
 
 template <typename T>
-void Run(ffi::ThreadPool& pool, const AttnProblem& p) {
+void Run(const AttnProblem& p) {
   for (int64_t b = 0; b < p.b; ++b) WriteToken<T>(p, b);
-  // Tasks: (row, KV head, key split). A range is split only when the call is large
-  // enough to use the pool, into pieces of at least kMinSplitKeys keys.
-  int64_t longest = 0;
-  for (int64_t b = 0; b < p.b; ++b) {
+  // Tasks: (row, KV head, chunk of kChunkKeys keys). The chunks depend on the row's own
+  // key range only, so a row's output is the same whatever the thread count and
+  // whatever other rows share the batch.
+  const int64_t pairs = p.b * p.kv;
+  std::vector<int64_t> first(pairs + 1, 0);  // first task of each (row, head)
+  int64_t keys = 0;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
     int64_t lo, hi;
-    KeyRange(p, b, &lo, &hi);
-    longest = std::max(longest, hi - lo + 1);
+    KeyRange(p, pair / p.kv, &lo, &hi);
+    const int64_t len = std::max<int64_t>(0, hi - lo + 1);
+    keys += len;
+    first[pair + 1] = first[pair] + std::max<int64_t>(1, (len + kChunkKeys - 1) / kChunkKeys);
   }
-  const int64_t macs = p.b * p.n * longest * p.h * 2;
-  const int64_t threads = macs >= kMinParallelMacs ? pallax_cpu::PoolThreads(pool) : 1;
-  int64_t splits = 1;
-  if (threads > 1) {
-    const int64_t pairs = p.b * p.kv;
-    const int64_t want = (2 * threads + pairs - 1) / pairs;  // tasks >= 2 x threads
-    splits = std::max<int64_t>(1, std::min(want, longest / kMinSplitKeys));
-  }
-  const int64_t tasks = p.b * p.kv * splits;
+  const int64_t tasks = first[pairs];
+  const int64_t threads = pallax_cpu::ThreadsFor(keys * p.g * p.h * 2);
   const int64_t hg = p.g * p.h;
-  // Per task: G partials (max, sum, acc [H]) and the scaled queries [G, H].
+  // Per task: G partials (max, sum, acc [H]); the scaled queries [B, N, H].
   std::vector<float> acc(tasks * hg, 0.0f), qs(p.b * p.n * p.h);
   std::vector<float> maxes(tasks * p.g), sums(tasks * p.g);
   for (int64_t i = 0; i < p.b * p.n * p.h; ++i) qs[i] = p.q[i] * p.scale;
-  pallax_cpu::ParallelFor(pool, threads, tasks, [&](int64_t t) {
-    const int64_t split = t % splits, pair = t / splits;
-    const int64_t b = pair / p.kv, kvh = pair % p.kv;
+  pallax_cpu::ParallelForSpin(threads, tasks, [&](int64_t t) {
+    const int64_t pair = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+    const int64_t b = pair / p.kv, kvh = pair % p.kv, chunk = t - first[pair];
     int64_t lo, hi;
     KeyRange(p, b, &lo, &hi);
-    const int64_t len = std::max<int64_t>(0, hi - lo + 1);
-    const int64_t per = (len + splits - 1) / splits;
-    const int64_t j0 = lo + split * per, j1 = std::min(lo + len, j0 + per);
+    const int64_t j0 = lo + chunk * kChunkKeys, j1 = std::min(hi + 1, j0 + kChunkKeys);
     Partial parts[64];
     std::vector<Partial> many;
     Partial* pp = parts;
@@ -279,20 +274,21 @@ void Run(ffi::ThreadPool& pool, const AttnProblem& p) {
       sums[t * p.g + gi] = pp[gi].sum;
     }
   });
-  // Merge the splits of each (row, head): out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s.
-  for (int64_t pair = 0; pair < p.b * p.kv; ++pair) {
+  // Merge the chunks of each (row, head), in order:
+  // out = sum_c e^(m_c - m) acc_c / sum_c e^(m_c - m) l_c.
+  constexpr float kNone = -std::numeric_limits<float>::infinity();
+  for (int64_t pair = 0; pair < pairs; ++pair) {
     const int64_t b = pair / p.kv, kvh = pair % p.kv;
     for (int64_t gi = 0; gi < p.g; ++gi) {
       float* o = p.out + (b * p.n + kvh * p.g + gi) * p.h;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, maxes[(pair * splits + sp) * p.g + gi]);
+      float top = kNone;
+      for (int64_t t = first[pair]; t < first[pair + 1]; ++t) top = std::max(top, maxes[t * p.g + gi]);
       std::fill(o, o + p.h, 0.0f);
-      if (top == -std::numeric_limits<float>::infinity()) continue;  // no key: zeros
+      if (top == kNone) continue;  // no key: zeros
       float total = 0.0f;
-      for (int64_t sp = 0; sp < splits; ++sp) {
-        const int64_t t = pair * splits + sp;
+      for (int64_t t = first[pair]; t < first[pair + 1]; ++t) {
         const float m = maxes[t * p.g + gi];
-        if (m == -std::numeric_limits<float>::infinity()) continue;
+        if (m == kNone) continue;
         const float w = std::exp(m - top);
         total += w * sums[t * p.g + gi];
         const float* a = acc.data() + t * hg + gi * p.h;
@@ -304,7 +300,7 @@ void Run(ffi::ThreadPool& pool, const AttnProblem& p) {
   }
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::AnyBuffer k_cache,
                            ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pos,
                            ffi::ResultBuffer<ffi::F32> out, ffi::Result<ffi::AnyBuffer> k_out,
@@ -356,9 +352,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   if (p.vc != v_cache.untyped_data()) std::memcpy(p.vc, v_cache.untyped_data(), bytes);
   if (p.b == 0 || p.n == 0 || p.h == 0) return ffi::Error::Success();
   if (dt == ffi::DataType::F32) {
-    Run<float>(pool, p);
+    Run<float>(p);
   } else {
-    Run<uint16_t>(pool, p);
+    Run<uint16_t>(p);
   }
   return ffi::Error::Success();
 }
@@ -367,7 +363,6 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q [B, N, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [B, K, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v [B, K, H]

@@ -10,8 +10,9 @@
 //
 // Tiles of 3 weight rows x 4 activation rows keep 12 accumulators in registers; the 3
 // weight rows (a few KB) stay in L1 while every activation row passes over them. One
-// activation row (decode at batch 1) streams each weight row with 4 accumulators. Threading as in qmatmul.cc: from about 1M multiply-adds a call, chunks of
-// output rows go to the calling thread and XLA's intra-op pool (parallel.h).
+// activation row (decode at batch 1) streams each weight row with 4 accumulators.
+// Threading as in qmatmul.cc: from 64K multiply-adds a call, chunks of output rows go
+// to the calling thread and the spinning workers (parallel.h).
 
 #include <algorithm>
 #include <cstdint>
@@ -29,7 +30,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMinParallelMacs = int64_t{1} << 20;
 constexpr int kNW = 3;  // weight rows per tile (3 x 4 rows: 12 accumulators)
 
 struct Bf16Problem {
@@ -132,7 +132,7 @@ void Tile(const Bf16Problem& p, int64_t o0, int64_t o1) {
 }
 #endif
 
-ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+ffi::Error Bf16Matmul(ffi::Buffer<ffi::F32> x,
                       ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
@@ -151,13 +151,12 @@ ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::fill(p.y, p.y + p.rows * p.out, 0.0f);
     return ffi::Error::Success();
   }
-  const int64_t threads =
-      p.rows * p.out * p.in >= kMinParallelMacs ? pallax_cpu::PoolThreads(pool) : 1;
+  const int64_t threads = pallax_cpu::ThreadsFor(p.rows * p.out * p.in);
   // About 8 chunks per thread (multiples of the 4-row tile) balance a slowed thread.
   const int64_t want = std::max<int64_t>(1, threads * 8);
   const int64_t chunk = std::max<int64_t>(8, ((p.out + want - 1) / want + 3) & ~int64_t{3});
   const int64_t chunks = (p.out + chunk - 1) / chunk;
-  pallax_cpu::ParallelFor(pool, threads, chunks, [&](int64_t c) {
+  pallax_cpu::ParallelForSpin(threads, chunks, [&](int64_t c) {
     Tile(p, c * chunk, std::min(p.out, (c + 1) * chunk));
   });
   return ffi::Error::Success();
@@ -167,7 +166,6 @@ ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxBf16Matmul, Bf16Matmul,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x [R, I]
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // w [O, I]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [R, O]

@@ -14,12 +14,10 @@
 //     sum_g offset[o, g] * sum_{i in g} xq[r, i],
 // with the group sums taken from the quantized activations (see QuantizeRow).
 //
-// Threading: from about 1M multiply-adds a call (R >= 2 for SmolLM2's shapes), the
-// output rows are split into tasks that threads claim from an atomic counter: the
-// calling thread and up to (pool size - 1) tasks scheduled on XLA's intra-op thread
-// pool. The caller never waits on a task that has not started, so a busy pool cannot
-// deadlock it; a task that starts after the work is gone returns. Smaller calls (a
-// decode row) run on the calling thread: see Run.
+// Threading: from 64K multiply-adds a call (one decode row of any SmolLM2 projection),
+// the output rows are split into tasks that the calling thread and the library's
+// spinning workers claim (parallel.h). Each output is computed by one task, so the
+// result does not depend on the thread count.
 
 #include <algorithm>
 #include <atomic>
@@ -43,12 +41,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using pallax_cpu::ParallelFor;
-using pallax_cpu::PoolThreads;
+using pallax_cpu::ParallelForSpin;
 
 constexpr int64_t kBlock = 32;  // activation quantization block
 constexpr int64_t kRowTile = 64;  // activation rows per task (keeps them in L2)
-constexpr int64_t kMinParallelMacs = int64_t{1} << 20;  // see Run
 
 // ------------------------------------------------------------------ the problem
 struct Problem {
@@ -442,7 +438,7 @@ struct Scratch {
   std::vector<float> xd, xsum;
 };
 
-ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
+ffi::Error Run(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
                ffi::Buffer<ffi::F32> scale, const float* offset,
                ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group_size) {
   const auto xd = x.dimensions(), wd = data.dimensions(), sd = scale.dimensions();
@@ -493,18 +489,16 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer dat
   p.xd = scratch.xd.data();
   p.xsum = scratch.xsum.data();
 
-  // One thread below kMinParallelMacs. A decode row (R = 1) streams its weights from
-  // memory, and on the 2-vCPU development machine splitting it measured no faster in
-  // XLA's decode loop (waking a pool thread costs what the second thread saves); from
-  // R = 2-4 up the split pays, 1.6-1.7x at R = 8 and 64.
-  const int64_t threads = p.rows * p.out * p.ip >= kMinParallelMacs ? PoolThreads(pool) : 1;
+  // Threads: from kMinSpinMacs up, the library's spinning workers (parallel.h); a decode
+  // row (R = 1) of a 576 x 576 int4 weight already splits.
+  const int64_t threads = pallax_cpu::ThreadsFor(p.rows * p.out * p.ip);
   // Activation rows: quantized inline when few, across the threads when many.
   constexpr int64_t kRowsPerQuantTask = 16;
   if (p.rows <= kRowsPerQuantTask) {
     for (int64_t r = 0; r < p.rows; ++r) QuantizeRow(p, r, kernel.prepare);
   } else {
     const int64_t n = (p.rows + kRowsPerQuantTask - 1) / kRowsPerQuantTask;
-    ParallelFor(pool, threads, n, [&](int64_t t) {
+    ParallelForSpin(threads, n, [&](int64_t t) {
       const int64_t r1 = std::min(p.rows, (t + 1) * kRowsPerQuantTask);
       for (int64_t r = t * kRowsPerQuantTask; r < r1; ++r) QuantizeRow(p, r, kernel.prepare);
     });
@@ -517,7 +511,7 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer dat
   const int64_t per_chunk = ((p.out + want_chunks - 1) / want_chunks + 3) & ~int64_t{3};
   const int64_t chunk = std::max<int64_t>(8, per_chunk);
   const int64_t chunks = (p.out + chunk - 1) / chunk;
-  ParallelFor(pool, threads, row_tiles * chunks, [&](int64_t t) {
+  ParallelForSpin(threads, row_tiles * chunks, [&](int64_t t) {
     const int64_t rt = t / chunks, oc = t % chunks;
     kernel.tile(p, oc * chunk, std::min(p.out, (oc + 1) * chunk), rt * kRowTile,
                 std::min(p.rows, (rt + 1) * kRowTile));
@@ -525,27 +519,26 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer dat
   return ffi::Error::Success();
 }
 
-ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
+ffi::Error QMatmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
                    ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t bits,
                    int64_t group_size) {
-  return Run(pool, x, data, scale, nullptr, y, bits, group_size);
+  return Run(x, data, scale, nullptr, y, bits, group_size);
 }
 
-ffi::Error QMatmulOffset(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
+ffi::Error QMatmulOffset(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
                          ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
                          ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group_size) {
   const auto od = offset.dimensions(), sd = scale.dimensions();
   if (od.size() != 2 || sd.size() != 2 || od[0] != sd[0] || od[1] != sd[1]) {
     return ffi::Error::InvalidArgument("pallax_qmatmul: offset and scale shapes differ");
   }
-  return Run(pool, x, data, scale, offset.typed_data(), y, bits, group_size);
+  return Run(x, data, scale, offset.typed_data(), y, bits, group_size);
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxQMatmul, QMatmul,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [R, Ip]
                                   .Arg<ffi::AnyBuffer>()         // data [O, Ip or Ip/2]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale [O, G]
@@ -555,7 +548,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxQMatmul, QMatmul,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxQMatmulOffset, QMatmulOffset,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [R, Ip]
                                   .Arg<ffi::AnyBuffer>()         // data [O, Ip or Ip/2]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale [O, G]

@@ -3,10 +3,12 @@
     python -m pallax.scripts.bench --batch 1 8 --prompt-len 128 --new-tokens 128
 
 Every engine gets the same weights file and the same prompts (seeded random token
-ids), generates exactly --new-tokens tokens greedily (EOS ignored), and is timed
---repeats times after a warm-up; medians are printed. Decode tokens/s excludes
-prefill (timed separately as a 1-token generation); ratios are against
-transformers fp32 at the same batch size.
+ids) and generates exactly --new-tokens tokens greedily (EOS ignored). After a warm-up
+of each, the engines are timed in turns, --repeats rounds of one run each, so that
+all of them see the same machine (a shared 2-core VM drifts by 20% over minutes).
+A run is a --new-tokens generation and a 1-token one; its decode tokens/s is
+batch x (new_tokens - 1) / (difference of the two), and the medians over rounds are
+printed with ratios against transformers fp32 and, at batch 1, llama.cpp.
 """
 
 from __future__ import annotations
@@ -24,34 +26,24 @@ def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [rng.integers(100, min(vocab, 30000), size=length).tolist() for _ in range(batch)]
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def bench_pallax(model, passes, prompts, new_tokens, repeats):
+def pallax_engine(model, passes, prompts):
+    """gen(n) for a compiled pipeline, and its compile seconds (first run minus a warm one)."""
     import pallax
 
     compiled = pallax.compile(model, passes=passes)
+
+    def gen(n):
+        compiled.generate(prompts, max_new_tokens=n, ignore_eos=True)
+
     t0 = time.perf_counter()
-    compiled.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
-    compiled.generate(prompts, max_new_tokens=1, ignore_eos=True)
+    gen(2)
     first = time.perf_counter() - t0
-    total = _median_time(
-        lambda: compiled.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True), repeats
-    )
-    prefill = _median_time(
-        lambda: compiled.generate(prompts, max_new_tokens=1, ignore_eos=True), repeats
-    )
-    compile_s = max(0.0, first - total - prefill)
-    return total, prefill, compile_s
+    t0 = time.perf_counter()
+    gen(2)
+    return gen, max(0.0, first - (time.perf_counter() - t0))
 
 
-def bench_hf(path, dtype_name, prompts, new_tokens, repeats):
+def hf_engine(path, dtype_name, prompts):
     import torch
     import transformers
 
@@ -68,10 +60,11 @@ def bench_hf(path, dtype_name, prompts, new_tokens, repeats):
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
 
     gen(2)
-    return _median_time(lambda: gen(new_tokens), repeats), _median_time(lambda: gen(1), repeats)
+    return gen
 
 
-def bench_llama_cpp(path, prompts, new_tokens, repeats):
+def llama_cpp_engine(path, prompts, new_tokens):
+    """gen(n) through llama-cpp-python with 2 threads (batch 1 only), or None."""
     try:
         import llama_cpp
     except ImportError:
@@ -90,7 +83,23 @@ def bench_llama_cpp(path, prompts, new_tokens, repeats):
                 break
 
     gen(2)
-    return _median_time(lambda: gen(new_tokens), repeats), _median_time(lambda: gen(1), repeats)
+    return gen
+
+
+def measure(engines: dict, batch: int, new_tokens: int, repeats: int) -> dict:
+    """{name: (median decode tok/s, median end-to-end tok/s)}, the engines timed in turns."""
+    rates = {name: ([], []) for name in engines}
+    for _ in range(repeats):
+        for name, gen in engines.items():
+            t0 = time.perf_counter()
+            gen(new_tokens)
+            total = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            gen(1)
+            prefill = time.perf_counter() - t0
+            rates[name][0].append(batch * (new_tokens - 1) / max(total - prefill, 1e-9))
+            rates[name][1].append(batch * new_tokens / total)
+    return {n: (statistics.median(d), statistics.median(e)) for n, (d, e) in rates.items()}
 
 
 def main(argv=None) -> int:
@@ -99,13 +108,20 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (medians are printed)")
     parser.add_argument("--configs", nargs="+", default=["fp32", "bf16"],
                         help="pallax pass pipelines: fp32 (no passes), comma-separated pass "
                              "names (e.g. int8-outliers, bf16,int4), or gguf (the file's own "
                              "quantization, load(keep_quantized=True))")  # fmt: skip
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens {args.new_tokens}: must be at least 2 (decode is timed)")
+    if args.prompt_len < 1 or args.repeats < 1 or min(args.batch) < 1:
+        parser.error(
+            f"--prompt-len {args.prompt_len}, --repeats {args.repeats} and --batch "
+            f"{args.batch} must be positive"
+        )
 
     import pallax
     from pallax.model import sources
@@ -117,35 +133,33 @@ def main(argv=None) -> int:
     for c, passes in pipelines.items():  # bad pass names fail here, before any timing
         pallax.compile(kept if c == "gguf" else model, passes=passes)
     n = args.new_tokens
-    rows = []
     for b in args.batch:
         prompts = _prompts(b, args.prompt_len, model.config.vocab_size)
-        base = None
+        engines, compile_s = {}, {}
         if not args.no_hf:
-            total, prefill = bench_hf(path, "float32", prompts, n, args.repeats)
-            base = b * (n - 1) / (total - prefill)
-            rows.append((b, "transformers fp32", base, b * n / total, None))
+            engines["transformers fp32"] = hf_engine(path, "float32", prompts)
         for cfg in args.configs:
             m = kept if cfg == "gguf" else model
-            total, prefill, comp = bench_pallax(m, pipelines[cfg], prompts, n, args.repeats)
-            rows.append((b, f"pallax {cfg}", b * (n - 1) / (total - prefill), b * n / total, comp))
-        lc = bench_llama_cpp(path, prompts, n, args.repeats)
+            name = f"pallax {cfg}"
+            engines[name], compile_s[name] = pallax_engine(m, pipelines[cfg], prompts)
+        lc = llama_cpp_engine(path, prompts, n)
         if lc is not None:
-            total, prefill = lc
-            rows.append((b, "llama.cpp (gguf)", (n - 1) / (total - prefill), n / total, None))
-        for row in rows:
-            if row[0] == b:
-                _print_row(row, base)
+            engines["llama.cpp (gguf)"] = lc
+        result = measure(engines, b, n, args.repeats)
+        base = result.get("transformers fp32", (None,))[0]
+        peer = result.get("llama.cpp (gguf)", (None,))[0]
+        for name, (decode, e2e) in result.items():
+            _print_row(b, name, decode, e2e, compile_s.get(name), base, peer)
         sys.stdout.flush()
     return 0
 
 
-def _print_row(row, base):
-    b, name, decode, e2e, comp = row
-    ratio = f"{decode / base:5.2f}x" if base else "   - "
+def _print_row(b, name, decode, e2e, comp, base, peer):
+    vs_hf = f"{decode / base:5.2f}x" if base else "   - "
+    vs_lc = f" | vs llama.cpp {decode / peer:5.2f}x" if peer else ""
     comp_s = f"{comp:6.1f}s" if comp is not None else "     -"
     print(f"batch {b:2d} | {name:22s} | decode {decode:7.1f} tok/s | end-to-end {e2e:7.1f} tok/s "
-          f"| vs transformers {ratio} | compile {comp_s}")  # fmt: skip
+          f"| vs transformers {vs_hf}{vs_lc} | compile {comp_s}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -45,6 +45,22 @@ class Buckets:
     cache: int  # S
 
 
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """Wall-clock seconds of the last `generate`: prefill (every chunk and the first
+    sampled token, compiles included) and the decode loop, which ran `decode_steps`
+    steps for each of `batch` rows (padding rows of the batch bucket not counted)."""
+
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    batch: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
 class CompiledModel:
     """Compiled generation for one model and one pass pipeline."""
 
@@ -54,6 +70,7 @@ class CompiledModel:
         self._graphs: dict = {}
         self._fns: dict = {}
         self.capture_seconds = 0.0  # tracing + passes; XLA compiles lazily on first call
+        self.last_timings: Timings | None = None  # of the last generate
         self._display: Graph | None = None
 
     # ------------------------------------------------------------------ graphs
@@ -202,11 +219,15 @@ class CompiledModel:
         stop_token_ids, ignore_eos, max_new_tokens) are scalars or one per prompt.
         """
         reqs = build_requests(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
+        t0 = time.perf_counter()
         state, loop, args = self._start(reqs)
+        jax.block_until_ready(state.token)
+        t1 = time.perf_counter()
         steps = max(r.max_new_tokens for r in reqs) - 1
         if steps > 0:
             state = loop(self.weights, state, *args, jnp.int32(steps))
-        out, count = jax.device_get((state.out, state.count))
+        out, count, done_steps = jax.device_get((state.out, state.count, state.step))
+        self.last_timings = Timings(t1 - t0, time.perf_counter() - t1, int(done_steps) - 1, len(reqs))
         return [finish(self.tokenizer, r, out[i, : count[i]]) for i, r in enumerate(reqs)]
 
     def stream(self, prompt, max_new_tokens: int = 64, **kwargs) -> Iterator[str]:

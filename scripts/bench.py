@@ -6,9 +6,11 @@ Every engine gets the same weights file and the same prompts (seeded random toke
 ids) and generates exactly --new-tokens tokens greedily (EOS ignored). After a warm-up
 of each, the engines are timed in turns, --repeats rounds of one run each, so that
 all of them see the same machine (a shared 2-core VM drifts by 20% over minutes).
-A run is a --new-tokens generation and a 1-token one; its decode tokens/s is
-batch x (new_tokens - 1) / (difference of the two), and the medians over rounds are
-printed with ratios against transformers fp32 and, at batch 1, llama.cpp.
+A round runs each engine's --new-tokens generation. Decode tokens/s is the engine's own
+decode timing where it keeps one (pallax: `compiled.last_timings`; llama.cpp: its perf
+counters), else batch x (new_tokens - 1) / (the run's time minus a 1-token run's)
+(transformers). Medians over rounds are printed with ratios
+against transformers fp32 and, at batch 1, llama.cpp.
 """
 
 from __future__ import annotations
@@ -26,21 +28,25 @@ def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [rng.integers(100, min(vocab, 30000), size=length).tolist() for _ in range(batch)]
 
 
-def pallax_engine(model, passes, prompts):
-    """gen(n) for a compiled pipeline, and its compile seconds (first run minus a warm one)."""
+def pallax_engine(model, passes, prompts, new_tokens):
+    """gen(n) for a compiled pipeline, and its compile seconds: the first runs of both
+    lengths timed (each may compile its own cache size) minus warm ones."""
     import pallax
 
     compiled = pallax.compile(model, passes=passes)
 
     def gen(n):
         compiled.generate(prompts, max_new_tokens=n, ignore_eos=True)
+        return compiled.last_timings.decode_tokens_per_s  # the decode loop's own time
 
-    t0 = time.perf_counter()
-    gen(2)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    gen(2)
-    return gen, max(0.0, first - (time.perf_counter() - t0))
+    def both():
+        t0 = time.perf_counter()
+        gen(new_tokens)
+        gen(1)
+        return time.perf_counter() - t0
+
+    first = both()
+    return gen, max(0.0, first - both())
 
 
 def hf_engine(path, dtype_name, prompts):
@@ -74,30 +80,44 @@ def llama_cpp_engine(path, prompts, new_tokens):
     n_ctx = max(1024, len(prompts[0]) + new_tokens + 16)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, verbose=False)
 
+    perf = getattr(llama_cpp, "llama_perf_context", None)
+
     def gen(n):
         llm.reset()
+        if perf is not None:
+            llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
         out = 0
         for _ in llm.generate(prompts[0], temp=0.0, reset=True):
             out += 1
             if out >= n:
                 break
+        if perf is None:
+            return None
+        data = perf(llm._ctx.ctx)  # llama.cpp's own decode timing, as it prints it
+        return data.n_eval * 1e3 / data.t_eval_ms if data.t_eval_ms > 0 else None
 
     gen(2)
     return gen
 
 
 def measure(engines: dict, batch: int, new_tokens: int, repeats: int) -> dict:
-    """{name: (median decode tok/s, median end-to-end tok/s)}, the engines timed in turns."""
+    """{name: (median decode tok/s, median end-to-end tok/s)}, the engines timed in turns
+    after a warm-up run of both lengths each."""
+    for gen in engines.values():
+        gen(new_tokens)
+        gen(1)
     rates = {name: ([], []) for name in engines}
     for _ in range(repeats):
         for name, gen in engines.items():
             t0 = time.perf_counter()
-            gen(new_tokens)
+            decode = gen(new_tokens)
             total = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            gen(1)
-            prefill = time.perf_counter() - t0
-            rates[name][0].append(batch * (new_tokens - 1) / max(total - prefill, 1e-9))
+            if decode is None:  # the peers: a 1-token run stands for the prefill
+                t0 = time.perf_counter()
+                gen(1)
+                prefill = time.perf_counter() - t0
+                decode = batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+            rates[name][0].append(decode)
             rates[name][1].append(batch * new_tokens / total)
     return {n: (statistics.median(d), statistics.median(e)) for n, (d, e) in rates.items()}
 
@@ -141,7 +161,7 @@ def main(argv=None) -> int:
         for cfg in args.configs:
             m = kept if cfg == "gguf" else model
             name = f"pallax {cfg}"
-            engines[name], compile_s[name] = pallax_engine(m, pipelines[cfg], prompts)
+            engines[name], compile_s[name] = pallax_engine(m, pipelines[cfg], prompts, n)
         lc = llama_cpp_engine(path, prompts, n)
         if lc is not None:
             engines["llama.cpp (gguf)"] = lc

@@ -15,6 +15,17 @@ def test_generate_returns_text_ids_and_reason(compiled_fp32):
     assert compiled_fp32.tokenizer.decode(out.token_ids) == out.text
 
 
+def test_last_timings_count_the_decode_steps(compiled_fp32):
+    compiled_fp32.generate(PROMPTS[:3], max_new_tokens=9, ignore_eos=True)
+    t = compiled_fp32.last_timings
+    assert (t.batch, t.decode_steps) == (3, 8)  # the first token comes from the prefill
+    assert t.prefill_s > 0 and t.decode_s > 0
+    assert t.decode_tokens_per_s == pytest.approx(3 * 8 / t.decode_s)
+    compiled_fp32.generate(["Hi"], max_new_tokens=1)
+    assert compiled_fp32.last_timings.decode_steps == 0
+    assert compiled_fp32.last_timings.decode_tokens_per_s == 0.0
+
+
 def test_batch_matches_each_prompt_alone(compiled_fp32):
     """Prompts of different lengths in one batch give the tokens each gives alone."""
     prompts = [PROMPTS[0], PROMPTS[2] + " there lived a very old", PROMPTS[1]]

@@ -82,8 +82,17 @@ def _sample_rows(logits, params, step):
 
     choice = jax.vmap(one)(params["seed"], masked)  # [B] index into sorted order
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    greedy = jnp.argmax(logits, axis=-1)
-    return jnp.where(temp > 0, sampled, greedy).astype(jnp.int32)
+    return jnp.where(temp > 0, sampled, greedy(logits)).astype(jnp.int32)
+
+
+def greedy(logits):
+    """jnp.argmax(logits, -1) as int32 (first maximum; first NaN if any), as two plain
+    reductions: XLA:CPU runs argmax's (value, index) reduce one element at a time,
+    0.22 ms a step over SmolLM2's 49152 logits against 0.05 ms this way."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    index = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
 
 
 def sample(logits, params, step):
@@ -92,5 +101,5 @@ def sample(logits, params, step):
     return lax.cond(
         jnp.any(params["temperature"] > 0),
         lambda: _sample_rows(logits, params, step),
-        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+        lambda: greedy(logits),
     )

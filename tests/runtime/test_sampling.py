@@ -28,6 +28,17 @@ def test_greedy_is_argmax():
     np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(logits), -1))
 
 
+def test_greedy_takes_the_first_maximum_and_the_first_nan():
+    from pallax.runtime.sampling import greedy
+
+    logits = jnp.asarray(
+        [[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0], [1.0, jnp.nan, 4.0, jnp.nan],
+         [-jnp.inf, -jnp.inf, -1.0, -jnp.inf], [jnp.inf, 0.0, jnp.inf, 1.0]]
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(jax.jit(greedy)(logits)), [1, 0, 1, 2, 0])
+    np.testing.assert_array_equal(np.asarray(greedy(logits)), np.asarray(jnp.argmax(logits, -1)))
+
+
 def test_temperature_one_follows_softmax():
     freq = _draw(SamplingParams(temperature=1.0, seed=0))
     np.testing.assert_allclose(freq, [0.5, 0.25, 0.15, 0.07, 0.03], atol=0.04)

@@ -1,24 +1,27 @@
-"""C++ kernels for XLA:CPU, called through `jax.ffi`: the quantized matmul and the
-bfloat16-weight matmul (bf16_matmul.cc, decode-sized `linear` / `lm_head`).
+"""C++ kernels for XLA:CPU, called through `jax.ffi`: the quantized matmul (qmatmul.cc),
+the bfloat16-weight matmul (bf16_matmul.cc, decode-sized `linear` / `lm_head`) and
+single-token attention that writes the KV cache in place (attention.cc).
 
 XLA:CPU has no fused dequantize-matmul: int4 weights are widened to float32 inside the
 step and int8 ones run as an int8 x int8 dot. `qmatmul_cpu` instead multiplies the
 packed bytes directly, as llama.cpp's Q4_1 x Q8_1 / Q8_0 x Q8_0 dot products do:
 activations are quantized to int8 per block of 32 inside the kernel (about 0.5% of
-the output's scale in error), each block is an AVX2 integer dot product, and the
-output rows are split across XLA's intra-op thread pool. The kernel is compiled on
-first use (build.py); `PALLAX_CPU_KERNELS=0` disables it.
+the output's scale in error), and each block is an AVX2 (VNNI where present) integer
+dot product. All kernels split their work over the library's own spinning worker
+threads (parallel.h; `PALLAX_CPU_THREADS` caps them). They are compiled on first use
+(build.py); `PALLAX_CPU_KERNELS=0` disables them.
 
 `register()` (run on import) makes the kernel the CPU lowering of the `qlinear` op for
 decode-sized inputs, up to `MAX_ROWS` rows; larger ones (prefill) and layouts the kernel
 does not cover keep the XLA lowering (`primitives.qmatmul_xla`). The two differ by the
 kernel's activation quantization: per 32-block here, per row (per-channel int8) or none
-(groups) in XLA.
+(groups) in XLA. `attention` lowers to the attention kernel for T = 1 over float32 or
+bfloat16 caches (`use_attention_kernel`).
 
-`jax.export` refuses the kernel's custom call (it has no compatibility guarantee): export
-a CPU module with `PALLAX_CPU_KERNELS=0` set while lowering, or pass
-`DisabledSafetyCheck.custom_call("pallax_qmatmul")` (and `..._offset`) and import
-pallax in the process that runs it, which registers the targets.
+`jax.export` refuses the kernels' custom calls (they have no compatibility guarantee):
+export a CPU module with `PALLAX_CPU_KERNELS=0` set while lowering, or pass
+`DisabledSafetyCheck.custom_call(...)` for each target name and import pallax in the
+process that runs it, which registers the targets.
 """
 
 from __future__ import annotations

@@ -227,7 +227,8 @@ class CompiledModel:
         if steps > 0:
             state = loop(self.weights, state, *args, jnp.int32(steps))
         out, count, done_steps = jax.device_get((state.out, state.count, state.step))
-        self.last_timings = Timings(t1 - t0, time.perf_counter() - t1, int(done_steps) - 1, len(reqs))
+        decode_s = time.perf_counter() - t1
+        self.last_timings = Timings(t1 - t0, decode_s, int(done_steps) - 1, len(reqs))
         return [finish(self.tokenizer, r, out[i, : count[i]]) for i, r in enumerate(reqs)]
 
     def stream(self, prompt, max_new_tokens: int = 64, **kwargs) -> Iterator[str]:

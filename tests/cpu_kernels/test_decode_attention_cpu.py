@@ -62,7 +62,8 @@ def test_kernel_and_xla_rule_match_the_plain_math(b, n, kv, s, h, window, softca
         np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
     for cache, ref in ((k_got, k_want), (v_got, v_want), (k_xla, k_want), (v_xla, v_want)):
         assert cache.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(cache.astype(jnp.float32)), ref.astype(jnp.float32))
+        got32, want32 = np.asarray(cache.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32))
+        np.testing.assert_array_equal(got32, want32)
 
 
 def test_attention_lowers_to_the_kernel_for_decode_only(monkeypatch):
@@ -73,7 +74,8 @@ def test_attention_lowers_to_the_kernel_for_decode_only(monkeypatch):
         return jax.jit(lambda *a: ops.attention(*a, **kw)).lower(*a).as_text()
 
     assert "pallax_decode_attention" in hlo(q, k, v, kc, vc, pos)
-    assert "pallax_decode_attention" in hlo(q, k, v, kc.astype(jnp.bfloat16), vc.astype(jnp.bfloat16), pos)
+    bf16 = kc.astype(jnp.bfloat16), vc.astype(jnp.bfloat16)
+    assert "pallax_decode_attention" in hlo(q, k, v, *bf16, pos)
     prefill = jnp.concatenate([q, q], axis=1), jnp.concatenate([k, k], axis=1)
     assert "pallax_decode_attention" not in hlo(prefill[0], prefill[1], prefill[1], kc, vc, pos)
     half = kc.astype(jnp.float16), vc.astype(jnp.float16)

@@ -39,7 +39,8 @@ SCRIPT = textwrap.dedent(
         for bits, g in ((4, 32), (4, 128), (8, None)):
             qw = qformat.quantize_rtn(w, bits, g)
             xp = jnp.pad(x, ((0, 0), (0, qw.padded_in - 576)))
-            f = jax.jit(functools.partial(cpu_kernels.qmatmul_cpu, bits=bits, group_size=qw.group_size))
+            mm = functools.partial(cpu_kernels.qmatmul_cpu, bits=bits, group_size=qw.group_size)
+            f = jax.jit(mm)
             outs.append(f(xp, qw.data, qw.scale, qw.offset))
         outs.append(jax.jit(cpu_kernels.bf16_matmul)(x, jnp.asarray(w, jnp.bfloat16)))
     for b, s in ((1, 4000), (2, 700)):

@@ -32,6 +32,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -56,12 +57,7 @@ struct AttnProblem {
 };
 
 // ----------------------------------------------------------------- element types
-inline float Widen(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
+using pallax_cpu::Widen;
 
 // float32 -> bfloat16, rounding to nearest even (as XLA's convert); NaN stays NaN.
 inline uint16_t Narrow(float f) {
@@ -78,17 +74,9 @@ inline void Store(float* p, int64_t i, float x) { p[i] = x; }
 inline void Store(uint16_t* p, int64_t i, float x) { p[i] = Narrow(x); }
 
 #if defined(__AVX2__) && defined(__FMA__)
+using pallax_cpu::HSum;
+using pallax_cpu::Load8;
 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 Load8(const uint16_t* p) {
-  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
-}
-
-inline float HSum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
 
 // e^x for 8 lanes, x <= 0 here (logit - running max): Cephes' expf (range reduction
 // by ln 2 in two parts, degree-5 polynomial), relative error about 2e-7. Lanes below

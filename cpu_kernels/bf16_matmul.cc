@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -39,24 +40,11 @@ struct Bf16Problem {
   float* y = nullptr;           // [rows, out]
 };
 
-inline float Widen(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
+using pallax_cpu::Widen;
 
 #if defined(__AVX2__) && defined(__FMA__)
-inline __m256 Load8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-inline float HSum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
+using pallax_cpu::HSum;
+using pallax_cpu::Load8;
 
 // NW weight rows (o .. o + NW) x NR activation rows (r .. r + NR).
 template <int NW, int NR>

@@ -91,6 +91,7 @@ class QuantizeWeights:
     )
     embeddings: bool = False
     head: bool = False
+    table_bits: int | None = None  # the tables' width when not `bits` (8: per channel)
     name: str = dataclasses.field(default="quantize_weights", init=False)
 
     def __post_init__(self):
@@ -120,6 +121,23 @@ class QuantizeWeights:
         for flag in ("embeddings", "head"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"quantize_weights {flag}={getattr(self, flag)!r} must be a bool")
+        tb = self.table_bits
+        if tb is not None:
+            if isinstance(tb, bool) or tb not in SUPPORTED_BITS:
+                raise ValueError(
+                    f"quantize_weights table_bits={tb!r} is not supported; allowed: "
+                    f"{SUPPORTED_BITS} or None (the same as bits)"
+                )
+            if not (self.embeddings or self.head):
+                raise ValueError(
+                    f"quantize_weights table_bits={tb} sets the width of the embedding / head "
+                    "table, which is only quantized with embeddings=True or head=True"
+                )
+            if tb == 4 and t is not None:
+                raise ValueError(
+                    "outlier_threshold needs int8 per channel; table_bits=4 tables cannot "
+                    "keep outlier columns"
+                )
         if self.calibration is not None:
             if not self.needs_calibration:
                 raise ValueError(
@@ -134,6 +152,8 @@ class QuantizeWeights:
 
     def label(self) -> str:
         kind = f"int{self.bits}" + (f" g{self.group_size}" if self.group_size else "")
+        if self.table_bits is not None and self.table_bits != self.bits:
+            kind += f" (tables int{self.table_bits})"
         extra = " gptq" if self.method == "gptq" else ""
         extra += f" outliers>{self.outlier_threshold:g}" if self.outlier_threshold else ""
         return kind + extra
@@ -168,8 +188,25 @@ class QuantizeWeights:
             out.update(self._calibrated(graph, linears, tables))
         for name in sorted(linears | tables):
             if name not in out or not isinstance(out[name], QuantizedWeight):
-                out[name] = self._rtn(weights[name])
+                out[name] = (
+                    self._table(weights[name]) if name in tables else self._rtn(weights[name])
+                )
         return out
+
+    def _table(self, w, outliers=None) -> QuantizedWeight:
+        """An embedding / head table: RTN at `table_bits` (int8 per output channel, int4 in
+        groups of 32) when that differs from `bits`, else like the linears."""
+        tb = self.table_bits
+        if tb is None or tb == self.bits:
+            return self._rtn(w, outliers)
+        w = np.asarray(jnp.asarray(w, jnp.float32))
+        if tb == 4:  # outliers need int8 per channel (refused in __post_init__)
+            return qformat.quantize_rtn(w, 4, 32)
+        if outliers is None or len(outliers) == 0:
+            return qformat.quantize_rtn(w, 8, None)
+        regular = w.copy()
+        regular[:, outliers] = 0.0
+        return _with_outliers(qformat.quantize_rtn(regular, 8, None), w, outliers)
 
     def _rtn(self, w, outliers=None) -> QuantizedWeight:
         w = np.asarray(jnp.asarray(w, jnp.float32))
@@ -218,6 +255,8 @@ class QuantizeWeights:
                 q = gptq.gptq_quantize(wr, h, bits=self.bits, group_size=self.group_size)
                 if idx is not None and len(idx):
                     q = _with_outliers(q, wf, idx)
+            elif name in tables:
+                q = self._table(w, idx)
             else:
                 q = self._rtn(w, idx)
             done[name] = q
@@ -280,18 +319,21 @@ def quantize_weights(
     calibration=None,
     embeddings: bool = False,
     head: bool = False,
+    table_bits: int | None = None,
 ) -> QuantizeWeights:
     """The weight quantization pass (see the module docstring).
 
     quantize_weights(8): int8 per output channel; quantize_weights(8, outlier_threshold=6.0):
     with LLM.int8()'s outlier decomposition; quantize_weights(4, group_size=128,
     method="gptq"): int4 GPTQ. `calibration` is a list of strings or token-id arrays
-    (default: a built-in text) for GPTQ and outlier detection.
+    (default: a built-in text) for GPTQ and outlier detection. `table_bits=8` with
+    `head=True` / `embeddings=True` keeps the table at int8 per channel under int4
+    linears (as GGUF's Q4_K_M mixes widths): an int4 table is lossy.
     """
     if isinstance(bits, str):
         if not bits.isdigit():
             raise ValueError(f"quantize_weights bits={bits!r} is not an integer")
         bits = int(bits)
     return QuantizeWeights(
-        bits, group_size, method, outlier_threshold, calibration, embeddings, head
+        bits, group_size, method, outlier_threshold, calibration, embeddings, head, table_bits
     )

@@ -212,12 +212,12 @@ def decode_attention_cpu(q, k, v, k_cache, v_cache, pos, *, scale, sliding_windo
     over them: `primitives.attention`'s contract for T = 1, in the kernel (the caches are
     aliased to the results and written in place) when `use_attention_kernel`, else the
     reference. -> (out [B, 1, N, H] in q's dtype, k_cache, v_cache)."""
-    kw = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
     if q.ndim != 4 or q.shape[1] != 1:
         raise ValueError(f"decode_attention_cpu: q {q.shape} must be [B, 1, N, H]")
-    if not use_attention_kernel(q, k_cache):
-        return ops.attention_reference(q, k, v, k_cache, v_cache, pos, **kw)
-    return _attention_ffi(q, k, v, k_cache, v_cache, pos, **kw)
+    return _attention_cpu_rule(
+        q, k, v, k_cache, v_cache, pos, scale=scale, sliding_window=sliding_window,
+        softcap=softcap,
+    )  # fmt: skip
 
 
 def _attention_ffi(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap, suffix=""):

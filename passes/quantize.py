@@ -195,26 +195,23 @@ class QuantizeWeights:
 
     def _table(self, w, outliers=None) -> QuantizedWeight:
         """An embedding / head table: RTN at `table_bits` (int8 per output channel, int4 in
-        groups of 32) when that differs from `bits`, else like the linears."""
+        groups of 32) when that differs from `bits`, else like the linears. (int4 tables
+        get no outliers: refused in __post_init__.)"""
         tb = self.table_bits
         if tb is None or tb == self.bits:
             return self._rtn(w, outliers)
-        w = np.asarray(jnp.asarray(w, jnp.float32))
-        if tb == 4:  # outliers need int8 per channel (refused in __post_init__)
-            return qformat.quantize_rtn(w, 4, 32)
-        if outliers is None or len(outliers) == 0:
-            return qformat.quantize_rtn(w, 8, None)
-        regular = w.copy()
-        regular[:, outliers] = 0.0
-        return _with_outliers(qformat.quantize_rtn(regular, 8, None), w, outliers)
+        return self._rtn(w, outliers, bits=tb, group_size=None if tb == 8 else 32)
 
-    def _rtn(self, w, outliers=None) -> QuantizedWeight:
+    def _rtn(self, w, outliers=None, *, bits=None, group_size=None) -> QuantizedWeight:
+        """RTN at `bits` / `group_size` (default: the pass's), outlier columns kept apart."""
+        if bits is None:
+            bits, group_size = self.bits, self.group_size
         w = np.asarray(jnp.asarray(w, jnp.float32))
         if outliers is None or len(outliers) == 0:
-            return qformat.quantize_rtn(w, self.bits, self.group_size)
+            return qformat.quantize_rtn(w, bits, group_size)
         regular = w.copy()
         regular[:, outliers] = 0.0
-        q = qformat.quantize_rtn(regular, self.bits, self.group_size)
+        q = qformat.quantize_rtn(regular, bits, group_size)
         return _with_outliers(q, w, outliers)
 
     def _calibrated(self, graph: Graph, linears: set, tables: set) -> dict:

@@ -13,18 +13,22 @@ truncated file as a tensorstore error from deep inside the restore.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
-import uuid
+import sys
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from pallax import atomic_dir
 from pallax.model import architectures
 from pallax.model.configs import ModelConfig
 from pallax.passes import qformat
@@ -32,7 +36,9 @@ from pallax.passes.qformat import QuantizedWeight
 
 MANIFEST = "pallax_checkpoint.json"
 FORMAT = "pallax-checkpoint"
-FORMAT_VERSION = 2  # 2: packed (quantized) weights, stored as their arrays
+FORMAT_VERSION = 3
+# 2: packed (quantized) weights, stored as their arrays
+# 3: "manifest_sha256", the digest of the manifest itself (config, passes, weights, files)
 PACKED_FIELDS = ("data", "scale", "offset", "outlier_idx", "outlier_w")
 TOKENIZER_DIR = "tokenizer"
 WEIGHTS_DIR = "weights"
@@ -64,8 +70,6 @@ def save_checkpoint(compiled_or_model, path: str | os.PathLike, *, overwrite: bo
         raise TypeError(
             f"expected a CompiledModel or Model, got {type(compiled_or_model).__name__}"
         )
-    path = pathlib.Path(path).absolute()
-    _check_destination(path, overwrite)
     entries, stored = {}, {}
     for name, w in weights.items():
         if isinstance(w, QuantizedWeight):
@@ -92,25 +96,90 @@ def save_checkpoint(compiled_or_model, path: str | os.PathLike, *, overwrite: bo
         "weights": entries,
         "source": model.source,
     }
-    # Written next to `path` and renamed into place, so a failed save leaves no checkpoint.
-    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    partial.mkdir(parents=True)
-    try:
+
+    def check(p: pathlib.Path) -> None:
+        _check_destination(p, overwrite)
+
+    def fill(partial: pathlib.Path) -> None:
+        _check_free_space(partial, stored)
         model.tokenizer.save(partial / TOKENIZER_DIR)
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(partial / WEIGHTS_DIR, stored)
-            checkpointer.wait_until_finished()
+        _orbax_save(partial / WEIGHTS_DIR, stored, f"checkpoint {str(path)!r}")
         manifest["files"] = {
             f.relative_to(partial).as_posix(): _sha256(f)
             for f in sorted(partial.rglob("*"))
             if f.is_file()
         }
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        if path.exists():
-            shutil.rmtree(path)
-        partial.rename(path)
+
+    return atomic_dir.write_dir(path, fill, check=check)
+
+
+def _check_free_space(directory: pathlib.Path, stored: dict) -> None:
+    """Refuse before writing when the weights cannot fit (orbax fails late and noisily)."""
+    need = sum(a.nbytes for a in jax.tree.leaves(stored))
+    free = shutil.disk_usage(directory).free
+    if need + (16 << 20) > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough disk space to save a checkpoint in {str(directory.parent)!r}: the "
+            f"weights need {need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free",
+        )
+
+
+def _orbax_save(directory: pathlib.Path, stored: dict, what: str) -> None:
+    """orbax's save, with its failures as one clean exception: its writer threads log each
+    failure with a traceback and tensorstore reports hundreds of `Event loop is closed`
+    callbacks once the loop that awaited them is gone."""
+    with _quiet_orbax():
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                checkpointer.save(directory, stored)
+                checkpointer.wait_until_finished()
+        except Exception as e:
+            text = str(e)
+            first = (text.splitlines() or [type(e).__name__])[0][:300]
+            if "No space left" in text or "os_error_code='28'" in text:
+                raise OSError(
+                    errno.ENOSPC, f"disk full while saving the weights of {what}; it is unchanged"
+                ) from None
+            raise OSError(f"cannot save the weights of {what}: {first}") from None
+
+
+class _DropOrbaxErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "orbax" not in record.pathname
+
+
+def _drop_closed_loop_callbacks(previous):
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.pallax_filter = True
+    return hook
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    if not getattr(sys.unraisablehook, "pallax_filter", False):
+        # Stays installed: the callbacks can arrive after the save has returned.
+        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+    log, drop = logging.getLogger("absl"), _DropOrbaxErrors()
+    log.addFilter(drop)
+    try:
+        yield
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        log.removeFilter(drop)
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """sha256 of everything in the manifest but the digest itself (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _entry(a) -> dict:
@@ -146,6 +215,7 @@ def load_checkpoint(path: str | os.PathLike):
     from pallax.model.loaded import Model
     from pallax.model.tokenizer import Tokenizer
 
+    atomic_dir.recover(path)
     path = pathlib.Path(path).absolute()
     origin = f"pallax checkpoint {str(path)!r}"
     manifest = _read_manifest(path)
@@ -168,7 +238,18 @@ def load_checkpoint(path: str | os.PathLike):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"{origin}: the {sub}/ directory is missing")
     architectures.check_weights(shapes, config, f"{origin} ({MANIFEST})")
+    present = {
+        f.relative_to(path).as_posix() for f in path.rglob("*") if not f.is_dir()
+    } - {MANIFEST}
+    unlisted = sorted(present - set(manifest["files"]))
+    if unlisted:
+        raise ValueError(
+            f"{origin}: files not listed in {MANIFEST} (so not verified): {unlisted[:5]}; "
+            "a checkpoint holds only the files its manifest lists"
+        )
     for name, digest in manifest["files"].items():
+        if not isinstance(name, str) or ".." in pathlib.PurePosixPath(name).parts:
+            raise ValueError(f"{origin}: bad file name {name!r} in {MANIFEST}")
         if not (path / name).is_file():
             raise FileNotFoundError(f"{origin}: the file {name} is missing")
         if _sha256(path / name) != digest:
@@ -214,6 +295,14 @@ def _read_manifest(path: pathlib.Path) -> dict:
     for key, kind in (("passes", list), ("weights", dict), ("files", dict)):
         if not isinstance(manifest[key], kind):
             raise ValueError(f"{str(file)!r}: {key!r} must be a JSON {kind.__name__}")
+    if version >= 3:
+        digest = manifest.get("manifest_sha256")
+        if digest != _manifest_digest(manifest):
+            raise ValueError(
+                f"{str(file)!r} was changed after it was written (its manifest_sha256 "
+                f"{'is missing' if digest is None else 'does not match its contents'}): "
+                "the config, passes, weights and file list it holds cannot be trusted"
+            )
     return manifest
 
 

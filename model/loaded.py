@@ -59,6 +59,11 @@ def load(
         raise ValueError(f"model must be a model name or a path, got {name_or_path!r}")
     if not isinstance(keep_quantized, bool):
         raise ValueError(f"keep_quantized={keep_quantized!r} must be True or False")
+    candidate = pathlib.Path(name_or_path).expanduser()
+    if not candidate.exists() and candidate.parent.is_dir():
+        from pallax import atomic_dir
+
+        atomic_dir.recover(candidate)  # a save killed mid-replace: put the old checkpoint back
     path = pathlib.Path(sources.resolve(name_or_path))
     if path.is_dir() and keep_quantized:
         raise ValueError(

@@ -117,10 +117,14 @@ def edited(bf16_checkpoint, tmp_path):
     return path
 
 
-def _edit_manifest(path, edit):
+def _edit_manifest(path, edit, *, resign=True):
+    """Edit the manifest; `resign` recomputes its own digest, as a consistent but wrong
+    manifest would have it (the deeper checks must still refuse it)."""
     file = path / checkpoint.MANIFEST
     manifest = json.loads(file.read_text())
     edit(manifest)
+    if resign and "manifest_sha256" in manifest:
+        manifest["manifest_sha256"] = checkpoint._manifest_digest(manifest)
     file.write_text(json.dumps(manifest))
 
 
@@ -136,7 +140,11 @@ def _set(*keys, value):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (_set("format_version", value=3), "newer pallax.*format_version 3, this pallax reads 2"),
+        (
+            _set("format_version", value=checkpoint.FORMAT_VERSION + 1),
+            f"newer pallax.*format_version {checkpoint.FORMAT_VERSION + 1}, "
+            f"this pallax reads {checkpoint.FORMAT_VERSION}",
+        ),
         (lambda m: m.pop("config"), r"lacks the keys \['config'\]"),
         (_set("format", value="safetensors"), "format='safetensors'"),
         (_set("passes", value=[{"name": "quantize", "bits": 4}]), "unknown pass 'quantize'"),
@@ -152,6 +160,84 @@ def test_bad_manifest(edited, edit, match):
     with pytest.raises(ValueError, match=match) as info:
         pallax.load(edited)
     assert str(edited) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _set("config", "rope_theta", value=1000 * 100000.0),
+        _set("config", "norm_eps", value=0.5),
+        _set("passes", value=[]),
+        _set("source", value="elsewhere"),
+        lambda m: m.pop("manifest_sha256"),
+    ],
+    ids=["rope_theta", "norm_eps", "passes", "source", "no digest"],
+)
+def test_edited_manifest_is_refused(edited, edit):
+    """Anything that shapes the computation is covered by the manifest's own digest."""
+    _edit_manifest(edited, edit, resign=False)
+    with pytest.raises(ValueError, match="was changed after it was written") as info:
+        pallax.load(edited)
+    assert str(edited) in str(info.value)
+
+
+def test_unlisted_files_are_refused(broken):
+    """A weights file whose bytes changed and whose entry was dropped from the file list,
+    or a file added, is not silently trusted."""
+    file = _largest_weights_file(broken)
+    name = file.relative_to(broken).as_posix()
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    file.write_bytes(data)
+    _edit_manifest(broken, lambda m: m["files"].pop(name))
+    with pytest.raises(ValueError, match=f"not listed in .*{re.escape(name)}"):
+        pallax.load(broken)
+
+
+def test_added_file_is_refused(broken):
+    (broken / "weights" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"not listed in .*weights/extra.bin"):
+        pallax.load(broken)
+
+
+def test_format_2_checkpoints_still_load(broken, bf16_loaded):
+    """Checkpoints written before the manifest digest (format 2) load with the stricter
+    file checks."""
+
+    def as_v2(m):
+        m.pop("manifest_sha256")
+        m["format_version"] = 2
+
+    _edit_manifest(broken, as_v2, resign=False)
+    old = pallax.load(broken)
+    _assert_same_weights(old.weights, bf16_loaded.weights)
+
+
+def test_save_through_a_symlink(compiled_bf16, bf16_loaded, tmp_path):
+    """A link to a checkpoint directory keeps pointing at the replaced checkpoint."""
+    target = tmp_path / "real"
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    compiled_bf16.save(link)
+    assert link.is_symlink() and (target / checkpoint.MANIFEST).is_file()
+    compiled_bf16.save(link, overwrite=True)
+    assert link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    _assert_same_weights(pallax.load(link).weights, bf16_loaded.weights)
+
+
+def test_save_leaves_no_temporaries_after_a_crash(compiled_bf16, tmp_path):
+    """What a killed save left (a temporary of a process that is gone) is removed by the
+    next save; a missing checkpoint whose old copy was set aside is put back on load."""
+    path = tmp_path / "ckpt"
+    compiled_bf16.save(path)
+    dead = 2**22 + 12345  # above pid_max's default: no such process
+    (tmp_path / f".ckpt.partial-{dead}-0badc0de").mkdir()
+    compiled_bf16.save(path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    path.rename(tmp_path / f".ckpt.old-{dead}-0badc0de")
+    assert pallax.load(path).config == compiled_bf16.config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_manifest_that_is_not_json(edited):

@@ -4,23 +4,41 @@ import pallax
 model = pallax.load("smollm2-135m")
 compiled = pallax.compile(model, passes=[pallax.passes.cast("bfloat16")])
 outs = compiled.generate(["The capital of France is"], max_new_tokens=32)
+
+The names below are imported on first use: `import pallax` loads neither jax nor the
+model code, so the command line starts at once and handles Ctrl-C from its first moment.
 """
 
 from __future__ import annotations
 
-from pallax import cpu_kernels as _cpu_kernels  # registers the CPU qlinear kernel
-from pallax import pallas_kernels as _kernels  # registers the tpu / cuda lowerings
-from pallax import passes
-from pallax.model.configs import DEFAULT_MODEL, KNOWN_MODELS
-from pallax.model.loaded import Model, load
-from pallax.runtime.compiled import CompiledModel, compile
-from pallax.runtime.requests import GenerationResult
-from pallax.runtime.sampling import SamplingParams
+import importlib
 
 __version__ = "0.1.0"
-del _cpu_kernels, _kernels
 
-__all__ = [
-    "DEFAULT_MODEL", "KNOWN_MODELS", "CompiledModel", "GenerationResult", "Model", "SamplingParams",
-    "compile", "load", "passes",
-]  # fmt: skip
+_LAZY = {
+    "DEFAULT_MODEL": "pallax.model.configs",
+    "KNOWN_MODELS": "pallax.model.configs",
+    "Model": "pallax.model.loaded",
+    "load": "pallax.model.loaded",
+    "CompiledModel": "pallax.runtime.compiled",
+    "compile": "pallax.runtime.compiled",
+    "GenerationResult": "pallax.runtime.requests",
+    "SamplingParams": "pallax.runtime.sampling",
+}
+
+__all__ = [*sorted(_LAZY), "passes"]
+
+
+def __getattr__(name: str):
+    if name == "passes":
+        return importlib.import_module("pallax.passes")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pallax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -87,9 +87,13 @@ def _parse(buf, name: str):
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     size = len(buf)
-    if size < 24 or buf[:4] != GGUF_MAGIC:
+    if buf[:4] != GGUF_MAGIC:
         raise ValueError(
             f"{name!r} is not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')"
+        )
+    if size < 24:
+        raise ValueError(
+            f"GGUF file {name!r} is truncated: {size} bytes, shorter than the 24-byte header"
         )
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
     if version not in (2, 3):

@@ -72,6 +72,22 @@ _PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
+def check_text(text: str, what: str = "text") -> None:
+    """Refuse text that is not valid Unicode: a lone surrogate (from bytes decoded with
+    `surrogateescape`, as the command line does with invalid UTF-8, or from JSON), which
+    no tokenizer can encode. Names the position and what surrounds it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        raw = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else None
+        char = raw or f"lone surrogate U+{ord(bad):04X}"
+        raise ValueError(
+            f"{what} is not valid Unicode: {char} at character {e.start} (after "
+            f"{text[max(0, e.start - 20) : e.start]!r}); give UTF-8 text"
+        ) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
     """What a tokenizer needs beyond tokenizer.json (special ids, BOS/EOS policy, chat template),
@@ -416,6 +432,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
+        check_text(text)
         ids = self._backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self._config.add_bos:
             ids = [self._config.bos_id, *ids]

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallax import cpu_kernels as _cpu_kernels  # registers the CPU kernel lowerings
+from pallax import pallas_kernels as _pallas_kernels  # registers the tpu / cuda lowerings
 from pallax.passes.ir import Graph, StepSpec, capture
 from pallax.passes.manager import run_passes
 from pallax.passes.printer import format_graph
@@ -23,6 +25,8 @@ from pallax.passes.quantize import use_packed_weights
 from pallax.runtime import generation as gen
 from pallax.runtime.requests import GenerationResult, Request, build_requests, finish
 from pallax.runtime.sampling import pack
+
+del _cpu_kernels, _pallas_kernels
 
 PREFILL_CHUNK = 512
 MIN_PREFILL = 16

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+from pallax.model.tokenizer import check_text
 from pallax.runtime.sampling import SamplingParams
 
 FINISH_REASONS = ("stop", "length")
@@ -29,23 +30,38 @@ class Request:
     ignore_eos: bool
 
 
-def encode_prompt(compiled, prompt) -> list[int]:
+def encode_prompt(compiled, prompt, index: int | None = None) -> list[int]:
+    """Token ids of one prompt (a string or a sequence of token ids), checked strictly:
+    nothing is coerced (a float, a string or a bool is not a token id)."""
     tok = compiled.tokenizer
+    what = "prompt" if index is None else f"prompt {index}"
     if isinstance(prompt, str):
         if prompt == "":
-            raise ValueError("prompt is empty; give at least one character or token")
+            raise ValueError(f"{what} is empty; give at least one character or token")
+        check_text(prompt, what)
         ids = tok.encode(prompt)
+    elif isinstance(prompt, np.ndarray) and prompt.ndim != 1:
+        raise ValueError(f"{what} token array has shape {prompt.shape}; expected one dimension")
     elif isinstance(prompt, (list, tuple, np.ndarray)):
-        ids = [int(i) for i in prompt]
+        ids = []
+        for j, i in enumerate(prompt):
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                raise TypeError(
+                    f"{what} element {j} is {i!r} ({type(i).__name__}); token ids must be "
+                    "integers (a prompt is a string or a list of int token ids)"
+                )
+            ids.append(int(i))
         bad = [i for i in ids if not 0 <= i < compiled.config.vocab_size]
         if bad:
             raise ValueError(
-                f"prompt token ids {bad[:5]} are outside [0, {compiled.config.vocab_size})"
+                f"{what} token ids {bad[:5]} are outside [0, {compiled.config.vocab_size})"
             )
     else:
-        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt)}")
+        raise TypeError(
+            f"{what} must be a string or a list of token ids, got {type(prompt).__name__}"
+        )
     if not ids:
-        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+        raise ValueError(f"{what} {prompt!r} encodes to no tokens")
     return list(ids)
 
 
@@ -77,6 +93,8 @@ def build_requests(
     ignore_eos=False,
 ) -> list[Request]:
     """Validate everything before anything compiles; one Request per prompt."""
+    if isinstance(prompts, np.ndarray):  # one prompt [T] or a batch of equal lengths [B, T]
+        prompts = [prompts] if prompts.ndim == 1 else list(prompts)
     if isinstance(prompts, str) or (
         isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))
     ):
@@ -96,7 +114,7 @@ def build_requests(
     }  # fmt: skip
     reqs = []
     for i, prompt in enumerate(prompts):
-        ids = encode_prompt(compiled, prompt)
+        ids = encode_prompt(compiled, prompt, i)
         m = args["max_new_tokens"][i]
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
             raise ValueError(f"max_new_tokens={m!r} must be an integer >= 1")
@@ -116,7 +134,10 @@ def build_requests(
         )
         stop_strings = _stop_strings(args["stop"][i])
         user_ids = _stop_ids(args["stop_token_ids"][i], compiled.config.vocab_size)
-        ignore = bool(args["ignore_eos"][i])
+        ignore = args["ignore_eos"][i]
+        if not isinstance(ignore, (bool, np.bool_)):
+            raise ValueError(f"ignore_eos={ignore!r} must be True or False")
+        ignore = bool(ignore)
         eos = frozenset() if ignore else frozenset(compiled.tokenizer.stop_ids)
         reqs.append(Request(ids, int(m), sampling, eos | user_ids, stop_strings, ignore))
     return reqs

@@ -27,18 +27,35 @@ class SamplingParams:
 
     def __post_init__(self):
         t, k, p, m = self.temperature, self.top_k, self.top_p, self.min_p
-        if not (isinstance(t, (int, float)) and np.isfinite(t) and t >= 0):
+        if not (_is_real(t) and np.isfinite(t) and t >= 0):
             raise ValueError(f"temperature={t!r} must be a finite number >= 0 (0 is greedy)")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"top_k={k!r} must be an integer >= 0 (0 disables it)")
-        if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
+        if not _is_int(k) or not 0 <= k <= TOP_K_MAX:
+            raise ValueError(
+                f"top_k={k!r} must be an integer in [0, {TOP_K_MAX}] (0 disables it; any value "
+                "at least the vocabulary size keeps every token)"
+            )
+        if not (_is_real(p) and 0.0 < p <= 1.0):
             raise ValueError(f"top_p={p!r} must be in (0, 1] (1 disables it)")
-        if not (isinstance(m, (int, float)) and 0.0 <= m <= 1.0):
+        if not (_is_real(m) and 0.0 <= m <= 1.0):
             raise ValueError(f"min_p={m!r} must be in [0, 1] (0 disables it)")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
-        ):
+        if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed={self.seed!r} must be an integer or None")
+        for name, cast in (("temperature", float), ("top_k", int), ("top_p", float), ("min_p", float)):
+            object.__setattr__(self, name, cast(getattr(self, name)))  # NumPy scalars -> Python
+
+
+TOP_K_MAX = 2**31 - 1  # top_k is an int32 on device
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+    """A real number: Python or NumPy ints and floats, never a bool."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
+        x, (bool, np.bool_)
+    )
 
 
 def pack(params: list[SamplingParams], batch: int) -> dict[str, jax.Array]:

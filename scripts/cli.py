@@ -3,13 +3,17 @@
     pallax generate "The capital of France is" --max-new-tokens 32 --passes bf16
     pallax inspect --step decode --passes cast:bfloat16
 
-Bad input prints one line naming the problem (no traceback) and exits 2.
+Bad input prints one line naming the problem (no traceback) and exits 2. Ctrl-C (or
+SIGTERM) at any moment prints `pallax: interrupted` and exits 130 (143).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 
 from pallax.model.sources import SourceError
 
@@ -66,6 +70,9 @@ def _generate(args) -> None:
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     if args.prompt == "":
         raise ValueError("prompt is empty; give at least one character")
+    from pallax.model.tokenizer import check_text
+
+    check_text(args.prompt, "the prompt")  # invalid UTF-8 arrives as lone surrogates
     passes = _passes(args.passes)
     model = pallax.load(args.model)
     compiled = pallax.compile(model, passes=list(passes))
@@ -119,5 +126,38 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop(signum) -> None:
+    os.write(2, b"\npallax: interrupted\n")
+    os._exit(128 + signum)
+
+
+def _exit_on_signals() -> None:
+    """End the process at once on SIGINT / SIGTERM, at any moment.
+
+    Raising KeyboardInterrupt is not safe here: while XLA compiles or runs, the main thread
+    is inside C++ (the exception waits until it returns, or is swallowed by jax's gc
+    callback), and unwinding into interpreter teardown while XLA's threads run segfaults.
+    The command holds no state worth unwinding (saves are atomic on their own), so a
+    thread waits for the signals, blocked in every other thread (threads started later
+    inherit the mask), prints one line and leaves with `_exit`."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    for s in _STOP_SIGNALS:  # for a signal that reaches a thread started before the mask
+        signal.signal(s, lambda signum, frame: _stop(signum))
+
+    def wait() -> None:
+        _stop(signal.sigwait(_STOP_SIGNALS))
+
+    threading.Thread(target=wait, name="pallax-signals", daemon=True).start()
+
+
+def run() -> None:
+    """The `pallax` program: `main` with clean exits on interrupts."""
+    _exit_on_signals()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -113,7 +113,7 @@ def test_score_is_independent_of_chunk_size(compiled_fp32):
 @pytest.mark.parametrize(
     "prompts, kwargs, exc, match",
     [
-        ([""], {}, ValueError, "prompt is empty"),
+        ([""], {}, ValueError, "prompt 0 is empty"),
         ([], {}, ValueError, "non-empty list"),
         (["hi"], dict(max_new_tokens=0), ValueError, "max_new_tokens=0"),
         (["hi"], dict(max_new_tokens=9000), ValueError, "exceeds the context length 8192"),
@@ -124,7 +124,24 @@ def test_score_is_independent_of_chunk_size(compiled_fp32):
         (["hi"], dict(stop_token_ids=[10**6]), ValueError, "1000000"),
         (["hi", "yo"], dict(seed=[1]), ValueError, "seed has 1 values for 2 prompts"),
         ([[1, 2, 99999]], {}, ValueError, "99999"),
-        ([3.5], {}, ValueError, "string or a list of token ids"),
+        ([3.5], {}, TypeError, "prompt 0 must be a string or a list of token ids"),
+        ([[1.9, 504.7]], {}, TypeError, r"prompt 0 element 0 is 1.9 \(float\)"),
+        ([[12, "34"]], {}, TypeError, r"prompt 0 element 1 is '34' \(str\)"),
+        ([["12", "34"]], {}, TypeError, r"prompt 0 element 0 is '12'"),
+        ([[True, False]], {}, TypeError, r"prompt 0 element 0 is True \(bool\)"),
+        ([True, False], {}, TypeError, r"prompt 0 element 0 is True"),
+        (["ok", [np.float32(3.0)]], {}, TypeError, r"prompt 1 element 0 is np.float32\(3.0\)"),
+        (["ok", "caf\udce9"], {}, ValueError, r"prompt 1 is not valid Unicode: byte 0xe9 at "
+         r"character 3 \(after 'caf'\)"),
+        (["a\ud800b"], {}, ValueError, "prompt 0 is not valid Unicode: lone surrogate U\\+D800 "
+         "at character 1"),
+        (["hi"], dict(temperature=True), ValueError, "temperature=True"),
+        (["hi"], dict(top_p=True), ValueError, "top_p=True"),
+        (["hi"], dict(min_p=False), ValueError, "min_p=False"),
+        (["hi"], dict(top_k=2**31), ValueError, r"top_k=2147483648 must be an integer in \[0, "),
+        (["hi"], dict(top_k=np.int64(2**40)), ValueError, "top_k=.*1099511627776"),
+        (["hi"], dict(ignore_eos="no"), ValueError, "ignore_eos='no' must be True or False"),
+        (["hi"], dict(ignore_eos=1), ValueError, "ignore_eos=1 must be True or False"),
     ],
 )
 def test_bad_generate_input(compiled_fp32, prompts, kwargs, exc, match):
@@ -132,6 +149,15 @@ def test_bad_generate_input(compiled_fp32, prompts, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         compiled_fp32.generate(prompts, **kwargs)
     assert len(compiled_fp32._fns) == n  # nothing compiled
+
+
+def test_numpy_scalars_are_accepted(compiled_fp32):
+    """NumPy scalars are numbers, not coerced: np.float32(0.5) is a temperature."""
+    kwargs = dict(max_new_tokens=3, temperature=np.float32(0.5), top_p=np.float64(0.9),
+                  top_k=np.int32(40), seed=np.int64(1), ignore_eos=np.bool_(True))  # fmt: skip
+    a = compiled_fp32.generate("Hello", **kwargs)[0]
+    b = compiled_fp32.generate(np.asarray(compiled_fp32.tokenizer.encode("Hello")), **kwargs)[0]
+    assert len(a.token_ids) == 3 and a.token_ids == b.token_ids
 
 
 def test_prompt_longer_than_context(compiled_fp32):

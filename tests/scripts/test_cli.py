@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pathlib
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -56,3 +60,50 @@ def test_cli_non_gguf_file(tmp_path, capsys):
     bad.write_bytes(b"not a gguf at all")
     assert cli.main(["generate", "hi", "--model", str(bad)]) == 2
     assert "is not a GGUF file" in capsys.readouterr().err
+
+
+def test_cli_top_k_overflow_is_refused_before_loading(capsys):
+    assert cli.main(["generate", "hi", "--top-k", str(2**31)]) == 2
+    err = capsys.readouterr().err
+    assert "top_k=2147483648 must be an integer in [0, 2147483647]" in err
+
+
+def test_cli_truncated_gguf(tmp_path, capsys):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00")
+    assert cli.main(["generate", "hi", "--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "is truncated: 8 bytes, shorter than the 24-byte header" in err
+
+
+def _pallax_command():
+    exe = pathlib.Path(sys.executable).parent / "pallax"
+    return [str(exe)] if exe.exists() else [shutil.which("pallax") or "pallax"]
+
+
+def test_cli_invalid_utf8_prompt_names_the_position(smollm2_gguf_path):
+    proc = subprocess.run(
+        [*_pallax_command(), "generate", b"caf\xe9 au lait", "--model", str(smollm2_gguf_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "pallax: error: the prompt is not valid Unicode: byte 0xe9 at character 3 "
+        "(after 'caf'); give UTF-8 text"
+    )
+
+
+@pytest.mark.slow
+def test_cli_interrupt_exits_130_with_one_line_at_any_moment(smollm2_gguf_path):
+    """Ctrl-C while importing, loading, compiling, in the first prefill and while decoding:
+    always exit 130 and one line, never a traceback, a crash or a run that goes on."""
+    cmd = [*_pallax_command(), "generate", "Once upon a time", "--model",
+           str(smollm2_gguf_path), "--max-new-tokens", "1000", "--ignore-eos"]  # fmt: skip
+    for offset in (0.2, 0.6, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.5, 6.0):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(offset)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, (offset, proc.returncode, err[-3000:])
+        assert err.strip().splitlines()[-1:] == ["pallax: interrupted"], (offset, err[-3000:])
+        assert "Traceback" not in err and "Fatal" not in err, (offset, err[-3000:])

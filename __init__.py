@@ -19,7 +19,7 @@ _LAZY = {
     "DEFAULT_MODEL": "pallax.model.configs",
     "KNOWN_MODELS": "pallax.model.configs",
     "Model": "pallax.model.loaded",
-    "load": "pallax.model.loaded",
+    "load": "pallax.runtime.loading",
     "CompiledModel": "pallax.runtime.compiled",
     "compile": "pallax.runtime.compiled",
     "GenerationResult": "pallax.runtime.requests",

@@ -58,7 +58,9 @@ def write_dir(
     """
     path = resolve(path)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(path)!r}: {str(path.parent)!r} is not a directory")
+        raise FileNotFoundError(
+            f"cannot write {str(path)!r}: {str(path.parent)!r} is not a directory"
+        )
     recover(path)
     if check is not None:
         check(path)

@@ -35,7 +35,7 @@ import numpy as np
 from jax.interpreters import mlir
 
 from pallax.cpu_kernels import build
-from pallax.passes import primitives as ops
+from pallax.ir import primitives as ops
 
 ENV_SWITCH = "PALLAX_CPU_KERNELS"
 TARGET = "pallax_qmatmul"
@@ -84,7 +84,7 @@ def _check(x, data, scale, offset, bits, group_size):
 
 
 def qmatmul_cpu(x, data, scale, offset, *, bits: int, group_size: int) -> jax.Array:
-    """x [R, Ip] @ dequant(w).T -> float32 [R, O], for a packed weight (passes/qformat.py).
+    """x [R, Ip] @ dequant(w).T -> float32 [R, O], for a packed weight (ir/qformat.py).
 
     x must already be zero-padded to Ip = G * group_size. Runs the FFI kernel when
     `available()` and the layout is `supported`, else the same product in XLA

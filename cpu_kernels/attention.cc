@@ -7,7 +7,7 @@
 // results (input_output_aliases), so the write happens in the buffer the decode loop
 // carries. This is why the kernel exists: in XLA the write and the dots over the written
 // cache make XLA:CPU copy every cache array several times a step to keep the loop's
-// buffers (passes/primitives.decode_attention_split), a cost that grows with the context.
+// buffers (ir/primitives/attention.decode_attention_split), a cost that grows with the context.
 //
 // The semantics are primitives.attention_reference's for T = 1: the new k, v are rounded
 // to the cache dtype and written at slot min(pos, S - 1); query b sees slots

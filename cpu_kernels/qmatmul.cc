@@ -1,6 +1,6 @@
 // Quantized matmul for XLA:CPU through the FFI: y [R, O] = x [R, Ip] @ dequant(w).T.
 //
-// The weight is pallax's packed format (passes/qformat.py): int8 [O, Ip] or two 4-bit
+// The weight is pallax's packed format (ir/qformat.py): int8 [O, Ip] or two 4-bit
 // values per byte [O, Ip / 2] in the group-halves layout, a float scale per group of g
 // input features and optionally a float offset per group:
 //     w[o, i] = value(o, i) * scale[o, i / g] + offset[o, i / g].

@@ -127,7 +127,7 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _unpermute_rows(w, n_heads: int):
     """_unpermute on a float matrix, or on every per-row array of a packed weight (groups
     run along the input axis, so whole rows move together)."""
-    from pallax.passes.qformat import QuantizedWeight
+    from pallax.ir.qformat import QuantizedWeight
 
     if not isinstance(w, QuantizedWeight):
         return _unpermute(w, n_heads)

@@ -2,7 +2,7 @@
 
 A GGUF linear weight is already quantized; dequantizing it to float32 and quantizing
 again would both cost memory and lose the file's exact values. `keep_quantized`
-re-lays out the integer values into pallax's packed format (`passes/qformat.py`) and
+re-lays out the integer values into pallax's packed format (`ir/qformat.py`) and
 turns each block's float16 scales into float32 group scales and offsets, computing
 products such as d * sc in float32 as ggml does. `qformat.dequantize` of the result
 equals `gguf.quants.dequantize` of the bytes bit for bit (see the tests): f16 times a
@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from pallax.passes.qformat import QuantizedWeight
+from pallax.ir.qformat import QuantizedWeight
 
 _T = GGMLQuantizationType
 FLOAT_TYPES = (_T.F32, _T.F16, _T.BF16)

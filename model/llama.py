@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallax.ir import primitives as ops
 from pallax.model.configs import ModelConfig
-from pallax.passes import primitives as ops
 
 
 def cache_shapes(cfg: ModelConfig) -> dict[str, tuple[str | int, ...]]:

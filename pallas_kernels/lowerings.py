@@ -16,14 +16,14 @@ import functools
 import jax.numpy as jnp
 from jax.interpreters import mlir
 
+from pallax.ir import kvh2o, kvquant
+from pallax.ir import primitives as ops
 from pallax.pallas_kernels.decode_attention import decode_attention
 from pallax.pallas_kernels.h2o_attention import h2o_decode_attention
 from pallax.pallas_kernels.kivi_attention import kivi_decode_attention
 from pallax.pallas_kernels.platforms import PLATFORMS
 from pallax.pallas_kernels.qmatmul import qmatmul
 from pallax.pallas_kernels.rms_norm import rms_norm
-from pallax.passes import kvh2o, kvquant
-from pallax.passes import primitives as ops
 
 
 def _rms_norm_rule(x, w, *, eps, platform):

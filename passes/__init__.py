@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pallax.passes.cast import CAST_DTYPES, Cast, cast
-from pallax.passes.ir import CacheLayout, Graph, StepSpec, capture
+from pallax.ir.graph import CacheLayout, Graph, StepSpec, capture
+from pallax.ir.manager import Pass, describe, run_passes
+from pallax.ir.printer import format_graph
+from pallax.ir.qformat import QuantizedWeight
+from pallax.ir.rewrite import rewrite
+from pallax.ir.verify import GraphError, verify
+from pallax.passes.cast_dtype import CAST_DTYPES, Cast, cast
 from pallax.passes.kvcache import CompressKV, EvictKV, compress_kv, evict_kv
-from pallax.passes.manager import Pass, describe, run_passes
-from pallax.passes.printer import format_graph
-from pallax.passes.qformat import QuantizedWeight
-from pallax.passes.quantize import QuantizeWeights, quantize_weights
-from pallax.passes.rewrite import rewrite
-from pallax.passes.verify import GraphError, verify
+from pallax.passes.quantize_weights import QuantizeWeights, quantize_weights
 
 # Pass names accepted on the command line and as strings in `pallax.compile`:
 # "name" or "name:arg" (e.g. "cast:bfloat16", "bf16").

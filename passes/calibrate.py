@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from pallax.passes import primitives
-from pallax.passes.ir import Graph, StepSpec, capture
-from pallax.passes.rewrite import eval_with_rules
+from pallax.ir import primitives
+from pallax.ir.graph import Graph, StepSpec, capture
+from pallax.ir.rewrite import eval_with_rules
 
 DEFAULT_TEXT = os.path.join(
     os.path.dirname(os.path.dirname(__file__)), "data", "calibration_text.txt"

@@ -49,8 +49,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from pallax.passes import qformat
-from pallax.passes.qformat import QuantizedWeight
+from pallax.ir import qformat
+from pallax.ir.qformat import QuantizedWeight
 
 
 def hessian_update(h: np.ndarray | None, x, count: int = 0) -> tuple[np.ndarray, int]:

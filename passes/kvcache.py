@@ -1,7 +1,7 @@
 """KV-cache passes: they change the graph's cache layout and its attention ops.
 
 `compress_kv(method="kivi", bits, group_size, residual)` replaces each layer's dense
-[B, K, S, H] key and value arrays with KIVI's packed format (passes/kvquant.py) and
+[B, K, S, H] key and value arrays with KIVI's packed format (ir/kvquant.py) and
 its `attention` op with `kivi_attention`, in every step (prefill, decode, chunk), so
 prefill writes the prompt's cache in the same format and `score` reads it back.
 """
@@ -14,13 +14,14 @@ import re
 import jax
 import jax.numpy as jnp
 
-from pallax.passes import kvkivi_h2o, kvkivi_sinks
-from pallax.passes import primitives as ops
-from pallax.passes.ir import CacheLayout, Graph, trace_step
-from pallax.passes.kvh2o import H2OConfig, h2o_attention
-from pallax.passes.kvquant import BITS, FIRST_PARTS, PARTS, KiviConfig, kivi_attention
-from pallax.passes.kvsinks import SinkConfig, sink_attention
-from pallax.passes.rewrite import eval_with_rules
+from pallax.ir import kvkivi_h2o, kvkivi_sinks
+from pallax.ir import primitives as ops
+from pallax.ir.graph import CacheLayout, Graph, trace_step
+from pallax.ir.kvh2o import H2OConfig, h2o_attention
+from pallax.ir.kvquant import BITS, FIRST_PARTS, PARTS, KiviConfig, kivi_attention
+from pallax.ir.kvsinks import SinkConfig, sink_attention
+from pallax.ir.manager import DENSE_KV, FULL_KV
+from pallax.ir.rewrite import eval_with_rules
 
 GROUP_SIZES = (16, 32, 64, 128)
 METHODS = ("kivi",)
@@ -131,7 +132,7 @@ def _bad(name, value, allowed) -> ValueError:
 @dataclasses.dataclass(frozen=True)
 class CompressKV:
     """KIVI: keys per channel, values per token, `bits` asymmetric, the newest
-    `residual` tokens in full precision (see passes/kvquant.py).
+    `residual` tokens in full precision (see ir/kvquant.py).
 
     Beyond the paper, the first `full_first` positions (default: one group) also stay
     in full precision: the first tokens are attention sinks with keys unlike the rest,
@@ -148,6 +149,8 @@ class CompressKV:
     layers: str = "all"
     full_first: int | None = None  # None: one group (keeps the attention sinks exact)
     name: str = dataclasses.field(default="compress_kv", init=False, repr=False)
+    requires = removes = frozenset({DENSE_KV})
+    provides = frozenset({"KIVI KV storage"})
 
     def __post_init__(self):
         if self.full_first is None:
@@ -261,7 +264,7 @@ def _compose(graph: Graph, second) -> Graph:
 
 
 def _kivi_h2o(graph: Graph, kivi: CompressKV, ev: EvictKV) -> Graph:
-    """Group-wise H2O over KIVI caches (passes/kvkivi_h2o.py). A sliding-window layer
+    """Group-wise H2O over KIVI caches (ir/kvkivi_h2o.py). A sliding-window layer
     keeps a ring of its own window, as under evict_kv alone (quantized unless
     compress_kv(layers="global"))."""
     ev.check_context(graph)
@@ -324,7 +327,7 @@ def _kivi_h2o(graph: Graph, kivi: CompressKV, ev: EvictKV) -> Graph:
 
 
 def _kivi_sinks(graph: Graph, kivi: CompressKV, ev: EvictKV) -> Graph:
-    """Fixed-size quantized caches with sinks (passes/kvkivi_sinks.py). A sliding-window
+    """Fixed-size quantized caches with sinks (ir/kvkivi_sinks.py). A sliding-window
     layer gets a quantized ring of its own window and no sinks (with
     compress_kv(layers="global"): a dense ring, as evict_kv alone gives it)."""
     windowed = _windowed_layers(graph)
@@ -410,9 +413,9 @@ class EvictKV:
     """A fixed-size cache per layer.
 
     - `policy="sinks"`: StreamingLLM, `sinks` first tokens and a rolling `window`
-      (passes/kvsinks.py); generation may run past the context length.
+      (ir/kvsinks.py); generation may run past the context length.
     - `policy="h2o"`: H2O, `budget` slots holding the `recent` newest tokens and the
-      heaviest hitters by accumulated attention (passes/kvh2o.py).
+      heaviest hitters by accumulated attention (ir/kvh2o.py).
 
     Layers with their own sliding window (Gemma 3's local layers) keep a ring of
     exactly that window under either policy: they never attend further back, so for
@@ -425,6 +428,8 @@ class EvictKV:
     budget: int | None = None
     recent: int | None = None
     name: str = dataclasses.field(default="evict_kv", init=False, repr=False)
+    requires = removes = frozenset({FULL_KV})
+    provides = frozenset({"evicted KV slots"})
 
     @property
     def unbounded_context(self) -> bool:

@@ -17,11 +17,11 @@ import numpy as np
 
 from pallax import cpu_kernels as _cpu_kernels  # registers the CPU kernel lowerings
 from pallax import pallas_kernels as _pallas_kernels  # registers the tpu / cuda lowerings
-from pallax.passes.ir import Graph, StepSpec, capture
-from pallax.passes.manager import run_passes
-from pallax.passes.printer import format_graph
-from pallax.passes.qformat import QuantizedWeight
-from pallax.passes.quantize import use_packed_weights
+from pallax.ir.graph import Graph, StepSpec, capture
+from pallax.ir.manager import run_passes
+from pallax.ir.printer import format_graph
+from pallax.ir.qformat import QuantizedWeight
+from pallax.passes.quantize_weights import use_packed_weights
 from pallax.runtime import generation as gen
 from pallax.runtime.requests import GenerationResult, Request, build_requests, finish
 from pallax.runtime.sampling import pack
@@ -168,7 +168,7 @@ class CompiledModel:
     def save(self, path, *, overwrite: bool = False) -> None:
         """Write the weights after the pass pipeline, config, tokenizer and passes to the
         directory `path`, a pallax checkpoint that `pallax.load(path)` reads back."""
-        from pallax.model import checkpoint
+        from pallax.runtime import checkpoint
 
         checkpoint.save_checkpoint(self, path, overwrite=overwrite)
 
@@ -396,8 +396,13 @@ def compile(model, passes=None) -> CompiledModel:  # noqa: A001 - the public API
 
     if not isinstance(model, Model):
         raise TypeError(f"compile() takes a pallax Model (from pallax.load), got {model!r:.80}")
+    from pallax.ir.manager import check_order, initial_facts
     from pallax.passes.kvcache import check_pipeline
 
     pipeline = model.passes + resolve_passes(passes)
-    check_pipeline(pipeline)  # KV passes that cannot compose: refused before any capture
+    # Refused before any capture: an order the passes' declared facts rule out, and KV
+    # passes that cannot compose.
+    packed = any(isinstance(w, QuantizedWeight) for w in model.weights.values())
+    check_order(pipeline, initial_facts(packed_weights=packed))
+    check_pipeline(pipeline)
     return CompiledModel(model, pipeline)

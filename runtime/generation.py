@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallax.passes.ir import Graph
+from pallax.ir.graph import Graph
 from pallax.runtime.sampling import sample
 
 

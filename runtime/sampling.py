@@ -40,8 +40,9 @@ class SamplingParams:
             raise ValueError(f"min_p={m!r} must be in [0, 1] (0 disables it)")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed={self.seed!r} must be an integer or None")
-        for name, cast in (("temperature", float), ("top_k", int), ("top_p", float), ("min_p", float)):
-            object.__setattr__(self, name, cast(getattr(self, name)))  # NumPy scalars -> Python
+        for name in ("temperature", "top_k", "top_p", "min_p"):  # NumPy scalars -> Python
+            cast = int if name == "top_k" else float
+            object.__setattr__(self, name, cast(getattr(self, name)))
 
 
 TOP_K_MAX = 2**31 - 1  # top_k is an int32 on device

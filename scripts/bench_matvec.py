@@ -7,7 +7,7 @@ SmolLM2's MLP shapes) inside one jitted fori_loop and prints the median ms per s
 for: float32 weights as x @ W.T and as (W @ x.T).T behind an optimization barrier;
 bfloat16 weights widened to float32 with a shift and bitcast (both forms); bfloat16
 weights in a native bf16 dot; and bf16 as multiply + reduce. This is the
-measurement behind the `linear` CPU lowering choices in passes/primitives.py.
+measurement behind the `linear` CPU lowering choices in ir/primitives/.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallax.passes.primitives import widen
+from pallax.ir.primitives import widen
 
 D, F, LAYERS, STEPS = 576, 1536, 30, 16
 

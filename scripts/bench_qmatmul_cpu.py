@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from pallax import cpu_kernels
-from pallax.passes import primitives
+from pallax.ir import primitives
 
 D, F, KV, LAYERS = 576, 1536, 192, 30
 SHAPES = {

@@ -100,8 +100,8 @@ def _generate(args) -> None:
 
 def _inspect(args) -> None:
     import pallax
-    from pallax.passes.ir import StepSpec, capture
-    from pallax.passes.manager import printing_dump, run_passes
+    from pallax.ir.graph import StepSpec, capture
+    from pallax.ir.manager import printing_dump, run_passes
 
     passes = _passes(args.passes)
     model = pallax.load(args.model)

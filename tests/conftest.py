@@ -25,7 +25,7 @@ def chunk_logits(compiled, ids, cache_len):
     `chunk` step and a fresh cache of `cache_len` rows."""
     import jax.numpy as jnp
 
-    from pallax.passes.ir import StepSpec
+    from pallax.ir.graph import StepSpec
 
     graph = compiled._capture([StepSpec("chunk", 1, len(ids), cache_len)])
     cache = graph.cache.allocate(1, cache_len)

@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallax.ir import kvquant
 from pallax.pallas_kernels.decode_attention.gpu import combine_splits
 from pallax.pallas_kernels.kivi_attention.bounds import (
     block_range,
@@ -41,7 +42,6 @@ from pallax.pallas_kernels.kivi_attention.bounds import (
     ring_attended,
     ring_positions,
 )
-from pallax.passes import kvquant
 
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 MIN_TILE = 16  # smallest M, N and K of a Triton dot

@@ -1,6 +1,6 @@
 """KIVI decode attention as a Pallas kernel: Mosaic TPU (this file) and Triton GPU (``gpu.py``).
 
-One query per sequence attends to one layer's KIVI cache (``passes/kvquant.py``)
+One query per sequence attends to one layer's KIVI cache (``ir/kvquant.py``)
 without dequantizing it in HBM: each block of packed keys and values is unpacked
 and dequantized in VMEM, attended with an online softmax in float32, and the
 full-precision rows (the residual ring, and the ``first`` rows with
@@ -38,6 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallax.ir import kvquant
 from pallax.pallas_kernels.kivi_attention import gpu
 from pallax.pallas_kernels.kivi_attention.bounds import (
     block_range,
@@ -48,7 +49,6 @@ from pallax.pallas_kernels.kivi_attention.bounds import (
 )
 from pallax.pallas_kernels.kivi_attention.reference import kivi_decode_attention_reference
 from pallax.pallas_kernels.platforms import resolve_platform
-from pallax.passes import kvquant
 
 SUPPORTED_BITS = (2, 4, 8)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))

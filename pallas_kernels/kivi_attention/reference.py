@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallax.passes import kvquant
+from pallax.ir import kvquant
 
 
 def kivi_decode_attention_reference(

@@ -1,6 +1,6 @@
 """Quantized matmul as a Pallas kernel: Mosaic TPU (this file) and Triton GPU (``gpu.py``).
 
-``y = x @ w.T`` with ``w`` [O, I] in pallax's packed format (``passes/qformat.py``):
+``y = x @ w.T`` with ``w`` [O, I] in pallax's packed format (``ir/qformat.py``):
 int8 or nibble-packed int4 values with a float32 scale (and optional offset) per
 output feature and group of ``g`` input features. The weight is dequantized in
 VMEM, never in HBM, and products accumulate in float32.
@@ -362,7 +362,7 @@ def qmatmul(
     Args:
       x: ``[R, Ip]`` float32 or bfloat16, zero-padded to whole groups.
       data: int8 ``[O, Ip]`` (bits=8) or uint8 ``[O, Ip // 2]`` (bits=4, group-halves
-        nibbles), as in ``passes/qformat.QuantizedWeight`` (outliers are the caller's).
+        nibbles), as in ``ir/qformat.QuantizedWeight`` (outliers are the caller's).
       scale: float32 ``[O, G]``.
       offset: float32 ``[O, G]`` or None.
       bits: 4 or 8.

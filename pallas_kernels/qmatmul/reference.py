@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallax.passes.qformat import unpack_int4
+from pallax.ir.qformat import unpack_int4
 
 
 def qmatmul_reference(
@@ -23,7 +23,7 @@ def qmatmul_reference(
     Args:
       x: ``[R, Ip]`` float activations, zero-padded to whole groups.
       data: int8 ``[O, Ip]`` (bits=8) or uint8 ``[O, Ip // 2]`` nibbles (bits=4) in the
-        group-halves layout of ``passes/qformat.py``.
+        group-halves layout of ``ir/qformat.py``.
       scale: float32 ``[O, G]``, one scale per output feature and group of ``group_size``.
       offset: float32 ``[O, G]`` or None: ``w = value * scale + offset``.
       bits: 4 or 8.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pallax import cpu_kernels
-from pallax.passes import primitives as ops
+from pallax.ir import primitives as ops
 
 pytestmark = pytest.mark.usefixtures("kernel")
 

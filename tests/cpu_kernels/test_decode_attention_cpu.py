@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 
 from pallax import cpu_kernels
-from pallax.passes import primitives as ops
+from pallax.ir import primitives as ops
 
 pytestmark = pytest.mark.usefixtures("kernel")
 

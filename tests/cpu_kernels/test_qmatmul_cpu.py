@@ -4,7 +4,7 @@
   block of 32 with one float32 scale, as the kernel does, then multiplied by the
   dequantized weight). Only float32 rounding separates the two, so this catches any
   layout, tail or threading mistake: atol = BASE_TOL * sqrt(Ip) * |x_q| @ |w|.T.
-- The float product x @ dequantize(w).T (passes/qformat.py): the kernel differs by its
+- The float product x @ dequantize(w).T (ir/qformat.py): the kernel differs by its
   activation quantization, about 0.5% of the output's scale (rms) for these Gaussian
   inputs (theory: a uniform rounding error of amax/254 per element, amax of 32 normals
   being about 2.1 sigma, gives 0.47%). Asserted: rms error <= 0.8% and max error
@@ -29,7 +29,7 @@ import pytest
 
 from pallax import cpu_kernels
 from pallax.cpu_kernels import build
-from pallax.passes import qformat
+from pallax.ir import qformat
 
 BASE_TOL = 5e-7  # float32 (tokamax's base), times sqrt(reduction length)
 REL_RMS_TOL, REL_MAX_TOL = 0.008, 0.05

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pallax import cpu_kernels
-from pallax.passes import qformat
+from pallax.ir import qformat
 
 pytestmark = pytest.mark.usefixtures("kernel")
 
@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     import hashlib, functools
     import jax, jax.numpy as jnp, numpy as np
     from pallax import cpu_kernels
-    from pallax.passes import qformat
+    from pallax.ir import qformat
     assert cpu_kernels.available()
     rng = np.random.default_rng(0)
     outs = []

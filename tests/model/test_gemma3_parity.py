@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallax.passes import primitives as ops
+from pallax.ir import primitives as ops
 from tests.conftest import PROMPTS, chunk_logits, hf_logits
 
 LOGIT_ATOL = 5e-3

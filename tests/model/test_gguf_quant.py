@@ -14,10 +14,10 @@ import pytest
 from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as T
 
+from pallax.ir import qformat
 from pallax.model import gguf_quant
 from pallax.model.gguf_file import GGUFFile
 from pallax.model.gguf_quant import KEEPABLE_TYPES, keep_quantized
-from pallax.passes import qformat
 
 # What each type becomes: (bits, group size, has an offset).
 LAYOUT = {

@@ -19,6 +19,7 @@ import pytest
 from jax import export
 
 import pallax  # noqa: F401  (registers the lowerings)
+from pallax.ir import kvh2o
 from pallax.pallas_kernels.h2o_attention import (
     BlockSizes,
     h2o_decode_attention,
@@ -26,7 +27,6 @@ from pallax.pallas_kernels.h2o_attention import (
     kernel_supports,
 )
 from pallax.pallas_kernels.h2o_attention.gpu import TRITON_CUSTOM_CALL
-from pallax.passes import kvh2o
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 # atol = BASE_TOL * sqrt(S) and rtol = BASE_TOL, by the output's dtype: ``out`` is in q's

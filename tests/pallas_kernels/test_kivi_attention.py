@@ -20,6 +20,7 @@ import pytest
 from jax import export
 
 import pallax  # noqa: F401  (registers the lowerings)
+from pallax.ir import kvquant
 from pallax.pallas_kernels.kivi_attention import (
     BlockSizes,
     kernel_supports,
@@ -27,7 +28,6 @@ from pallax.pallas_kernels.kivi_attention import (
     kivi_decode_attention_reference,
 )
 from pallax.pallas_kernels.kivi_attention.gpu import TRITON_CUSTOM_CALL
-from pallax.passes import kvquant
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 # The reference works in float32 throughout. float32 kernels dot at HIGHEST precision;

@@ -9,11 +9,11 @@ import pytest
 from jax import export
 
 import pallax  # noqa: F401  (registers the lowerings)
+from pallax.ir.graph import CacheLayout
 from pallax.model import llama
 from pallax.model.configs import ModelConfig
 from pallax.model.llama import weight_shapes as expected_llama_shapes
 from pallax.passes import StepSpec, capture, cast, run_passes
-from pallax.passes.ir import CacheLayout
 
 TINY = ModelConfig(
     arch="llama", vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from jax import export
 
+from pallax.ir import qformat
 from pallax.pallas_kernels.qmatmul import BlockSizes, qmatmul, qmatmul_reference
 from pallax.pallas_kernels.qmatmul import kernel as qmatmul_kernel
 from pallax.pallas_kernels.qmatmul.gpu import TRITON_CUSTOM_CALL
-from pallax.passes import qformat
 
 # x ~ N(0, 1) and w ~ N(0, 1/I), so y ~ N(0, 1): atol = BASE_TOL * sqrt(Ip), rtol = BASE_TOL.
 # bfloat16: the kernels round each dequantized weight tile to bfloat16 for the dot, the

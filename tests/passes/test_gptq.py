@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallax.passes import qformat
+from pallax.ir import qformat
 from pallax.passes.gptq import gptq_quantize, hessian_update, layer_error
 
 

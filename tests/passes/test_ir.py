@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallax.passes import GraphError, StepSpec, capture, rewrite, run_passes, verify
-from pallax.passes import primitives as ops
+from pallax.ir import primitives as ops
+from pallax.ir import rewrite, verify
+from pallax.passes import GraphError, StepSpec, capture, run_passes
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def _run_decode(graph, steps=3):
 
 
 def test_decode_graph_shows_semantic_ops(graph, smollm2):
-    from pallax.passes.printer import format_graph
+    from pallax.ir.printer import format_graph
 
     text = format_graph(graph, "decode")
     n = smollm2.config.n_layers
@@ -104,3 +105,33 @@ def test_pass_manager_dumps_every_stage(graph):
     desc = "cast(dtype='bfloat16', activations=True, name='cast')"
     assert seen == ["input", f"after {desc}"]
     assert out.meta["passes"] == (desc,)
+
+
+def test_check_order_names_both_passes():
+    """Passes declare what they require, remove and provide; an impossible order is refused
+    naming both passes, and an order the facts allow passes."""
+
+    from pallax.ir.manager import check_order, initial_facts
+
+    @dataclasses.dataclass(frozen=True)
+    class Fake:
+        name: str
+        requires: frozenset = frozenset()
+        removes: frozenset = frozenset()
+        provides: frozenset = frozenset()
+
+    fresh = initial_facts(packed_weights=False)
+    fuse = Fake("fuse_qkv", requires=frozenset({"float weights"}), provides=frozenset({"fused"}))
+    quant = Fake("quantize_weights", requires=frozenset({"float weights"}),
+                 removes=frozenset({"float weights"}))  # fmt: skip
+    check_order([fuse, quant], fresh)
+    with pytest.raises(ValueError, match=r"pass 1 \(fuse_qkv\) requires float weights, but "
+                       r"pass 0 \(quantize_weights\) before it removed them: run fuse_qkv "
+                       r"before quantize_weights"):  # fmt: skip
+        check_order([quant, fuse], fresh)
+    with pytest.raises(ValueError, match="which the model lacks"):
+        check_order([quant], initial_facts(packed_weights=True))
+    needs_fused = Fake("lower_fused", requires=frozenset({"fused"}))
+    check_order([fuse, needs_fused], fresh)
+    with pytest.raises(ValueError, match=r"pass 0 \(lower_fused\) requires fused"):
+        check_order([needs_fused, fuse], fresh)

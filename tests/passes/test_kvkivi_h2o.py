@@ -1,4 +1,4 @@
-"""KIVI composed with H2O (passes/kvkivi_h2o.py): group-wise heavy-hitter eviction over
+"""KIVI composed with H2O (ir/kvkivi_h2o.py): group-wise heavy-hitter eviction over
 the quantized cache, the op against dense attention and the pass on the real model."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import pallax
-from pallax.passes import kvkivi_h2o
-from pallax.passes import primitives as ops
-from pallax.passes.ir import CacheLayout
-from pallax.passes.kvkivi_h2o import KiviH2OConfig
+from pallax.ir import kvkivi_h2o
+from pallax.ir import primitives as ops
+from pallax.ir.graph import CacheLayout
+from pallax.ir.kvkivi_h2o import KiviH2OConfig
 
 B, K, N, H = 2, 2, 4, 32
 

@@ -131,10 +131,19 @@ def test_score_is_independent_of_chunk_size(compiled_fp32):
         ([[True, False]], {}, TypeError, r"prompt 0 element 0 is True \(bool\)"),
         ([True, False], {}, TypeError, r"prompt 0 element 0 is True"),
         (["ok", [np.float32(3.0)]], {}, TypeError, r"prompt 1 element 0 is np.float32\(3.0\)"),
-        (["ok", "caf\udce9"], {}, ValueError, r"prompt 1 is not valid Unicode: byte 0xe9 at "
-         r"character 3 \(after 'caf'\)"),
-        (["a\ud800b"], {}, ValueError, "prompt 0 is not valid Unicode: lone surrogate U\\+D800 "
-         "at character 1"),
+        (
+            ["ok", "caf\udce9"],
+            {},
+            ValueError,
+            r"prompt 1 is not valid Unicode: byte 0xe9 at "
+            r"character 3 \(after 'caf'\)",
+        ),
+        (
+            ["a\ud800b"],
+            {},
+            ValueError,
+            "prompt 0 is not valid Unicode: lone surrogate U\\+D800 at character 1",
+        ),
         (["hi"], dict(temperature=True), ValueError, "temperature=True"),
         (["hi"], dict(top_p=True), ValueError, "top_p=True"),
         (["hi"], dict(min_p=False), ValueError, "min_p=False"),

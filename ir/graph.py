@@ -200,7 +200,7 @@ def capture(forward: Callable, weights, cache: CacheLayout, specs, meta) -> Grap
 
     steps = {s.name: trace_step(make(s), s, weights, cache) for s in specs}
     graph = Graph(steps=steps, weights=dict(weights), cache=cache, meta=dict(meta))
-    from pallax.passes.verify import verify
+    from pallax.ir.verify import verify
 
     verify(graph)
     return graph

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import pallax
-from pallax.model import checkpoint
+from pallax.runtime import checkpoint
 
 PROMPTS = ["The capital of France is", "def fib(n):", "Once upon a time, in a small village,"]
 
@@ -302,7 +302,7 @@ def test_save_refuses_a_file(compiled_bf16, tmp_path):
 def test_packed_weights_round_trip(source, smollm2, smollm2_gguf_path, tmp_path):
     """Quantized weights (a quantize pass with the head, or int4 kept from the GGUF) are
     stored as their packed arrays and come back bit for bit, still packed."""
-    from pallax.passes.qformat import QuantizedWeight
+    from pallax.ir.qformat import QuantizedWeight
 
     if source == "pass":
         p = pallax.passes.quantize_weights(8, head=True, embeddings=True)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.core import ShapedArray
 
-from pallax.passes import primitives
+from pallax.ir import primitives
 
 F32 = jnp.float32
 

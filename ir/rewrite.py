@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from jax.extend import core as jcore
 
-from pallax.passes.ir import Graph, Step, abstract
+from pallax.ir.graph import Graph, Step, abstract
 
 Rule = Callable[..., Any]
 _INLINED = ("pjit", "jit", "closed_call", "core_call")
@@ -97,7 +97,7 @@ def rewrite(graph: Graph, rules: dict | None = None, *, weights=None, cache=None
             outs = eval_with_rules(_step.jaxpr.jaxpr, _step.jaxpr.consts, flat, rules)
             return jax.tree.unflatten(_step.out_tree, outs)
 
-        from pallax.passes.ir import trace_step
+        from pallax.ir.graph import trace_step
 
         steps[name] = trace_step(fn, spec, new_weights, layout)
     out = graph.replace(steps=steps, weights=dict(new_weights), cache=layout)

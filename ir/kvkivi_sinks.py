@@ -14,7 +14,7 @@ A query at qp sees the sinks and the positions in (qp - window, qp], as with
 `evict_kv("sinks")`: the quantized ring holds at least the `window` positions before
 the residual, so the window is always complete. Sinks meet the query at their rank
 within the cache, min(qp, sinks + window - 1), by the same query rotation as
-passes/kvsinks.py, so generation runs past the context length with a fixed cache.
+ir/kvsinks.py, so generation runs past the context length with a fixed cache.
 
 A call (T tokens) attends over the cache as it was before the call plus its own
 tokens in full precision, then writes them (quantizing the groups that leave the
@@ -27,9 +27,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.core import ShapedArray
 
-from pallax.passes import kvquant, kvsinks, primitives
-from pallax.passes.kvquant import KiviConfig
-from pallax.passes.kvsinks import SinkConfig
+from pallax.ir import kvquant, kvsinks, primitives
+from pallax.ir.kvquant import KiviConfig
+from pallax.ir.kvsinks import SinkConfig
 
 F32 = jnp.float32
 

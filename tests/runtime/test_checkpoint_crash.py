@@ -24,7 +24,7 @@ CHILD = textwrap.dedent(
     import jax.numpy as jnp
     import pallax
     from pallax import atomic_dir
-    from pallax.model import checkpoint
+    from pallax.runtime import checkpoint
     from pallax.model.loaded import Model
 
     gguf, path, moment, swap = sys.argv[1:5]
@@ -104,9 +104,7 @@ def _run_child(gguf, path, moment, swap, sig):
 
 
 def _same(weights, other):
-    return all(
-        np.array_equal(np.asarray(weights[k]), np.asarray(other[k])) for k in other
-    )
+    return all(np.array_equal(np.asarray(weights[k]), np.asarray(other[k])) for k in other)
 
 
 @pytest.mark.slow
@@ -133,9 +131,11 @@ def test_save_killed_at_any_moment_keeps_a_checkpoint(tiny, swap, sig):
         is_a = _same(loaded.weights, a.weights)
         is_b = _same(loaded.weights, b_weights)
         assert is_a or is_b, moment
-        text = pallax.compile(loaded, []).generate(
-            "Hello there", max_new_tokens=6, ignore_eos=True
-        )[0].text
+        text = (
+            pallax.compile(loaded, [])
+            .generate("Hello there", max_new_tokens=6, ignore_eos=True)[0]
+            .text
+        )
         if is_a:
             assert text == text_a, moment
         outcomes.add("A" if is_a else "B")
@@ -145,7 +145,7 @@ def test_save_killed_at_any_moment_keeps_a_checkpoint(tiny, swap, sig):
 def test_interrupted_save_leaves_nothing_and_raises_one_interrupt(tiny, monkeypatch):
     """Ctrl-C while orbax writes: the write finishes, the temporary is removed, the
     destination stays as it was, and a KeyboardInterrupt says so."""
-    from pallax.model import checkpoint
+    from pallax.runtime import checkpoint
 
     root, gguf, a, _ = tiny
     path = root / "interrupted"

@@ -12,11 +12,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallax.passes import primitives
-from pallax.passes.ir import Graph
-from pallax.passes.manager import map_weights
-from pallax.passes.qformat import QuantizedWeight
-from pallax.passes.rewrite import rewrite
+from pallax.ir import primitives
+from pallax.ir.graph import Graph
+from pallax.ir.manager import map_weights
+from pallax.ir.qformat import QuantizedWeight
+from pallax.ir.rewrite import rewrite
 
 CAST_DTYPES = ("float32", "bfloat16", "float16")
 

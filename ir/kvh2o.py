@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.core import ShapedArray
 
-from pallax.passes import primitives
+from pallax.ir import primitives
 
 F32 = jnp.float32
 

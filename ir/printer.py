@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from jax.extend import core as jcore
 
-from pallax.passes.ir import Graph, Step
-from pallax.passes.primitives import SEMANTIC_PRIMITIVES
+from pallax.ir.graph import Graph, Step
+from pallax.ir.primitives import SEMANTIC_PRIMITIVES
 
 _SEMANTIC = {p.name for p in SEMANTIC_PRIMITIVES}
 

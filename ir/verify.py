@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from jax.extend import core as jcore
 
-from pallax.passes.ir import Graph, abstract
+from pallax.ir.graph import Graph, abstract
 
 
 class GraphError(ValueError):

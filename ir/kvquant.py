@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.core import ShapedArray
 
-from pallax.passes import primitives
+from pallax.ir import primitives
 
 F32 = jnp.float32
 BITS = (2, 4, 8)
@@ -60,7 +60,7 @@ class KiviConfig:
 
     def shapes(self, kv_heads: int, head_dim: int, dtype, rows=None) -> dict[str, tuple]:
         """Cache entries of one layer, as shape templates over "B" and "S" (or, with
-        `rows`, a fixed number of quantized rows used as a ring: passes/kvkivi_sinks.py)."""
+        `rows`, a fixed number of quantized rows used as a ring: ir/kvkivi_sinks.py)."""
         g, per = self.group_size, 8 // self.bits
         s, sg = ("S", f"S/{g}") if rows is None else (rows, rows // g)
         packed = ("B", kv_heads, s, head_dim // per)

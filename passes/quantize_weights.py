@@ -28,11 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from pallax.passes import calibrate, primitives, qformat
-from pallax.passes.ir import Graph
-from pallax.passes.manager import map_weights
-from pallax.passes.qformat import QuantizedWeight
-from pallax.passes.rewrite import rewrite
+from pallax.ir import primitives, qformat
+from pallax.ir.graph import Graph
+from pallax.ir.manager import FLOAT_WEIGHTS, QUANTIZED_WEIGHTS, map_weights
+from pallax.ir.qformat import QuantizedWeight
+from pallax.ir.rewrite import rewrite
+from pallax.passes import calibrate
 
 SUPPORTED_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -93,6 +94,8 @@ class QuantizeWeights:
     head: bool = False
     table_bits: int | None = None  # the tables' width when not `bits` (8: per channel)
     name: str = dataclasses.field(default="quantize_weights", init=False)
+    requires = removes = frozenset({FLOAT_WEIGHTS})
+    provides = frozenset({QUANTIZED_WEIGHTS})
 
     def __post_init__(self):
         bits, g = self.bits, self.group_size

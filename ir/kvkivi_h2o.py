@@ -16,7 +16,7 @@ A call (T tokens) attends over the cache before the call plus its own tokens (th
 attention returns each key's mass, as H2O's op does), adds the masses to the scores,
 writes its tokens to the residual, and every group that leaves the residual is
 quantized and competes with the pool: the pool keeps the `pool / G` groups with the
-largest mass. As in passes/kvh2o.py, true positions are kept, so the context length
+largest mass. As in ir/kvh2o.py, true positions are kept, so the context length
 bounds generation.
 """
 
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.core import ShapedArray
 
-from pallax.passes import kvh2o, kvquant, primitives
-from pallax.passes.kvquant import KiviConfig
+from pallax.ir import kvh2o, kvquant, primitives
+from pallax.ir.kvquant import KiviConfig
 
 F32 = jnp.float32
 EXTRA = ("h2o.gpos", "h2o.group.score", "h2o.res.score")

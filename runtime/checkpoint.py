@@ -1,4 +1,5 @@
-"""pallax checkpoints: a model's weights after its pass pipeline, saved and loaded back.
+"""pallax checkpoints: a model's weights after its pass pipeline, saved and loaded back
+(in the runtime, because a checkpoint records its passes and loading rebuilds them).
 
 A checkpoint is a directory:
   pallax_checkpoint.json  format version, config, passes applied, weight shapes and dtypes,
@@ -29,10 +30,10 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from pallax import atomic_dir
+from pallax.ir import qformat
+from pallax.ir.qformat import QuantizedWeight
 from pallax.model import architectures
 from pallax.model.configs import ModelConfig
-from pallax.passes import qformat
-from pallax.passes.qformat import QuantizedWeight
 
 MANIFEST = "pallax_checkpoint.json"
 FORMAT = "pallax-checkpoint"
@@ -238,9 +239,9 @@ def load_checkpoint(path: str | os.PathLike):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"{origin}: the {sub}/ directory is missing")
     architectures.check_weights(shapes, config, f"{origin} ({MANIFEST})")
-    present = {
-        f.relative_to(path).as_posix() for f in path.rglob("*") if not f.is_dir()
-    } - {MANIFEST}
+    present = {f.relative_to(path).as_posix() for f in path.rglob("*") if not f.is_dir()} - {
+        MANIFEST
+    }
     unlisted = sorted(present - set(manifest["files"]))
     if unlisted:
         raise ValueError(

@@ -1,0 +1,74 @@
+"""The shared machinery of the semantic ops: defining a primitive with its reference
+lowering, and the float32 widening the references use.
+
+The semantic ops models are written in (see `pallax.ir.primitives`).
+
+`linear(x, w)` takes w as [D_out, D_in] (x @ w.T), the layout of the checkpoints.
+
+Each op is a JAX primitive with an abstract eval and a pure-jnp reference; the
+reference is also the CPU lowering, so it is written to be fast under XLA:CPU.
+Pallas kernels are registered as the `tpu` / `cuda` lowerings in
+`pallax.pallas_kernels.lowerings`; model code never chooses a kernel.
+
+Shape letters: B batch, T query length, S cache length, N heads, K kv heads,
+H head dim, D model dim, F ffn dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+F32 = jnp.float32
+MLP_KINDS = ("swiglu", "geglu_tanh")
+SKINNY_ROWS = 64  # up to this many rows, linear/lm_head use the transposed dot (_dot_rows)
+
+
+def widen(w: jax.Array) -> jax.Array:
+    """Float32 view of a weight, exact for bf16/f16/f32.
+
+    XLA:CPU runs a bf16 matmul by converting the whole operand array; widening a
+    bf16 weight with an integer shift and a bitcast is exact and lets XLA fuse
+    the conversion into the consumer instead of materialising a float copy.
+    """
+    if w.dtype == jnp.bfloat16:
+        bits = lax.bitcast_convert_type(w, jnp.uint16).astype(jnp.uint32)
+        return lax.bitcast_convert_type(lax.shift_left(bits, jnp.uint32(16)), F32)
+    return w.astype(F32)
+
+
+@functools.cache
+def _jitted(reference, params: tuple):
+    """One jitted reference per (op, params), so eager calls hit jax's compile cache."""
+    return jax.jit(functools.partial(reference, **dict(params)))
+
+
+def _define(name: str, reference, abstract, *, multiple_results: bool = False) -> Primitive:
+    prim = Primitive(name)
+    prim.multiple_results = multiple_results
+    prim.def_impl(lambda *args, **params: _jitted(reference, tuple(sorted(params.items())))(*args))
+    prim.def_abstract_eval(abstract)
+    mlir.register_lowering(prim, mlir.lower_fun(reference, multiple_results=multiple_results))
+    prim.reference = reference  # type: ignore[attr-defined]
+    return prim
+
+
+def _dot_rows(x, w, rows):
+    """x [..., I] @ w[O, I].T in float32, in the form XLA:CPU runs fastest.
+
+    One row is a GEMV over contiguous weight rows. From 2 to a few dozen rows,
+    computing w @ x.T ([O, R]) and transposing afterwards is 1.3-2x faster than
+    x @ w.T, but only if XLA is kept from fusing the transpose back into the dot
+    (it then picks the slow kernel again): hence the optimization barrier.
+    `scripts/bench_matvec.py` measures both forms.
+    """
+    if rows < 2 or rows > SKINNY_ROWS:
+        return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=F32)
+    x2 = x.reshape(rows, x.shape[-1])
+    y = lax.optimization_barrier(jnp.einsum("oi,ri->or", w, x2, preferred_element_type=F32))
+    return y.T.reshape(*x.shape[:-1], w.shape[0])

@@ -1,4 +1,6 @@
-"""The IR (graph capture, printer, pass manager) and one module per pass."""
+"""The passes, one module per pass (verb_object names), and pass strings: `parse_pass`,
+`resolve_passes`. The compiler core they rewrite is `pallax.ir`; its main names are
+re-exported here for convenience."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from pallax.ir.qformat import QuantizedWeight
 from pallax.ir.rewrite import rewrite
 from pallax.ir.verify import GraphError, verify
 from pallax.passes.cast_dtype import CAST_DTYPES, Cast, cast
-from pallax.passes.kvcache import CompressKV, EvictKV, compress_kv, evict_kv
+from pallax.passes.compress_kv import CompressKV, compress_kv
+from pallax.passes.evict_kv import EvictKV, evict_kv
 from pallax.passes.quantize_weights import QuantizeWeights, quantize_weights
 
 # Pass names accepted on the command line and as strings in `pallax.compile`:

@@ -397,7 +397,7 @@ def compile(model, passes=None) -> CompiledModel:  # noqa: A001 - the public API
     if not isinstance(model, Model):
         raise TypeError(f"compile() takes a pallax Model (from pallax.load), got {model!r:.80}")
     from pallax.ir.manager import check_order, initial_facts
-    from pallax.passes.kvcache import check_pipeline
+    from pallax.passes.evict_kv import check_pipeline
 
     pipeline = model.passes + resolve_passes(passes)
     # Refused before any capture: an order the passes' declared facts rule out, and KV

@@ -23,7 +23,7 @@ import tokenizers
 from pallax.model import architectures
 from pallax.model.configs import ModelConfig
 from pallax.model.loaded import Model
-from pallax.model.tokenizer import Tokenizer, TokenizerConfig, end_of_turn_ids
+from pallax.text.tokenizer import Tokenizer, TokenizerConfig, end_of_turn_ids
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

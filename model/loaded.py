@@ -43,11 +43,11 @@ class Model:
 
 def load_gguf(path: pathlib.Path, *, keep_quantized: bool = False) -> Model:
     from pallax.model import gguf_loader
-    from pallax.model.tokenizer import Tokenizer
+    from pallax.model.tokenizer_gguf import tokenizer_from_gguf
 
     reader = gguf_loader.open_gguf(path)
     config = gguf_loader.config_from_gguf(reader)
-    tokenizer = Tokenizer.from_gguf(reader)
+    tokenizer = tokenizer_from_gguf(reader)
     arrays = gguf_loader.weights_from_gguf(
         reader, config, origin=str(path), keep_quantized=keep_quantized
     )

@@ -6,6 +6,7 @@ with byte fallback)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,12 +14,11 @@ import gguf
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from pallax.model.tokenizer import SUPPORTED_MODELS, TokenizerConfig, end_of_turn_ids
+from pallax.model.gguf_file import GGUFFile
+from pallax.text.tokenizer import SUPPORTED_MODELS, Tokenizer, TokenizerConfig, end_of_turn_ids
 
 # Architectures whose "llama" vocabulary follows Gemma's conventions (see `build_sentencepiece`).
 _GEMMA_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
-
-
 
 
 # Token types matched whole in the text: control and unknown as special, user-defined as plain.
@@ -255,3 +255,27 @@ def config_from_vocab(vocab: _GGUFVocab) -> TokenizerConfig:
         stop_ids=_stop_ids(vocab, eos_id, template),
         chat_template=template,
     )
+
+
+def tokenizer_from_gguf(source: str | os.PathLike[str] | GGUFFile | gguf.GGUFReader) -> Tokenizer:
+    """Builds the tokenizer from a GGUF path, an open `GGUFFile` or a `gguf.GGUFReader`."""
+    if isinstance(source, GGUFFile):
+        name = repr(str(source.path))
+        metadata = source.metadata
+    elif isinstance(source, gguf.GGUFReader):
+        name = repr(str(getattr(source.data, "filename", None) or "<GGUFReader>"))
+        keep = ("tokenizer.", "general.architecture")
+        metadata = {k: f.contents() for k, f in source.fields.items() if k.startswith(keep)}
+    elif isinstance(source, (str, os.PathLike)):
+        name = repr(os.fspath(source))
+        if not os.path.isfile(source):
+            raise ValueError(f"GGUF path {name} is not a file")
+        metadata = GGUFFile(source).metadata
+    else:
+        raise TypeError(
+            f"source must be a path, GGUFFile or gguf.GGUFReader, got {type(source).__name__}"
+        )
+    vocab = gguf_vocab(metadata, name)
+    config = config_from_vocab(vocab)
+    backend = build_byte_level(vocab, name) if vocab.model == "gpt2" else build_sentencepiece(vocab)
+    return Tokenizer(backend, config)

@@ -214,7 +214,7 @@ def _pass_record(p) -> dict:
 def load_checkpoint(path: str | os.PathLike):
     """The `Model` saved at `path`: weights as saved (dtypes kept) and the passes applied."""
     from pallax.model.loaded import Model
-    from pallax.model.tokenizer import Tokenizer
+    from pallax.text.tokenizer import Tokenizer
 
     atomic_dir.recover(path)
     path = pathlib.Path(path).absolute()

@@ -245,7 +245,7 @@ class CompiledModel:
         return self._stream(req)
 
     def _stream(self, req: Request) -> Iterator[str]:
-        from pallax.model.tokenizer import StreamDecoder
+        from pallax.text.tokenizer import StreamDecoder
 
         state, loop, args = self._start([req])
         decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)

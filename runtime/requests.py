@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from pallax.model.tokenizer import check_text
 from pallax.runtime.sampling import SamplingParams
+from pallax.text.tokenizer import check_text
 
 FINISH_REASONS = ("stop", "length")
 

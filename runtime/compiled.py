@@ -155,6 +155,21 @@ class CompiledModel(Generator):
 
         checkpoint.save_checkpoint(self, path, overwrite=overwrite)
 
+    def export(self, path, *, platforms=("cpu",), batch_sizes=(1,), prefill_sizes=(16, 128, 512),
+               cache_sizes=None, score_chunk=128, portable=False, overwrite=False):  # fmt: skip
+        """Write an ahead-of-time artifact of this model and pipeline to the directory
+        `path`: `jax.export` modules of every step for the given shape buckets (cache_sizes
+        default: 256, 1024, 4096 and the context length), the weights after the passes
+        and the tokenizer. `pallax.load_artifact(path)` runs it without the model code.
+        `portable=True` leaves pallax's C++ CPU kernels out of the CPU modules."""
+        from pallax.runtime.artifact import export_artifact
+
+        return export_artifact(
+            self, path, platforms=platforms, batch_sizes=batch_sizes,
+            prefill_sizes=prefill_sizes, cache_sizes=cache_sizes, score_chunk=score_chunk,
+            portable=portable, overwrite=overwrite,
+        )  # fmt: skip
+
     def _timed(self, key, build):
         fn = self._fns.get(key)
         if fn is None:

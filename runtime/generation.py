@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import export, lax
 
 from pallax.ir.graph import Graph
 from pallax.runtime.sampling import sample
@@ -26,6 +26,9 @@ class DecodeState(NamedTuple):
     count: jax.Array  # [B] tokens generated so far
     done: jax.Array  # [B] bool
     step: jax.Array  # [] int32, number of sampled tokens (first one included)
+
+
+export.register_namedtuple_serialization(DecodeState, serialized_name="pallax.DecodeState")
 
 
 def make_prefill(graph: Graph):

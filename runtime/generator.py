@@ -46,6 +46,7 @@ class Generator:
     """`generate`, `stream` and `score` over the compiled pieces a subclass provides."""
 
     last_timings: Timings | None = None  # of the last generate
+    _stop_width: int | None = None  # stop ids per row: fixed in an exported decode loop
 
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs) -> list[GenerationResult]:
         """Generate for a batch of prompts (strings or token-id lists); one result each.
@@ -105,7 +106,7 @@ class Generator:
     def _loop_args(self, reqs, b):
         return (
             pack([r.sampling for r in reqs], b.batch),
-            _stop_array(reqs, b.batch),
+            _stop_array(reqs, b.batch, self._stop_width),
             jnp.asarray([r.max_new_tokens for r in reqs] + [1] * (b.batch - len(reqs)), jnp.int32),
         )
 
@@ -170,8 +171,13 @@ class Generator:
         return np.concatenate(out)[: n - 1]
 
 
-def _stop_array(reqs, batch):
-    width = max(1, max(len(r.stop_ids) for r in reqs))
+def _stop_array(reqs, batch, width=None):
+    need = max(1, max(len(r.stop_ids) for r in reqs))
+    if width is not None and need > width:
+        raise ValueError(
+            f"a request has {need} stop token ids; this artifact's decode loop takes {width}"
+        )
+    width = need if width is None else width
     arr = np.full((batch, width), -1, np.int32)
     for i, r in enumerate(reqs):
         ids = sorted(r.stop_ids)

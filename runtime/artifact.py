@@ -1,0 +1,536 @@
+"""Ahead-of-time artifacts: a compiled model's step functions, exported with `jax.export`,
+with its weights after the pass pipeline and its tokenizer, in one directory that runs
+without the model code, the passes or any tracing.
+
+    compiled.export("smollm2-int8", batch_sizes=(1, 4))
+    art = pallax.load_artifact("smollm2-int8")     # imports neither pallax.model nor passes
+    art.generate(["The capital of France is"], max_new_tokens=32)
+
+The directory (docs/ARTIFACT.md has what a loader must check):
+
+    manifest.json   format, versions (pallax, jax, jaxlib), platforms, model config, passes,
+                    shape buckets, CPU kernel targets, the sha256 of every file and of itself
+    modules/        one serialized `jax.export` module per step and bucket:
+                    prefill-b{B}-t{T}-s{S}, decode-b{B}-s{S} (the on-device loop), score-t{T}-s{S}
+    weights/        the weights after the pass pipeline (orbax), as the modules read them
+    tokenizer/      tokenizer.json (the `tokenizers` library loads it) + pallax_tokenizer.json
+
+Shapes are static, so an artifact serves the buckets it was exported for: batch sizes,
+prompt chunk lengths and cache lengths; a request that fits none is refused before
+anything runs, naming the limits. The write is atomic (`pallax.atomic_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallax import atomic_dir
+from pallax.ir import qformat  # noqa: F401 (registers QuantizedWeight for serialization)
+from pallax.runtime import generation as gen
+from pallax.runtime.generator import Generator
+
+FORMAT = "pallax-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PLATFORMS = ("cpu", "cuda", "tpu")
+STOP_WIDTH = 16  # stop token ids per row in an exported decode loop
+_KEYS = ("format", "format_version", "versions", "platforms", "config", "passes", "buckets",
+         "cpu_kernel_targets", "unbounded_context", "files", "manifest_sha256")  # fmt: skip
+_MODULE = re.compile(r"^(prefill-b\d+-t\d+-s\d+|decode-b\d+-s\d+|score-t\d+-s\d+)$")
+
+
+# --------------------------------------------------------------------------- export
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """The shape buckets an artifact serves."""
+
+    batch_sizes: tuple[int, ...]
+    prefill_sizes: tuple[int, ...]
+    cache_sizes: tuple[int, ...]
+    score_chunk: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sizes(name: str, value, *, low: int = 1, high: int | None = None) -> tuple[int, ...]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{name}={value!r} must be a non-empty list of integers")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"{name}: {v!r} must be an integer >= {low}")
+        if high is not None and v > high:
+            raise ValueError(f"{name}: {v} is larger than {high}, the model's context length")
+    return tuple(sorted({int(v) for v in value}))
+
+
+def plan_export(compiled, *, batch_sizes, prefill_sizes, cache_sizes, score_chunk) -> ExportPlan:
+    ctx = compiled.config.context_length
+    high = None if compiled.unbounded_context else ctx
+    if cache_sizes is None:
+        cache_sizes = sorted({min(s, ctx) for s in (256, 1024, 4096)} | {ctx})
+    plan = ExportPlan(
+        _sizes("batch_sizes", batch_sizes),
+        _sizes("prefill_sizes", prefill_sizes, high=high),
+        _sizes("cache_sizes", cache_sizes, low=16, high=high),
+        _sizes("score_chunk", score_chunk, high=high)[0],
+    )
+    if plan.prefill_sizes[0] > plan.cache_sizes[-1]:
+        raise ValueError(
+            f"prefill_sizes={plan.prefill_sizes} are all longer than the largest cache "
+            f"{plan.cache_sizes[-1]}"
+        )
+    return plan
+
+
+def _check_platforms(platforms) -> tuple[str, ...]:
+    if isinstance(platforms, str):
+        platforms = (platforms,)
+    if not isinstance(platforms, (list, tuple)) or not platforms:
+        raise ValueError(f"platforms={platforms!r} must be a non-empty list of {PLATFORMS}")
+    bad = [p for p in platforms if p not in PLATFORMS]
+    if bad or len(set(platforms)) != len(platforms):
+        raise ValueError(f"platforms={tuple(platforms)!r}: each one of {PLATFORMS}, once")
+    return tuple(platforms)
+
+
+@contextlib.contextmanager
+def _cpu_kernels_off(off: bool):
+    from pallax.cpu_kernels import ENV_SWITCH
+
+    old = os.environ.get(ENV_SWITCH)
+    if off:
+        os.environ[ENV_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if off:
+            if old is None:
+                os.environ.pop(ENV_SWITCH, None)
+            else:
+                os.environ[ENV_SWITCH] = old
+
+
+def _sds(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def _i32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+
+def _exporter(platforms, portable: bool):
+    """jax.export with the safety checks our kernels' custom calls need, and the CPU
+    kernel targets the modules may call."""
+    from jax import export
+
+    from pallax.cpu_kernels import build
+
+    targets = [] if portable or "cpu" not in platforms else sorted(build.TARGETS)
+    checks = [export.DisabledSafetyCheck.custom_call(t) for t in targets]
+    if "cuda" in platforms:
+        checks.append(export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"))
+
+    def run(fn, *args):
+        return export.export(fn, platforms=platforms, disabled_checks=checks)(*args)
+
+    return run, targets
+
+
+def export_artifact(
+    compiled,
+    path,
+    *,
+    platforms=("cpu",),
+    batch_sizes=(1,),
+    prefill_sizes=(16, 128, 512),
+    cache_sizes=None,
+    score_chunk=128,
+    portable: bool = False,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Write `compiled` as an artifact at `path` (see the module docstring). Everything is
+    validated before anything is traced."""
+    from pallax.runtime.checkpoint import _check_free_space, _orbax_save, _pass_record
+    from pallax.runtime.compiled import Buckets
+
+    platforms = _check_platforms(platforms)
+    if not isinstance(portable, bool) or not isinstance(overwrite, bool):
+        raise ValueError(f"portable={portable!r} and overwrite={overwrite!r} must be booleans")
+    plan = plan_export(compiled, batch_sizes=batch_sizes, prefill_sizes=prefill_sizes,
+                       cache_sizes=cache_sizes, score_chunk=score_chunk)  # fmt: skip
+    passes = [_pass_record(p) for p in compiled.passes]
+
+    def check(p: pathlib.Path) -> None:
+        if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+            return
+        if not (p / MANIFEST).is_file():
+            raise ValueError(
+                f"{str(p)!r} exists and is not an empty directory or a pallax artifact; "
+                "refusing to write an artifact there"
+            )
+        if not overwrite:
+            raise ValueError(
+                f"{str(p)!r} already holds a pallax artifact; pass overwrite=True to replace it"
+            )
+
+    def fill(tmp: pathlib.Path) -> None:
+        weights = compiled.weights
+        _check_free_space(tmp, weights)
+        (tmp / "modules").mkdir()
+        run, targets = _exporter(platforms, portable)
+        w = _sds(weights)
+        with _cpu_kernels_off(portable):
+            for b in plan.batch_sizes:
+                for s in plan.cache_sizes:
+                    loop_done = False
+                    for t in (t for t in plan.prefill_sizes if t <= s):
+                        alloc, prefill, loop = compiled._gen_fns(Buckets(b, t, 1, s))
+                        cache = jax.eval_shape(alloc)
+                        mod = run(prefill, w, cache, _i32(b, t), _i32(b), _i32(b))
+                        _write_module(tmp, f"prefill-b{b}-t{t}-s{s}", mod)
+                        if not loop_done:
+                            state = jax.eval_shape(
+                                lambda c, b=b, s=s: gen.init_state(
+                                    c,
+                                    jnp.zeros(b, jnp.int32),
+                                    jnp.zeros(b, bool),
+                                    jnp.zeros(b, jnp.int32),
+                                    s,
+                                ),  # fmt: skip
+                                cache,
+                            )
+                            sampling = _sds(_sampling(b))
+                            mod = run(loop, w, state, sampling, _i32(b, STOP_WIDTH), _i32(b),
+                                      _i32())  # fmt: skip
+                            _write_module(tmp, f"decode-b{b}-s{s}", mod)
+                            loop_done = True
+            t = plan.score_chunk
+            for s in (s for s in plan.cache_sizes if s >= t):
+                alloc, chunk = compiled._score_fns(t, s)
+                mod = run(chunk, w, jax.eval_shape(alloc), _i32(1, t), _i32(1), _i32(1, t))
+                _write_module(tmp, f"score-t{t}-s{s}", mod)
+        flat = {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(weights))}
+        _orbax_save(tmp / "weights", flat, f"artifact {str(path)!r}")
+        compiled.tokenizer.save(tmp / "tokenizer")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "versions": _versions(),
+            "platforms": list(platforms),
+            "config": compiled.config.to_dict(),
+            "passes": passes,
+            "buckets": plan.to_dict(),
+            "cpu_kernel_targets": targets,
+            "unbounded_context": bool(compiled.unbounded_context),
+            "stop_width": STOP_WIDTH,
+            "portable": portable,
+        }
+        manifest["files"] = {
+            f.relative_to(tmp).as_posix(): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()
+        }
+        manifest["manifest_sha256"] = _digest(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+
+    return atomic_dir.write_dir(path, fill, check=check)
+
+
+def _sampling(batch: int) -> dict:
+    from pallax.runtime.sampling import SamplingParams, pack
+
+    return pack([SamplingParams()], batch)
+
+
+def _write_module(tmp: pathlib.Path, name: str, exported) -> None:
+    (tmp / "modules" / f"{name}.jax").write_bytes(exported.serialize())
+
+
+def _versions() -> dict:
+    import jaxlib
+
+    from pallax import __version__
+
+    return {"pallax": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__}
+
+
+def _sha256(file: pathlib.Path) -> str:
+    with file.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------- load
+@dataclasses.dataclass(frozen=True)
+class ArtifactConfig:
+    """What generation needs of the model config (the whole of it is `config_dict`)."""
+
+    name: str
+    arch: str
+    vocab_size: int
+    context_length: int
+    config_dict: dict = dataclasses.field(repr=False, compare=False)
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be loaded here: corrupt, incomplete or made elsewhere."""
+
+
+def load_artifact(path) -> Artifact:
+    """An exported artifact, ready to `generate`, `stream` and `score`. The manifest and
+    every file's checksum are checked before any weight is put on a device."""
+    return Artifact(path)
+
+
+class Artifact(Generator):
+    """`generate`, `stream` and `score` from an artifact's exported modules."""
+
+    def __init__(self, path):
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise ValueError(f"artifact path must be a path, got {path!r}")
+        atomic_dir.recover(path)
+        self.path = pathlib.Path(path).absolute()
+        self._origin = f"pallax artifact {str(self.path)!r}"
+        manifest = self._read_manifest()
+        self.manifest = manifest
+        self._verify_files(manifest)
+        self._check_platform(manifest)
+        c = manifest["config"]
+        self.config = ArtifactConfig(
+            c.get("name") or "", c["arch"], int(c["vocab_size"]), int(c["context_length"]), c
+        )
+        self.unbounded_context = bool(manifest["unbounded_context"])
+        self._stop_width = int(manifest.get("stop_width", STOP_WIDTH))
+        b = manifest["buckets"]
+        self.plan = ExportPlan(tuple(b["batch_sizes"]), tuple(b["prefill_sizes"]),
+                               tuple(b["cache_sizes"]), int(b["score_chunk"]))  # fmt: skip
+        self._register_cpu_kernels(manifest["cpu_kernel_targets"])
+        from pallax.text.tokenizer import Tokenizer
+
+        self.tokenizer = Tokenizer.load(self.path / "tokenizer")
+        self._modules: dict[str, object] = {}
+        self._fns: dict = {}
+        first = self._module(self._module_names()[0])
+        (weights_avals, *_), _ = jax.tree.unflatten(first.in_tree, first.in_avals)
+        self.weights = self._restore_weights(weights_avals)
+
+    def __repr__(self) -> str:
+        return (
+            f"Artifact({str(self.path)!r}, model={self.config.name or self.config.arch!r}, "
+            f"platforms={self.manifest['platforms']}, buckets={self.plan})"
+        )
+
+    # ------------------------------------------------------------------ checks
+    def _fail(self, message: str) -> ArtifactError:
+        return ArtifactError(f"{self._origin}: {message}")
+
+    def _read_manifest(self) -> dict:
+        file = self.path / MANIFEST
+        if not file.is_file():
+            raise FileNotFoundError(f"{str(self.path)!r} is not a pallax artifact: no {MANIFEST}")
+        try:
+            manifest = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise self._fail(f"{MANIFEST} is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict):
+            raise self._fail(f"{MANIFEST} must hold a JSON object")
+        if manifest.get("format") != FORMAT:
+            raise self._fail(f"format={manifest.get('format')!r}, expected {FORMAT!r}")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version < 1:
+            raise self._fail(f"invalid format_version={version!r}")
+        if version > FORMAT_VERSION:
+            raise self._fail(
+                f"format_version {version} was written by a newer pallax "
+                f"({manifest.get('versions', {}).get('pallax')}); this pallax reads "
+                f"{FORMAT_VERSION}"
+            )
+        missing = [k for k in _KEYS if k not in manifest]
+        if missing:
+            raise self._fail(f"{MANIFEST} lacks the keys {missing}")
+        if manifest["manifest_sha256"] != _digest(manifest):
+            raise self._fail(
+                f"{MANIFEST} was changed after it was written (its manifest_sha256 does not "
+                "match its contents)"
+            )
+        return manifest
+
+    def _verify_files(self, manifest: dict) -> None:
+        files = manifest["files"]
+        present = {
+            f.relative_to(self.path).as_posix() for f in self.path.rglob("*") if not f.is_dir()
+        } - {MANIFEST}
+        unlisted = sorted(present - set(files))
+        if unlisted:
+            raise self._fail(f"files not listed in {MANIFEST}: {unlisted[:5]}")
+        for name, digest in files.items():
+            if not isinstance(name, str) or ".." in pathlib.PurePosixPath(name).parts:
+                raise self._fail(f"bad file name {name!r} in {MANIFEST}")
+            f = self.path / name
+            if not f.is_file():
+                raise self._fail(f"the file {name} is missing")
+            if _sha256(f) != digest:
+                raise self._fail(f"the file {name} is corrupted (its sha256 differs)")
+
+    def _check_platform(self, manifest: dict) -> None:
+        here = jax.default_backend()
+        here = {"gpu": "cuda"}.get(here, here)
+        if here not in manifest["platforms"]:
+            raise self._fail(
+                f"exported for {', '.join(manifest['platforms'])}; this machine runs {here}"
+            )
+
+    def _register_cpu_kernels(self, targets) -> None:
+        if not targets or jax.default_backend() != "cpu":
+            return
+        from pallax.cpu_kernels import build
+
+        if not build.ensure_registered():
+            raise self._fail(
+                f"its CPU modules call pallax's C++ kernels ({', '.join(targets)}), which "
+                "cannot be built here (no C++ compiler?); export with portable=True for "
+                "modules without them"
+            )
+
+    # ----------------------------------------------------------------- modules
+    def _module_names(self) -> list[str]:
+        return sorted(
+            n.removeprefix("modules/").removesuffix(".jax")
+            for n in self.manifest["files"]
+            if n.startswith("modules/")
+        )
+
+    def _module(self, name: str):
+        mod = self._modules.get(name)
+        if mod is None:
+            from jax import export
+
+            if not _MODULE.match(name) or f"modules/{name}.jax" not in self.manifest["files"]:
+                raise self._fail(f"it has no module {name!r}")
+            data = (self.path / "modules" / f"{name}.jax").read_bytes()
+            try:
+                mod = export.deserialize(bytearray(data))
+            except Exception as e:  # flatbuffers and jax raise many kinds for a bad module
+                v = self.manifest["versions"]
+                raise self._fail(
+                    f"cannot read module modules/{name}.jax (exported with jax "
+                    f"{v.get('jax')}, this is jax {jax.__version__}): {e}"
+                ) from None
+            self._modules[name] = mod
+        return mod
+
+    def _restore_weights(self, avals):
+        import orbax.checkpoint as ocp
+
+        leaves, treedef = jax.tree.flatten(avals)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = {
+            f"{i:05d}": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
+            for i, a in enumerate(leaves)
+        }
+        try:
+            with ocp.StandardCheckpointer() as ckpt:
+                restored = ckpt.restore(self.path / "weights", target)
+        except Exception as e:  # orbax and tensorstore raise many types for unreadable files
+            detail = (str(e).splitlines() or [type(e).__name__])[0][:300]
+            raise self._fail(f"cannot read the weights: {detail}") from e
+        return jax.tree.unflatten(treedef, [restored[k] for k in sorted(restored)])
+
+    # ---------------------------------------------------------- generator hooks
+    def _buckets(self, reqs):
+        p = self.plan
+        n = len(reqs)
+        widths = max(len(r.stop_ids) for r in reqs)
+        if widths > self._stop_width:
+            raise ValueError(
+                f"a request has {widths} stop token ids; this artifact's decode loop takes "
+                f"{self._stop_width}"
+            )
+        batch = next((b for b in p.batch_sizes if b >= n), None)
+        if batch is None:
+            raise ValueError(
+                f"{n} prompts: this artifact was exported for batch sizes {p.batch_sizes}"
+            )
+        longest = max(len(r.prompt_ids) for r in reqs)
+        want = 1 << max(0, (longest - 1).bit_length())
+        prefill = next((t for t in p.prefill_sizes if t >= want), p.prefill_sizes[-1])
+        chunks = -(-longest // prefill)
+        need = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs)
+        floor = chunks * prefill if self.unbounded_context else max(need, chunks * prefill)
+        cache = next(
+            (s for s in p.cache_sizes if s >= floor and f"prefill-b{batch}-t{prefill}-s{s}"
+             in self._module_names_set()),
+            None,
+        )  # fmt: skip
+        if cache is None:
+            raise ValueError(
+                f"prompts of up to {longest} tokens with {need} tokens in all need a cache of "
+                f"{floor}; this artifact was exported for cache sizes {p.cache_sizes}"
+            )
+        return _Bucket(batch, prefill, chunks, cache)
+
+    def _module_names_set(self) -> set[str]:
+        names = self._fns.get("names")
+        if names is None:
+            names = self._fns["names"] = set(self._module_names())
+        return names
+
+    def _call(self, name: str, donate: int):
+        key = ("call", name)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = jax.jit(self._module(name).call, donate_argnums=(donate,))
+        return fn
+
+    def _alloc(self, name: str, index: int):
+        mod = self._module(name)
+        args, _ = jax.tree.unflatten(mod.in_tree, mod.in_avals)
+        avals = args[index]
+        return lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), avals)
+
+    def _gen_fns(self, b):
+        prefill = f"prefill-b{b.batch}-t{b.prefill}-s{b.cache}"
+        decode = f"decode-b{b.batch}-s{b.cache}"
+        return self._alloc(prefill, 1), self._call(prefill, 1), self._call(decode, 1)
+
+    def _score_plan(self, n: int, chunk_size: int) -> tuple[int, int]:
+        ctx = self.config.context_length
+        if n > ctx and not self.unbounded_context:
+            raise ValueError(f"text has {n} tokens; the context length is {ctx}")
+        t = self.plan.score_chunk
+        need = -(-n // t) * t
+        s = next((s for s in self.plan.cache_sizes if s >= need), None)
+        if s is None or f"score-t{t}-s{s}" not in self._module_names_set():
+            raise ValueError(
+                f"text of {n} tokens: this artifact scores up to "
+                f"{max(self.plan.cache_sizes)} tokens in chunks of {t}"
+            )
+        return t, s
+
+    def _score_fns(self, t: int, s: int):
+        name = f"score-t{t}-s{s}"
+        return self._alloc(name, 1), self._call(name, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bucket:
+    batch: int
+    prefill: int
+    chunks: int
+    cache: int

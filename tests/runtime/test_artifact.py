@@ -1,0 +1,255 @@
+"""Ahead-of-time artifacts: exported, loaded in a fresh process that cannot import the model
+code or the passes, generating what the compiled model generates; refused cleanly when
+damaged or made for another machine."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import pallax
+from pallax.runtime import artifact
+
+SMALL = dict(cache_sizes=(256,), prefill_sizes=(16, 64), score_chunk=16)
+PROMPTS = ["The capital of France is", "def fib(n):"]
+
+# Runs in a fresh process: importing pallax.model or pallax.passes raises.
+FRESH = textwrap.dedent(
+    """
+    import json, sys
+
+    class Forbid:
+        def find_spec(self, name, path=None, target=None):
+            if name.startswith(("pallax.model", "pallax.passes")):
+                raise ImportError(f"the artifact path imported {name}")
+
+    sys.meta_path.insert(0, Forbid())
+    import pallax
+
+    out = {}
+    for path in sys.argv[2:]:
+        art = pallax.load_artifact(path)
+        res = art.generate(json.loads(sys.argv[1]), max_new_tokens=12, ignore_eos=True)
+        streamed = "".join(art.stream(json.loads(sys.argv[1])[0], max_new_tokens=12,
+                                      ignore_eos=True))
+        out[path] = {"texts": [r.text for r in res], "stream": streamed,
+                     "score": art.score("The capital of France is Paris.").tolist()}
+    print(json.dumps(out))
+    """
+)
+
+
+def _fresh(paths):
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, json.dumps(PROMPTS), *map(str, paths)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(compiled_fp32, tmp_path_factory):
+    path = tmp_path_factory.mktemp("art") / "fp32"
+    compiled_fp32.export(path, batch_sizes=(1, 2), **SMALL)
+    return path
+
+
+def _expected(compiled):
+    res = compiled.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    return [r.text for r in res], compiled.score("The capital of France is Paris.")
+
+
+@pytest.mark.slow
+def test_fresh_process_generates_what_the_compiled_model_does(
+    fp32_artifact, compiled_fp32, smollm2, smollm2_gguf_path, tmp_path
+):
+    """fp32, int8, int4 GPTQ, the GGUF's own blocks and KIVI-2: greedy text equal, in a
+    process that never imports pallax.model or the passes."""
+    configs = {
+        "int8": pallax.compile(smollm2, ["int8"]),
+        "int4-gptq": pallax.compile(smollm2, ["int4-gptq"]),
+        "gguf": pallax.compile(pallax.load(smollm2_gguf_path, keep_quantized=True), []),
+        "kivi2": pallax.compile(smollm2, ["kivi2"]),
+    }
+    paths = {"fp32": fp32_artifact}
+    expected = {"fp32": _expected(compiled_fp32)}
+    for name, compiled in configs.items():
+        paths[name] = tmp_path / name
+        compiled.export(paths[name], batch_sizes=(2,), **SMALL)
+        expected[name] = _expected(compiled)
+    got = _fresh(paths.values())
+    for name, path in paths.items():
+        texts, score = expected[name]
+        assert got[str(path)]["texts"] == texts, name
+        assert got[str(path)]["stream"] == texts[0], name
+        np.testing.assert_allclose(got[str(path)]["score"], score, atol=1e-4, err_msg=name)
+
+
+def test_manifest_and_files(fp32_artifact, compiled_fp32):
+    manifest = json.loads((fp32_artifact / artifact.MANIFEST).read_text())
+    assert manifest["format_version"] == artifact.FORMAT_VERSION
+    assert manifest["platforms"] == ["cpu"]
+    assert manifest["buckets"] == {
+        "batch_sizes": [1, 2], "prefill_sizes": [16, 64], "cache_sizes": [256], "score_chunk": 16,
+    }  # fmt: skip
+    assert manifest["config"] == compiled_fp32.config.to_dict()
+    assert set(manifest["versions"]) == {"pallax", "jax", "jaxlib"}
+    modules = sorted(n for n in manifest["files"] if n.startswith("modules/"))
+    assert modules == [
+        "modules/decode-b1-s256.jax", "modules/decode-b2-s256.jax",
+        "modules/prefill-b1-t16-s256.jax", "modules/prefill-b1-t64-s256.jax",
+        "modules/prefill-b2-t16-s256.jax", "modules/prefill-b2-t64-s256.jax",
+        "modules/score-t16-s256.jax",
+    ]  # fmt: skip
+    assert "tokenizer/tokenizer.json" in manifest["files"]
+
+
+def test_in_process_load_matches_and_refuses_what_it_was_not_exported_for(
+    fp32_artifact, compiled_fp32
+):
+    art = pallax.load_artifact(fp32_artifact)
+    want = compiled_fp32.generate(PROMPTS[:1], max_new_tokens=6, ignore_eos=True)[0]
+    assert art.generate(PROMPTS[:1], max_new_tokens=6, ignore_eos=True)[0] == want
+    with pytest.raises(ValueError, match=r"3 prompts: this artifact was exported for batch "
+                       r"sizes \(1, 2\)"):  # fmt: skip
+        art.generate(["a", "b", "c"], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"need a cache of 300; .* cache sizes \(256,\)"):
+        art.generate(["hello"], max_new_tokens=299)
+    with pytest.raises(ValueError, match="stop token ids; this artifact's decode loop takes 16"):
+        art.generate(["hello"], max_new_tokens=2, stop_token_ids=list(range(100, 120)))
+    with pytest.raises(ValueError, match="scores up to 256 tokens"):
+        art.score("word " * 300)
+    with pytest.raises(TypeError, match=r"prompt 0 element 0 is 1.5"):
+        art.generate([[1.5]])
+
+
+def test_kernels_in_the_modules(compiled_fp32, smollm2, tmp_path):
+    """Non-portable CPU modules call pallax's C++ kernels; portable ones do not; an artifact
+    for cpu, cuda and tpu carries the Pallas kernels of both accelerators."""
+    from jax import export
+
+    def text(path, name):
+        data = (path / "modules" / f"{name}.jax").read_bytes()
+        return export.deserialize(bytearray(data)).mlir_module()
+
+    int8 = pallax.compile(smollm2, ["int8"])
+    multi, portable = tmp_path / "multi", tmp_path / "portable"
+    int8.export(multi, platforms=("cpu", "cuda", "tpu"), **SMALL)
+    int8.export(portable, portable=True, **SMALL)
+
+    def targets(module_text):
+        found = re.findall(r'(?:custom_call @|call_target_name = ")([\w$.]+)', module_text)
+        return {t: found.count(t) for t in set(found)}
+
+    decode = targets(text(multi, "decode-b1-s256"))
+    assert decode.get("pallax_qmatmul", 0) > 0 and decode.get("pallax_decode_attention", 0) > 0
+    assert decode.get("tpu_custom_call", 0) > 0  # Mosaic TPU
+    assert any(t.startswith(("mosaic_gpu", "__gpu$xla.gpu.triton")) for t in decode), decode
+    assert not any(t.startswith("pallax_") for t in targets(text(portable, "decode-b1-s256")))
+    manifest = json.loads((portable / artifact.MANIFEST).read_text())
+    assert manifest["cpu_kernel_targets"] == [] and manifest["portable"] is True
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _resign(path, edit):
+    file = path / artifact.MANIFEST
+    m = json.loads(file.read_text())
+    edit(m)
+    m["manifest_sha256"] = artifact._digest(m)
+    file.write_text(json.dumps(m))
+
+
+def _biggest(path, sub):
+    return max((f for f in (path / sub).rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("truncate weights", r"the file weights/.* is corrupted"),
+        ("flip a byte", r"the file modules/decode-b1-s256.jax is corrupted"),
+        ("missing module", r"the file modules/decode-b1-s256.jax is missing"),
+        ("unlisted file", r"files not listed in manifest.json: \['modules/extra.jax'\]"),
+        ("edited manifest", "was changed after it was written"),
+        ("newer format", r"format_version 2 was written by a newer pallax"),
+        ("other platform", r"exported for tpu; this machine runs cpu"),
+        ("bad module", r"cannot read module modules/decode-b1-s256.jax \(exported with jax"),
+    ],
+)
+def test_bad_artifacts_are_refused_naming_the_file(fp32_artifact, tmp_path, damage, match):
+    path = _copy(fp32_artifact, tmp_path / "art")
+    if damage == "truncate weights":
+        f = _biggest(path, "weights")
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "flip a byte":
+        f = path / "modules" / "decode-b1-s256.jax"
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 1
+        f.write_bytes(data)
+    elif damage == "missing module":
+        (path / "modules" / "decode-b1-s256.jax").unlink()
+    elif damage == "unlisted file":
+        (path / "modules" / "extra.jax").write_bytes(b"x")
+    elif damage == "edited manifest":
+        file = path / artifact.MANIFEST
+        m = json.loads(file.read_text())
+        m["config"]["rope_theta"] *= 1000
+        file.write_text(json.dumps(m))
+    elif damage == "newer format":
+        _resign(path, lambda m: m.update(format_version=artifact.FORMAT_VERSION + 1))
+    elif damage == "other platform":
+        _resign(path, lambda m: m.update(platforms=["tpu"]))
+    else:  # a module that fails to deserialize, its checksum updated to match
+        f = path / "modules" / "decode-b1-s256.jax"
+        f.write_bytes(b"not a module")
+        _resign(path, lambda m: m["files"].update({"modules/decode-b1-s256.jax":
+                                                   artifact._sha256(f)}))  # fmt: skip
+    with pytest.raises(ValueError, match=match) as info:
+        art = pallax.load_artifact(path)
+        art.generate(["hi"], max_new_tokens=2)  # a bad module that loads lazily
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(platforms=("gpu",)), r"platforms=\('gpu',\): each one of \('cpu', 'cuda', 'tpu'\)"),
+        (dict(platforms=()), "must be a non-empty list"),
+        (dict(batch_sizes=(0,)), "batch_sizes: 0 must be an integer >= 1"),
+        (dict(batch_sizes=(True,)), "batch_sizes: True must be an integer"),
+        (dict(cache_sizes=(10**6,)), "cache_sizes: 1000000 is larger than 8192"),
+        (dict(prefill_sizes=(512,), cache_sizes=(256,)), "all longer than the largest cache 256"),
+        (dict(portable="yes"), "portable='yes' and overwrite=False must be booleans"),
+    ],
+)
+def test_bad_export_arguments_fail_before_tracing(compiled_fp32, tmp_path, kwargs, match):
+    n = len(compiled_fp32._fns)
+    with pytest.raises(ValueError, match=match):
+        compiled_fp32.export(tmp_path / "x", **kwargs)
+    assert len(compiled_fp32._fns) == n and not (tmp_path / "x").exists()
+
+
+def test_export_never_replaces_without_overwrite(fp32_artifact, compiled_fp32, tmp_path):
+    path = _copy(fp32_artifact, tmp_path / "art")
+    with pytest.raises(ValueError, match="already holds a pallax artifact; pass overwrite=True"):
+        compiled_fp32.export(path, **SMALL)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an empty directory or a pallax artifact"):
+        compiled_fp32.export(notes, overwrite=True, **SMALL)
+    assert (notes / "keep.txt").read_text() == "mine"
+    compiled_fp32.export(path, overwrite=True, **SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "notes"]

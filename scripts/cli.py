@@ -1,6 +1,8 @@
-"""The `pallax` command: generate, inspect.
+"""The `pallax` command: generate, export, run, inspect.
 
     pallax generate "The capital of France is" --max-new-tokens 32 --passes bf16
+    pallax export smollm2-135m smollm2-int8 --passes int8 --platforms cpu,cuda,tpu
+    pallax run smollm2-int8 "The capital of France is"
     pallax inspect --step decode --passes cast:bfloat16
 
 Bad input prints one line naming the problem (no traceback) and exits 2. Ctrl-C (or
@@ -31,13 +33,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pallax", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="stream a continuation of a prompt")
-    g.add_argument("prompt", help="the prompt text")
-    _add_model_args(g)
+def _add_sampling_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     g.add_argument("--top-k", type=int, default=0)
@@ -47,6 +43,36 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pallax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a continuation of a prompt")
+    g.add_argument("prompt", help="the prompt text")
+    _add_model_args(g)
+    _add_sampling_args(g)
+
+    e = sub.add_parser("export", help="write an ahead-of-time artifact of a compiled model")
+    e.add_argument("model", help="model name or path (as --model of generate)")
+    e.add_argument("dir", help="the artifact directory to write")
+    e.add_argument("--passes", default="", help="comma-separated passes (default: none)")
+    e.add_argument("--platforms", default="cpu", help="comma-separated: cpu, cuda, tpu")
+    e.add_argument("--batch-sizes", default="1", help="comma-separated batch buckets")
+    e.add_argument(
+        "--cache-sizes",
+        default=None,
+        help="comma-separated cache lengths (default: 256,1024,4096,context)",
+    )
+    e.add_argument("--prefill-sizes", default="16,128,512", help="prompt chunk lengths")
+    e.add_argument("--portable", action="store_true", help="CPU modules without C++ kernels")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+
+    r = sub.add_parser("run", help="stream a continuation from an exported artifact")
+    r.add_argument("dir", help="the artifact directory")
+    r.add_argument("prompt", help="the prompt text")
+    _add_sampling_args(r)
 
     i = sub.add_parser("inspect", help="print the graph before and after each pass")
     _add_model_args(i)
@@ -61,25 +87,24 @@ def _passes(spec: str):
     return resolve_passes(names)
 
 
-def _generate(args) -> None:
-    import pallax
+def _check_sampling(args) -> None:
     from pallax.runtime.sampling import SamplingParams
+    from pallax.text.tokenizer import check_text
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     if args.prompt == "":
         raise ValueError("prompt is empty; give at least one character")
-    from pallax.text.tokenizer import check_text
-
     check_text(args.prompt, "the prompt")  # invalid UTF-8 arrives as lone surrogates
-    passes = _passes(args.passes)
-    model = pallax.load(args.model)
-    compiled = pallax.compile(model, passes=list(passes))
+
+
+def _stream_to_stdout(runner, args) -> None:
+    """Stream `runner`'s continuation of the prompt (a compiled model or an artifact)."""
     prompt = args.prompt
     if args.chat:
-        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    stream = compiled.stream(
+        prompt = runner.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    stream = runner.stream(
         prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -98,6 +123,47 @@ def _generate(args) -> None:
     sys.stdout.write("\n")
 
 
+def _generate(args) -> None:
+    import pallax
+
+    _check_sampling(args)
+    passes = _passes(args.passes)
+    model = pallax.load(args.model)
+    _stream_to_stdout(pallax.compile(model, passes=list(passes)), args)
+
+
+def _run(args) -> None:
+    import pallax
+
+    _check_sampling(args)
+    _stream_to_stdout(pallax.load_artifact(args.dir), args)
+
+
+def _int_list(flag: str, text: str | None):
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}={text!r} must be comma-separated integers") from None
+
+
+def _export(args) -> None:
+    import pallax
+
+    platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+    sizes = dict(
+        batch_sizes=_int_list("--batch-sizes", args.batch_sizes),
+        prefill_sizes=_int_list("--prefill-sizes", args.prefill_sizes),
+        cache_sizes=_int_list("--cache-sizes", args.cache_sizes),
+    )
+    passes = _passes(args.passes)
+    compiled = pallax.compile(pallax.load(args.model), passes=list(passes))
+    path = compiled.export(args.dir, platforms=platforms, portable=args.portable,
+                           overwrite=args.overwrite, **sizes)  # fmt: skip
+    print(f"pallax: wrote {path}")
+
+
 def _inspect(args) -> None:
     import pallax
     from pallax.ir.graph import StepSpec, capture
@@ -114,10 +180,9 @@ def _inspect(args) -> None:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "generate":
-            _generate(args)
-        else:
-            _inspect(args)
+        {"generate": _generate, "run": _run, "export": _export, "inspect": _inspect}[args.command](
+            args
+        )
     except (ValueError, OSError, TypeError, SourceError) as e:  # OSError: FileNotFoundError, ...
         print(f"pallax: error: {e}", file=sys.stderr)
         return 2

@@ -107,3 +107,40 @@ def test_cli_interrupt_exits_130_with_one_line_at_any_moment(smollm2_gguf_path):
         assert proc.returncode == 130, (offset, proc.returncode, err[-3000:])
         assert err.strip().splitlines()[-1:] == ["pallax: interrupted"], (offset, err[-3000:])
         assert "Traceback" not in err and "Fatal" not in err, (offset, err[-3000:])
+
+
+@pytest.mark.slow
+def test_cli_export_then_run(smollm2_gguf_path, tmp_path):
+    """`pallax export` writes an artifact that `pallax run` streams from, as `generate` does."""
+    art = tmp_path / "art"
+    proc = subprocess.run(
+        [*_pallax_command(), "export", str(smollm2_gguf_path), str(art), "--passes", "int8",
+         "--cache-sizes", "256", "--prefill-sizes", "16"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == f"pallax: wrote {art}"
+    args = ["The capital of France is", "--max-new-tokens", "6"]
+    run = subprocess.run([*_pallax_command(), "run", str(art), *args],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    gen = subprocess.run(
+        [*_pallax_command(), "generate", *args, "--model", str(smollm2_gguf_path),
+         "--passes", "int8"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0 and gen.returncode == 0, run.stderr[-3000:] + gen.stderr[-3000:]
+    assert run.stdout == gen.stdout and run.stdout.startswith("The capital of France is Paris")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "/nonexistent/art", "hi"], "is not a pallax artifact: no manifest.json"),
+        (["export", "smollm2-135m", "x", "--cache-sizes", "256,x"], "must be comma-separated"),
+        (["run", "/nonexistent/art", "hi", "--top-k", "-1"], "top_k=-1"),
+    ],
+)
+def test_cli_artifact_bad_input(args, message, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

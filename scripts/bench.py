@@ -1,6 +1,10 @@
 """Decode speed of pallax against HF transformers (and llama.cpp if installed), same run.
 
     python -m pallax.scripts.bench --batch 1 8 --prompt-len 128 --new-tokens 128
+    python -m pallax.scripts.bench --cold-start --configs fp32 int4-gptq gguf
+
+`--cold-start` times a new process to its first token instead: load + compile against an
+exported artifact (`pallax.load_artifact`), for each config.
 
 Every engine gets the same weights file and the same prompts (seeded random token
 ids) and generates exactly --new-tokens tokens greedily (EOS ignored). After a warm-up
@@ -134,6 +138,9 @@ def main(argv=None) -> int:
                              "names (e.g. int8-outliers, bf16,int4), or gguf (the file's own "
                              "quantization, load(keep_quantized=True))")  # fmt: skip
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="time a new process to its first token instead: load + compile "
+                             "against load_artifact, for each config")  # fmt: skip
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error(f"--new-tokens {args.new_tokens}: must be at least 2 (decode is timed)")
@@ -147,6 +154,8 @@ def main(argv=None) -> int:
     from pallax.model import sources
 
     path = sources.resolve(args.model)
+    if args.cold_start:
+        return cold_start(path, args.configs, args.repeats)
     model = pallax.load(path)
     kept = pallax.load(path, keep_quantized=True) if "gguf" in args.configs else None
     pipelines = {c: [] if c in ("fp32", "gguf") else c.split(",") for c in args.configs}
@@ -171,6 +180,54 @@ def main(argv=None) -> int:
         for name, (decode, e2e) in result.items():
             _print_row(b, name, decode, e2e, compile_s.get(name), base, peer)
         sys.stdout.flush()
+    return 0
+
+
+COLD = """
+import sys, time
+t0 = time.perf_counter()
+import pallax
+mode, src, passes = sys.argv[1], sys.argv[2], [p for p in sys.argv[3].split(",") if p]
+if mode == "artifact":
+    runner = pallax.load_artifact(src)
+else:
+    runner = pallax.compile(pallax.load(src, keep_quantized=mode == "gguf"), passes=passes)
+runner.generate(["The capital of France is"], max_new_tokens=1)
+print(time.perf_counter() - t0)
+"""
+
+
+def cold_start(path, configs, repeats) -> int:
+    """Seconds from a new process to the first generated token: the compile path (load,
+    passes, trace, XLA compile) against an artifact exported from it (load_artifact and
+    the modules' XLA compile), medians of `repeats` runs each, in turns."""
+    import subprocess
+    import tempfile
+
+    import pallax
+
+    def run(*argv) -> float:
+        out = subprocess.run([sys.executable, "-c", COLD, *argv], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        return float(out.stdout.strip().splitlines()[-1])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg in configs:
+            mode = "gguf" if cfg == "gguf" else "compile"
+            passes = "" if cfg in ("fp32", "gguf") else cfg
+            model = pallax.load(path, keep_quantized=mode == "gguf")
+            art = f"{tmp}/{cfg}"
+            pallax.compile(model, passes=passes.split(",") if passes else []).export(
+                art, cache_sizes=(256,), prefill_sizes=(16,)
+            )
+            times = {"compile path": [], "artifact": []}
+            for _ in range(repeats):
+                times["compile path"].append(run(mode, str(path), passes))
+                times["artifact"].append(run("artifact", art, ""))
+            a, c = (statistics.median(times[k]) for k in ("artifact", "compile path"))
+            print(f"cold start | pallax {cfg:12s} | compile path {c:6.1f}s | artifact {a:6.1f}s "
+                  f"| artifact / compile {a / c:5.2f}")  # fmt: skip
+            sys.stdout.flush()
     return 0
 
 

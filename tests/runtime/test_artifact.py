@@ -253,3 +253,49 @@ def test_export_never_replaces_without_overwrite(fp32_artifact, compiled_fp32, t
     assert (notes / "keep.txt").read_text() == "mine"
     compiled_fp32.export(path, overwrite=True, **SMALL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "notes"]
+
+
+EXPORT_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import pallax
+    from pallax import atomic_dir
+
+    gguf, path = sys.argv[1:3]
+    real = atomic_dir.exchange
+
+    def exchange(a, b):
+        done = real(a, b)
+        print("SWAPPED", flush=True)
+        time.sleep(30)
+        return done
+
+    atomic_dir.exchange = exchange
+    compiled = pallax.compile(pallax.load(gguf), passes=["int8"])
+    compiled.export(path, overwrite=True, cache_sizes=(256,), prefill_sizes=(16,),
+                    score_chunk=16)
+    """
+)
+
+
+@pytest.mark.slow
+def test_export_killed_while_replacing_leaves_a_complete_artifact(
+    fp32_artifact, smollm2_gguf_path, tmp_path
+):
+    """Artifacts are written through the checkpoints' atomic helper: killed right after the
+    swap, the path holds the new artifact complete, and the old one is cleaned up on load."""
+    import signal
+
+    path = _copy(fp32_artifact, tmp_path / "art")
+    child = subprocess.Popen(
+        [sys.executable, "-c", EXPORT_CHILD, str(smollm2_gguf_path), str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in child.stdout:
+        if line.startswith("SWAPPED"):
+            child.send_signal(signal.SIGKILL)
+            break
+    child.communicate(timeout=120)
+    art = pallax.load_artifact(path)
+    assert art.manifest["passes"][0]["name"] == "quantize_weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pallax.ir import primitives as ops
-from pallax.ir import rewrite, verify
+from pallax.ir.rewrite import rewrite
+from pallax.ir.verify import verify
 from pallax.passes import GraphError, StepSpec, capture, run_passes
 
 

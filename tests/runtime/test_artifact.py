@@ -39,8 +39,8 @@ FRESH = textwrap.dedent(
         res = art.generate(json.loads(sys.argv[1]), max_new_tokens=12, ignore_eos=True)
         streamed = "".join(art.stream(json.loads(sys.argv[1])[0], max_new_tokens=12,
                                       ignore_eos=True))
-        out[path] = {"texts": [r.text for r in res], "stream": streamed,
-                     "score": art.score("The capital of France is Paris.").tolist()}
+        score = art.score("The capital of France is Paris.").tolist() if "fp32" in path else None
+        out[path] = {"texts": [r.text for r in res], "stream": streamed, "score": score}
     print(json.dumps(out))
     """
 )
@@ -62,9 +62,11 @@ def fp32_artifact(compiled_fp32, tmp_path_factory):
     return path
 
 
-def _expected(compiled):
+def _expected(compiled, score=False):
     res = compiled.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
-    return [r.text for r in res], compiled.score("The capital of France is Paris.")
+    return [r.text for r in res], compiled.score(
+        "The capital of France is Paris."
+    ) if score else None
 
 
 @pytest.mark.slow
@@ -80,7 +82,7 @@ def test_fresh_process_generates_what_the_compiled_model_does(
         "kivi2": pallax.compile(smollm2, ["kivi2"]),
     }
     paths = {"fp32": fp32_artifact}
-    expected = {"fp32": _expected(compiled_fp32)}
+    expected = {"fp32": _expected(compiled_fp32, score=True)}  # scoring: one config is enough
     for name, compiled in configs.items():
         paths[name] = tmp_path / name
         compiled.export(paths[name], batch_sizes=(2,), **SMALL)
@@ -90,7 +92,8 @@ def test_fresh_process_generates_what_the_compiled_model_does(
         texts, score = expected[name]
         assert got[str(path)]["texts"] == texts, name
         assert got[str(path)]["stream"] == texts[0], name
-        np.testing.assert_allclose(got[str(path)]["score"], score, atol=1e-4, err_msg=name)
+        if score is not None:
+            np.testing.assert_allclose(got[str(path)]["score"], score, atol=1e-4, err_msg=name)
 
 
 def test_manifest_and_files(fp32_artifact, compiled_fp32):

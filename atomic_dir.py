@@ -32,6 +32,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -74,7 +75,7 @@ def write_dir(
                 raise KeyboardInterrupt(f"writing {str(path)!r} was interrupted; it is unchanged")
             _commit(partial, path)
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        _remove(partial)
     if interrupted:
         raise KeyboardInterrupt(f"interrupted after {str(path)!r} was written (it is complete)")
     return path
@@ -100,6 +101,16 @@ def recover(path: str | os.PathLike) -> None:
             stale = [(k, s) for k, s in stale if s != old[0]]
     for _, s in stale:
         shutil.rmtree(s, ignore_errors=True)
+
+
+def _remove(d: pathlib.Path) -> None:
+    """Remove a temporary; a failed writer's threads (orbax's) may still be finishing
+    files in it, so try again briefly."""
+    for _ in range(20):
+        shutil.rmtree(d, ignore_errors=True)
+        if not os.path.lexists(d):
+            return
+        time.sleep(0.1)
 
 
 def _temp(path: pathlib.Path, kind: str) -> pathlib.Path:

@@ -144,6 +144,11 @@ def _orbax_save(directory: pathlib.Path, stored: dict, what: str) -> None:
                 raise OSError(
                     errno.ENOSPC, f"disk full while saving the weights of {what}; it is unchanged"
                 ) from None
+            if "File too large" in text or "os_error_code='27'" in text:
+                raise OSError(
+                    errno.EFBIG,
+                    f"a file size limit stopped saving the weights of {what}; it is unchanged",
+                ) from None
             raise OSError(f"cannot save the weights of {what}: {first}") from None
 
 

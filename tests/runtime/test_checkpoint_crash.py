@@ -160,3 +160,56 @@ def test_interrupted_save_leaves_nothing_and_raises_one_interrupt(tiny, monkeypa
         a.save(path)
     assert not path.exists()
     assert [p for p in root.iterdir() if p.name.startswith(".interrupted.")] == []
+
+
+FULL_CHILD = textwrap.dedent(
+    """
+    import resource, signal, sys
+    import pallax
+    from pallax.runtime import checkpoint
+
+    gguf, path, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    compiled = pallax.compile(pallax.load(gguf), passes=[])
+    checkpoint._check_free_space = lambda *a: None  # let the write itself fail
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        compiled.save(path)
+    except OSError as e:
+        print("ERROR", e, flush=True)
+    """
+)
+
+
+def test_a_write_that_fails_midway_is_one_clean_error(tiny, tmp_path):
+    """The weights' write fails part way (a file size limit stands in for a full disk, which
+    a test cannot make without mounting): one OSError, nothing on stderr (orbax logs each
+    failed writer thread and tensorstore reports hundreds of closed-loop callbacks), and
+    nothing left behind."""
+    _, gguf, _, _ = tiny
+    path = tmp_path / "ckpt"
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_CHILD, str(gguf), str(path), str(4 << 20)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines() == [
+        f"ERROR [Errno 27] a file size limit stopped saving the weights of checkpoint "
+        f"{str(path)!r}; it is unchanged"
+    ]
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_enough_space_is_refused_before_writing(tiny, tmp_path, monkeypatch):
+    import collections
+    import errno
+    import shutil
+
+    _, _, a, _ = tiny
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1 << 20))
+    with pytest.raises(OSError, match=r"not enough disk space .* MiB are free") as info:
+        a.save(tmp_path / "ckpt")
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []

@@ -157,6 +157,20 @@ class _DropOrbaxErrors(logging.Filter):
         return "orbax" not in record.pathname
 
 
+class _DropOrbaxTaskErrors(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for orbax's failed writer tasks,
+    logged when the task is collected, possibly after the save has returned."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        tb = exc.__traceback__ if exc is not None else None
+        while tb is not None:
+            if "orbax" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return "orbax" not in record.getMessage()
+
+
 def _drop_closed_loop_callbacks(previous):
     def hook(unraisable):
         e = unraisable.exc_value
@@ -173,6 +187,7 @@ def _quiet_orbax():
     if not getattr(sys.unraisablehook, "pallax_filter", False):
         # Stays installed: the callbacks can arrive after the save has returned.
         sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+        logging.getLogger("asyncio").addFilter(_DropOrbaxTaskErrors())
     log, drop = logging.getLogger("absl"), _DropOrbaxErrors()
     log.addFilter(drop)
     try:

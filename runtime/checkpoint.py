@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from pallax.ir import qformat
 from pallax.ir.qformat import QuantizedWeight
 from pallax.model import architectures
 from pallax.model.configs import ModelConfig
+from pallax.runtime import manifest as manifests
 
 MANIFEST = "pallax_checkpoint.json"
 FORMAT = "pallax-checkpoint"
@@ -105,11 +105,7 @@ def save_checkpoint(compiled_or_model, path: str | os.PathLike, *, overwrite: bo
         _check_free_space(partial, stored)
         model.tokenizer.save(partial / TOKENIZER_DIR)
         _orbax_save(partial / WEIGHTS_DIR, stored, f"checkpoint {str(path)!r}")
-        manifest["files"] = {
-            f.relative_to(partial).as_posix(): _sha256(f)
-            for f in sorted(partial.rglob("*"))
-            if f.is_file()
-        }
+        manifest["files"] = manifests.file_digests(partial)
         manifest["manifest_sha256"] = _manifest_digest(manifest)
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
@@ -196,11 +192,7 @@ def _quiet_orbax():
         log.removeFilter(drop)
 
 
-def _manifest_digest(manifest: dict) -> str:
-    """sha256 of everything in the manifest but the digest itself (canonical JSON)."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+_manifest_digest = manifests.digest
 
 
 def _entry(a) -> dict:
@@ -259,10 +251,7 @@ def load_checkpoint(path: str | os.PathLike):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"{origin}: the {sub}/ directory is missing")
     architectures.check_weights(shapes, config, f"{origin} ({MANIFEST})")
-    present = {f.relative_to(path).as_posix() for f in path.rglob("*") if not f.is_dir()} - {
-        MANIFEST
-    }
-    unlisted = sorted(present - set(manifest["files"]))
+    unlisted = manifests.unlisted(path, manifest["files"], MANIFEST)
     if unlisted:
         raise ValueError(
             f"{origin}: files not listed in {MANIFEST} (so not verified): {unlisted[:5]}; "
@@ -327,9 +316,7 @@ def _read_manifest(path: pathlib.Path) -> dict:
     return manifest
 
 
-def _sha256(file: pathlib.Path) -> str:
-    with file.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+_sha256 = manifests.sha256
 
 
 def _rebuild_pass(entry, origin: str):

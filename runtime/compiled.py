@@ -162,7 +162,7 @@ class CompiledModel(Generator):
         default: 256, 1024, 4096 and the context length), the weights after the passes
         and the tokenizer. `pallax.load_artifact(path)` runs it without the model code.
         `portable=True` leaves pallax's C++ CPU kernels out of the CPU modules."""
-        from pallax.runtime.artifact import export_artifact
+        from pallax.runtime.artifact_export import export_artifact
 
         return export_artifact(
             self, path, platforms=platforms, batch_sizes=batch_sizes,

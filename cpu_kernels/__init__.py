@@ -36,6 +36,7 @@ from jax.interpreters import mlir
 
 from pallax.cpu_kernels import build
 from pallax.ir import primitives as ops
+from pallax.ir.kvcache import FULL, Dense
 
 ENV_SWITCH = "PALLAX_CPU_KERNELS"
 TARGET = "pallax_qmatmul"
@@ -243,12 +244,16 @@ def _attention_ffi(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, sof
     return out[:, None].astype(q.dtype), k_cache, v_cache
 
 
-def _attention_cpu_rule(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
-    if not use_attention_kernel(q, k_cache):
+def _attention_cpu_rule(q, k, v, pos, valid, *cache, format, policy, rope, scale,
+                        sliding_window, softcap):  # fmt: skip
+    """Dense x full decode: the C++ kernel; other formats and policies: the reference."""
+    dense_full = isinstance(format, Dense) and policy == FULL
+    if not (dense_full and use_attention_kernel(q, cache[0])):
         return ops.attention_reference(
-            q, k, v, k_cache, v_cache, pos, scale=scale, sliding_window=sliding_window,
-            softcap=softcap,
+            q, k, v, pos, valid, *cache, format=format, policy=policy, rope=rope, scale=scale,
+            sliding_window=sliding_window, softcap=softcap,
         )  # fmt: skip
+    k_cache, v_cache = cache
     return _attention_ffi(
         q, k, v, k_cache, v_cache, pos, scale=scale, sliding_window=sliding_window,
         softcap=softcap,

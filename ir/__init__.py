@@ -3,10 +3,9 @@
     graph       capture a model step as a jaxpr (`Graph`, `StepSpec`, `CacheLayout`)
     primitives  the semantic ops, one module per op family
     qformat     packed weight formats (`QuantizedWeight`)
-    kvquant     KIVI k-bit KV format and `kivi_attention`
-    kvsinks     StreamingLLM sinks + window slots and `sink_attention`
-    kvh2o       H2O heavy-hitter slots and `h2o_attention`
-    kvkivi_*    KIVI under those slot policies
+    kvcache     the KV cache per layer: a storage format (dense, int8, KIVI) x a slot
+                policy (full, sinks, H2O), and the reference attention over it
+    kv_rewrite  giving layers a new format or policy (the KV passes' engine)
     rewrite     rewrite helpers (rules keyed by primitive, recursing into sub-jaxprs)
     verify      the graph verifier
     printer     the readable graph printer

@@ -5,7 +5,7 @@ for the platform it lowers for, so one exported module can carry all three.
 Where a kernel does not cover a case (for example prefill attention, T > 1, or
 float32 decode attention on CUDA, whose Mosaic GPU kernel is 16-bit only) the
 rule falls back to the reference math for that platform. The Triton kernels
-(`qmatmul`, `kivi_attention` and `h2o_attention` on CUDA) need
+(`qmatmul`, the KIVI and slot attention kernels on CUDA) need
 `export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")` at export.
 """
 
@@ -16,8 +16,9 @@ import functools
 import jax.numpy as jnp
 from jax.interpreters import mlir
 
-from pallax.ir import kvh2o, kvquant
+from pallax.ir import kvcache
 from pallax.ir import primitives as ops
+from pallax.ir.kvcache import FULL, Dense, Kivi, core
 from pallax.pallas_kernels.decode_attention import decode_attention
 from pallax.pallas_kernels.h2o_attention import h2o_decode_attention
 from pallax.pallas_kernels.kivi_attention import kivi_decode_attention
@@ -39,7 +40,7 @@ def _uses_decode_kernel(q, k_cache, platform) -> bool:
     return True
 
 
-def _attention_rule(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap, platform):
+def _dense_full_rule(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap, platform):
     """Write the new k/v, then attend: the FlashDecoding kernel for single-token decode."""
     k_cache = ops.write_kv(k_cache, k, pos)
     v_cache = ops.write_kv(v_cache, v, pos)
@@ -62,6 +63,64 @@ def _attention_rule(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, so
     return out, k_cache, v_cache
 
 
+def _attention_rule(q, k, v, pos, valid, *cache, format, policy, rope, scale, sliding_window,
+                    softcap, platform):  # fmt: skip
+    """The attention op per storage format: dense x full decodes with the FlashDecoding
+    kernel, KIVI x full with the KIVI kernel, every other combination with the slot
+    kernel over its candidates (the policy given as slot positions). Prefill and chunks
+    (T > 1) use the reference math."""
+    kw = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
+    if isinstance(format, Dense) and policy == FULL:
+        return _dense_full_rule(q, k, v, *cache, pos, platform=platform, **kw)
+    if q.shape[1] != 1:
+        return ops.attention_reference(q, k, v, pos, valid, *cache, format=format, policy=policy,
+                                       rope=rope, **kw)  # fmt: skip
+    names = kvcache.part_names(format, policy)
+    state = dict(zip(names, cache, strict=True))
+    if isinstance(format, Kivi) and policy == FULL:
+        out, state = _kivi_decode(q, k, v, pos, valid, state, format, platform=platform, **kw)
+    else:
+        out, state = _slot_decode(q, k, v, pos, valid, state, format, policy, rope,
+                                  platform=platform, **kw)  # fmt: skip
+    return (out.astype(q.dtype), *(state[n] for n in names))
+
+
+def _kivi_decode(q, k, v, pos, valid, state, fmt, *, platform, **kw):
+    """Stage the token in the ring, attend with the KIVI kernel (the token's group not yet
+    quantized: `pending=1`), then quantize a group that left the ring (XLA)."""
+    zeros = jnp.zeros((k.shape[0], k.shape[2], 1), jnp.float32)
+    state = core.stage(state, k, v, pos, valid, fmt, kvcache.FULL, zeros)
+    out = kivi_decode_attention(
+        q[:, 0], state, (pos + 1).astype(jnp.int32), bits=fmt.bits, group_size=fmt.group_size,
+        residual=fmt.residual, full_first=fmt.full_first, pending=1, platform=platform, **kw,
+    )[:, None]  # fmt: skip
+    return out, core.leave(state, k, v, pos, valid, fmt, kvcache.FULL, zeros)
+
+
+def _slot_decode(q, k, v, pos, valid, state, fmt, policy, rope, *, platform, **kw):
+    """Any format x policy: the candidates (decoded rows, staging, the new token) at their
+    slot positions, the slot kernel (which also returns each key's attention mass), then
+    the reference's write. Sinks' rotation is applied to the sink keys instead of the
+    query (one query: the rotations compose)."""
+    keys, vals, kpos, tpos, real, sections = core.candidates(k, v, state, pos, valid, fmt, policy)
+    qp = tpos[:, 0]
+    kpos = jnp.where(policy.visible(kpos, qp[:, None, None]), kpos, -1)
+    if policy.sinks:
+        n = sections[0] + sections[1]
+        back = qp - jnp.minimum(qp, policy.slots - 1)  # [B] >= 0: rotate sink keys back
+        head = jnp.swapaxes(keys[:, :, :n], 1, 2)  # [B, n, K, H]
+        rotated = ops.rope_reference(head, jnp.broadcast_to(back[:, None], head.shape[:2]),
+                                     theta=rope[0], scaling=rope[1])  # fmt: skip
+        sink = (kpos[:, :, :n] >= 0) & (kpos[:, :, :n] < policy.sinks)
+        head = jnp.where(sink[..., None], jnp.swapaxes(rotated, 1, 2), keys[:, :, :n])
+        keys = jnp.concatenate([head, keys[:, :, n:]], axis=2)
+    out, mass = h2o_decode_attention(
+        q[:, 0], keys, vals, kpos.astype(jnp.int32), qp.astype(jnp.int32), platform=platform, **kw
+    )
+    mass = jnp.where(real[:, :, None], mass, 0.0) if policy.needs_mass else None
+    return out[:, None], core.write(state, k, v, pos, valid, fmt, policy, mass, sections)
+
+
 def _qlinear_rule(x, data, scale, *rest, platform, **params):
     """The dequantizing matmul kernel inside `qlinear_frame` (outliers multiply outside it).
 
@@ -78,80 +137,11 @@ def _qlinear_rule(x, data, scale, *rest, platform, **params):
     return ops.qlinear_frame(matmul, x, data, scale, *rest, **params)
 
 
-def _kivi_attention_rule(
-    q, k, v, pos, valid, *state, scale, sliding_window, softcap, bits, group_size, residual,
-    scale_dtype, full_first=0, platform,
-):  # fmt: skip
-    """Write k/v into the KIVI cache (XLA), then attend: the kernel for single-token decode.
-
-    The kernel reads the query at ``pos + valid - 1``: for a padding row (valid 0) that
-    is ``pos - 1``, so with a sliding window its output (unused) may differ.
-    """
-    cfg = kvquant.KiviConfig(bits, group_size, residual, scale_dtype, full_first)
-    st = kvquant.write(dict(zip(cfg.parts, state, strict=True)), k, v, pos, valid, cfg)
-    if q.shape[1] == 1:
-        out = kivi_decode_attention(
-            q[:, 0],  # [B, N, H]
-            st,
-            (pos + valid).astype(jnp.int32),
-            bits=bits,
-            group_size=group_size,
-            residual=residual,
-            full_first=full_first,
-            scale=scale,
-            sliding_window=sliding_window,
-            softcap=softcap,
-            platform=platform,
-        )[:, None]  # [B, 1, N, H]
-    else:
-        out = kvquant.attend(
-            q, st, pos, valid, cfg, scale=scale, sliding_window=sliding_window, softcap=softcap
-        )
-    return (out.astype(q.dtype), *(st[p] for p in cfg.parts))
-
-
-def _h2o_attention_rule(
-    q, k, v, pos, valid, k_cache, v_cache, slot_pos, slot_score, *, budget, recent, scale,
-    sliding_window, softcap, platform,
-):  # fmt: skip
-    """H2O for single-token decode: the kernel attends over the candidates and returns the
-    mass each received, then the scores and the eviction are the reference's (XLA).
-
-    A padding row (valid 0) attends like the reference (its new token is not a candidate)
-    and adds no mass, as the reference's query weights do. Prefill and chunks (T > 1)
-    use the reference.
-    """
-    cfg = kvh2o.H2OConfig(budget, recent)
-    if q.shape[1] != 1:
-        return kvh2o.h2o_attention_reference(
-            q, k, v, pos, valid, k_cache, v_cache, slot_pos, slot_score, budget=budget,
-            recent=recent, scale=scale, sliding_window=sliding_window, softcap=softcap,
-        )  # fmt: skip
-    state = {"k": k_cache, "v": v_cache, "pos": slot_pos, "score": slot_score}
-    keys, vals, kpos, tpos, real = kvh2o.candidates(k, v, state, pos, valid)
-    out, mass = h2o_decode_attention(
-        q[:, 0],  # [B, N, H]
-        keys,
-        vals,
-        kpos.astype(jnp.int32),
-        tpos[:, 0].astype(jnp.int32),
-        scale=scale,
-        sliding_window=sliding_window,
-        softcap=softcap,
-        platform=platform,
-    )
-    mass = jnp.where(real[:, :, None], mass, 0.0)  # [B, K, M + 1]
-    new = kvh2o.evict(state, keys, vals, kpos, mass, pos + valid, cfg)
-    return (out[:, None].astype(q.dtype), *(new[p] for p in kvh2o.PARTS))
-
-
 def register() -> None:
     rules = (  # (primitive, rule, multiple results)
         (ops.rms_norm_p, _rms_norm_rule, False),
         (ops.qlinear_p, _qlinear_rule, False),
         (ops.attention_p, _attention_rule, True),
-        (kvquant.kivi_attention_p, _kivi_attention_rule, True),
-        (kvh2o.h2o_attention_p, _h2o_attention_rule, True),
     )
     for platform in PLATFORMS:
         for prim, rule, multiple in rules:

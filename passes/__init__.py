@@ -33,6 +33,7 @@ ALIASES = {
     "int4-gptq": "quantize_weights:4:method=gptq",
     "kivi2": "compress_kv:kivi:2",
     "kivi4": "compress_kv:kivi:4",
+    "int8kv": "compress_kv:int8",
 }
 
 

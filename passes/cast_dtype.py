@@ -61,7 +61,7 @@ class Cast:
 
             rules[primitives.qembed_p] = qembed_cast
         graph = rewrite(graph, rules, weights=weights, cache=graph.cache.with_dtype(dtype))
-        return graph.replace(meta={**graph.meta, "dtype": self.dtype})
+        return graph.replace(meta={**graph.meta, "dtype": self.dtype, "kv_dtype": self.dtype})
 
 
 def cast(dtype: str = "bfloat16", *, activations: bool = True) -> Cast:

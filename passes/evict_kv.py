@@ -1,27 +1,20 @@
-"""evict_kv: a fixed-size cache per layer, StreamingLLM sinks + window (ir/kvsinks.py) or
-H2O heavy hitters (ir/kvh2o.py); and `check_pipeline`, the KV composition rules checked
-at compile time.
+"""evict_kv: a fixed-size cache per layer, StreamingLLM sinks + window
+(ir/kvcache/sinks.py) or H2O heavy hitters (ir/kvcache/h2o.py), over whatever storage
+format the layers have (compress_kv before or after); and `check_pipeline`, the KV
+rules checked at compile time before anything is captured.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from pallax.ir import kvkivi_h2o
-from pallax.ir.graph import CacheLayout, Graph
-from pallax.ir.kv_rewrite import (
-    LayerRef,
-    dense_layers,
-    rewrite_cache,
-    rotate,
-    valid_tokens,
-    windowed_layers,
-)
-from pallax.ir.kvh2o import H2OConfig, h2o_attention
-from pallax.ir.kvsinks import SinkConfig, sink_attention
+from pallax.ir.graph import Graph
+from pallax.ir.kv_rewrite import rewrite_kv
+from pallax.ir.kvcache import FULL, H2O, Sinks
 from pallax.ir.manager import FULL_KV
 from pallax.passes.compress_kv import CompressKV, _int
-from pallax.passes.kv_compose import POLICIES, _compose, _remember
+
+POLICIES = ("sinks", "h2o")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +22,9 @@ class EvictKV:
     """A fixed-size cache per layer.
 
     - `policy="sinks"`: StreamingLLM, `sinks` first tokens and a rolling `window`
-      (ir/kvsinks.py); generation may run past the context length.
+      (ir/kvcache/sinks.py); generation may run past the context length.
     - `policy="h2o"`: H2O, `budget` slots holding the `recent` newest tokens and the
-      heaviest hitters by accumulated attention (ir/kvh2o.py).
+      heaviest hitters by accumulated attention (ir/kvcache/h2o.py).
 
     Layers with their own sliding window (Gemma 3's local layers) keep a ring of
     exactly that window under either policy: they never attend further back, so for
@@ -80,97 +73,40 @@ class EvictKV:
             )
 
     @property
-    def sink_config(self) -> SinkConfig:
-        return SinkConfig(self.sinks, self.window)
+    def slot_policy(self):
+        if self.policy == "sinks":
+            return Sinks(self.sinks, self.window)
+        return H2O(self.budget, self.recent)
 
     def __call__(self, graph: Graph) -> Graph:
-        if graph.cache.kind == "kivi":
-            return _compose(graph, self)
-        if graph.cache.kind != "dense":
-            raise ValueError(
-                f"evict_kv: the cache is already {graph.cache.kind!r}; apply one eviction "
-                "policy (evict_kv once)"
-            )
         self.check_context(graph)
-        layers = dense_layers(graph.cache)
-        windowed = windowed_layers(graph)
-        configs, entries = {}, []
-        for prefix, (shape, dtype) in sorted(layers.items()):
-            _, kv, _, h = shape
-            if prefix in windowed:
-                cfg = SinkConfig(0, windowed[prefix])
-            elif self.policy == "sinks":
-                cfg = SinkConfig(self.sinks, self.window)
-            else:
-                cfg = H2OConfig(self.budget, self.recent)
-            configs[prefix] = cfg
-            slots = cfg.slots if isinstance(cfg, SinkConfig) else cfg.budget
-            for part in ("k", "v"):
-                entries.append((prefix + part, ("B", kv, slots, h), dtype))
-            if isinstance(cfg, H2OConfig):
-                entries.append((prefix + "h2o.pos", ("B", kv, slots), "int32"))
-                entries.append((prefix + "h2o.score", ("B", kv, slots), "float32"))
-        layout = CacheLayout(tuple(sorted(entries)), kind=self.policy)
+        policy = self.slot_policy
 
-        def make_rule(step_name, args):
-            valid = valid_tokens(step_name, args)
+        def choose(prefix, layer):
+            if layer.policy != FULL:
+                raise ValueError(
+                    f"evict_kv: the cache of {prefix!r} already has the {layer.policy} "
+                    "policy; apply evict_kv once"
+                )
+            if layer.sliding_window:  # exact: the layer never looks further back
+                return layer.format, Sinks(0, layer.sliding_window)
+            return layer.format, policy
 
-            def rule(eqn, q, k, v, kref, vref, pos):
-                q_r, k_r = rotate(q, k)
-                prm = eqn.params
-                cfg = configs[kref.prefix]
-                st = kref.state
-                if isinstance(cfg, SinkConfig):
-                    out, kc, vc = sink_attention(
-                        q_r, k_r, v, st["k"], vref.state["v"], pos, valid, cfg,
-                        theta=k.theta, scaling=k.scaling, scale=prm["scale"],
-                        sliding_window=prm["sliding_window"], softcap=prm["softcap"],
-                    )  # fmt: skip
-                    state = {"k": kc, "v": vc}
-                else:
-                    h2o_state = {"k": st["k"], "v": vref.state["v"], "pos": st["h2o.pos"],
-                                 "score": st["h2o.score"]}  # fmt: skip
-                    out, new = h2o_attention(
-                        q_r, k_r, v, pos, valid, h2o_state, cfg, scale=prm["scale"],
-                        sliding_window=prm["sliding_window"], softcap=prm["softcap"],
-                    )  # fmt: skip
-                    state = {"k": new["k"], "v": new["v"], "h2o.pos": new["pos"],
-                             "h2o.score": new["score"]}  # fmt: skip
-                return [out, LayerRef(kref.prefix, "k", state), LayerRef(vref.prefix, "v", {})]
-
-            return rule
-
-        return _remember(graph, self, rewrite_cache(graph, layout, make_rule, defer_rope=True))
+        kind = graph.cache.kind
+        kind = self.policy if kind == "dense" else f"{kind}+{self.policy}"
+        return rewrite_kv(graph, choose, kind=kind)
 
 
 def check_pipeline(passes) -> None:
-    """Refuse, at compile time, a KV pass sequence the passes would refuse at capture:
-    one compress_kv and one evict_kv at most, next to each other when both are there,
-    and the H2O budget a KIVI cache can hold."""
-    kind, last = "dense", None
+    """Refuse, at compile time, an H2O budget that a compressed format cannot hold (the
+    order and repetition of KV passes is the pass manager's: `requires` / `removes`)."""
+    fmt = None
     for p in passes:
-        if not isinstance(p, CompressKV | EvictKV):
-            last = None
-            continue
-        if kind != "dense":
-            pair = {type(p), type(last)} == {CompressKV, EvictKV}
-            if last is None and "+" not in kind:
-                raise ValueError(
-                    f"{p.name}: compose KV passes next to each other (another pass ran "
-                    "between compress_kv and evict_kv)"
-                )
-            if "+" in kind or not pair:
-                raise ValueError(
-                    f"{p.name}: the cache is already {kind!r} when it runs; KIVI composes "
-                    "with one evict_kv, once each"
-                )
-            kivi, ev = (p, last) if isinstance(p, CompressKV) else (last, p)
-            if ev.policy == "h2o":
-                kvkivi_h2o.check(kivi.config, ev.budget, ev.recent)
-            kind = f"kivi+{ev.policy}"
-        else:
-            kind = "kivi" if isinstance(p, CompressKV) else p.policy
-        last = p
+        if isinstance(p, CompressKV):
+            fmt = p.format
+    for p in passes:
+        if isinstance(p, EvictKV) and fmt is not None:
+            p.slot_policy.check(fmt)
 
 
 def evict_kv(

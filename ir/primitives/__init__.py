@@ -10,7 +10,8 @@ tpu / cuda, `pallax.cpu_kernels` for CPU hot paths); model code never chooses a 
     norm       rms_norm
     linear     linear, mlp_act
     quantized  qlinear, qembed (packed weights; see `pallax.ir.qformat`)
-    attention  rope, attention (dense cache; compressed caches live in `pallax.ir.kv*`)
+    rope       rope
+    attention  attention over a KV cache of any format x policy (`pallax.ir.kvcache`)
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from pallax.ir.primitives.attention import (  # noqa: F401
     attention_core,
     attention_mask,
     attention_p,
+    attention_params,
     attention_reference,
     decode_attention_split,
-    rope,
-    rope_p,
-    rope_reference,
+    dense_attention,
     write_kv,
 )
+from pallax.ir.primitives.rope import rope, rope_p, rope_reference  # noqa: F401
 from pallax.ir.primitives.base import (  # noqa: F401
     F32,
     MLP_KINDS,

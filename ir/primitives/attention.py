@@ -1,4 +1,5 @@
-"""Positions and attention over the dense KV cache: `rope`, `attention`."""
+"""`attention`, the one attention op over a KV cache of any storage format and slot
+policy (ir/kvcache/), and the dense x full fast paths."""
 
 from __future__ import annotations
 
@@ -9,35 +10,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.core import ShapedArray
 
+from pallax.ir.kvcache import core
+from pallax.ir.kvcache.dense import DENSE, Dense
+from pallax.ir.kvcache.full import FULL, Full
 from pallax.ir.primitives.base import F32, _define
-
-
-# ---------------------------------------------------------------------------- rope
-def rope_reference(x, positions, *, theta, scaling=1.0):
-    """Rotary embedding, rotate-half layout. x [B, T, N, H], positions [B, T]."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=F32) * 2.0 / x.shape[-1]))
-    angles = (positions.astype(F32) / scaling)[..., None] * inv_freq  # [B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(F32)
-    x1, x2 = x32[..., :half], x32[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-def _rope_abstract(x, positions, *, theta, scaling):
-    del theta, scaling
-    if positions.shape != x.shape[:2]:
-        raise TypeError(f"rope: positions {positions.shape} vs x {x.shape}")
-    return ShapedArray(x.shape, x.dtype)
-
-
-rope_p = _define("rope", rope_reference, _rope_abstract)
-
-
-def rope(x, positions, *, theta, scaling=1.0):
-    return rope_p.bind(x, positions, theta=float(theta), scaling=float(scaling))
 
 
 # ----------------------------------------------------------------------- attention
@@ -89,7 +65,7 @@ def _decode_attention_core(q, k_cache, v_cache, pos, scale, sliding_window, soft
     return out.reshape(b, 1, n, h).astype(q.dtype)
 
 
-def attention_reference(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
+def dense_attention(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
     """Write k/v [B, T, K, H] into the caches at pos [B], then attend causally.
 
     Returns (out [B, T, N, H], k_cache, v_cache). Cache slots outside a query's
@@ -145,38 +121,63 @@ def decode_attention_split(q, k, v, k_cache, v_cache, pos, *, scale, sliding_win
     return out.reshape(b, 1, n, h).astype(q.dtype)
 
 
-def _attention_abstract(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
-    del scale, sliding_window, softcap
+def attention_reference(q, k, v, pos, valid, *cache, format, policy, rope, scale,
+                        sliding_window, softcap):  # fmt: skip
+    """Attend q [B, T, N, H] over one layer's cache (`format` x `policy`, see
+    ir/kvcache/core.py) plus the call's own k, v [B, T, K, H] at pos [B] (the first
+    valid [B] tokens real), and write them: (out [B, T, N, H], *the new cache arrays).
+
+    The dense x full cache writes all T tokens and attends causally (dense_attention):
+    its rows past pos + valid are never read before they are written again."""
+    if isinstance(format, Dense) and isinstance(policy, Full):
+        return dense_attention(q, k, v, *cache, pos, scale=scale, sliding_window=sliding_window,
+                               softcap=softcap)  # fmt: skip
+    names = core.part_names(format, policy)
+    out, new = core.reference(
+        q, k, v, pos, valid, dict(zip(names, cache, strict=True)), format, policy, rope=rope,
+        scale=scale, sliding_window=sliding_window, softcap=softcap,
+    )  # fmt: skip
+    return (out, *(new[n] for n in names))
+
+
+def _attention_abstract(q, k, v, pos, valid, *cache, format, policy, **_):
     b, t, n, h = q.shape
     if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != h:
         raise TypeError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} disagree")
     kv = k.shape[2]
     if n % kv:
         raise TypeError(f"attention: {n=} query heads not divisible by {kv=} kv heads")
-    if k_cache.shape != v_cache.shape or k_cache.shape[:2] != (b, kv) or k_cache.shape[3] != h:
-        raise TypeError(f"attention: cache {k_cache.shape} does not match k {k.shape}")
-    if pos.shape != (b,):
-        raise TypeError(f"attention: pos {pos.shape} must be [{b}]")
-    return (
-        ShapedArray(q.shape, q.dtype),
-        ShapedArray(k_cache.shape, k_cache.dtype),
-        ShapedArray(v_cache.shape, v_cache.dtype),
-    )
+    if pos.shape != (b,) or valid.shape != (b,):
+        raise TypeError(f"attention: pos {pos.shape} / valid {valid.shape} must be [{b}]")
+    parts = core.layer_parts(format, policy, kv, h, k.dtype)
+    if len(cache) != len(parts):
+        raise TypeError(f"attention: {len(cache)} cache arrays, {format} x {policy} has {len(parts)}")
+    for (name, (shape, _)), arr in zip(parts.items(), cache, strict=True):
+        fixed = [(i, d) for i, d in enumerate(shape) if isinstance(d, int)]
+        if len(arr.shape) != len(shape) or arr.shape[0] != b or any(arr.shape[i] != d for i, d in fixed):
+            raise TypeError(f"attention: cache {name} {arr.shape} does not match {shape} (B={b})")
+    return (ShapedArray(q.shape, q.dtype), *(ShapedArray(a.shape, a.dtype) for a in cache))
 
 
 attention_p = _define("attention", attention_reference, _attention_abstract, multiple_results=True)
 
 
 def attention(q, k, v, k_cache, v_cache, pos, *, scale=None, sliding_window=None, softcap=None):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return attention_p.bind(
-        q,
-        k,
-        v,
-        k_cache,
-        v_cache,
-        pos,
-        scale=scale,
+    """A model's attention over its dense cache: (out, k_cache, v_cache). KV passes turn
+    it into other formats and policies (passes/compress_kv.py, passes/evict_kv.py)."""
+    b, t = q.shape[:2]
+    return tuple(attention_p.bind(
+        q, k, v, pos, jnp.full((b,), t, jnp.int32), k_cache, v_cache, **attention_params(
+            q, DENSE, FULL, None, scale, sliding_window, softcap),
+    ))  # fmt: skip
+
+
+def attention_params(q, format, policy, rope, scale, sliding_window, softcap) -> dict:
+    return dict(
+        format=format,
+        policy=policy,
+        rope=None if rope is None else (float(rope[0]), float(rope[1])),
+        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
         sliding_window=None if sliding_window is None else int(sliding_window),
         softcap=None if softcap is None else float(softcap),
     )

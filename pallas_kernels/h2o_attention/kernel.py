@@ -1,6 +1,6 @@
 """H2O decode attention with attention mass: Mosaic TPU (this file) and Triton GPU (``gpu.py``).
 
-H2O (``ir/kvh2o.py``) attends each decode query over ``S = M + 1`` candidates, the
+H2O (``ir/kvcache/h2o.py``) attends each decode query over ``S = M + 1`` candidates, the
 ``M`` cache slots and the new token, and evicts by the attention mass each candidate
 received. Both come from one kernel: ``out`` [B, N, H] and ``mass`` [B, K, S], the
 softmax probabilities summed over the ``N / K`` query heads of each kv head.

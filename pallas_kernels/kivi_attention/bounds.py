@@ -18,6 +18,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# A layer's KIVI cache arrays in the kernels' operand order (ir/kvcache/kivi.py names them).
+PARTS = ("k.data", "k.scale", "k.zero", "k.res", "v.data", "v.scale", "v.zero", "v.res")
+FIRST_PARTS = ("k.first", "v.first")  # with full_first > 0
+
 
 def bounds(
     length: jax.Array,
@@ -46,7 +50,7 @@ def block_range(lo: jax.Array, hi: jax.Array, block: int) -> tuple[jax.Array, ja
 
 def ring_positions(slots: jax.Array, length: jax.Array, ring: int) -> jax.Array:
     """The position each ring slot holds after ``length`` tokens (negative if none):
-    ``kvquant.ring_positions`` without a vector modulo."""
+    ``ir.kvcache.ring_positions`` without a vector modulo."""
     last = length - 1
     newest = lax.rem(last + ring, ring)  # the slot of position L - 1
     return last - newest + slots - jnp.where(slots > newest, ring, 0)

@@ -33,9 +33,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallax.ir import kvquant
 from pallax.pallas_kernels.decode_attention.gpu import combine_splits
 from pallax.pallas_kernels.kivi_attention.bounds import (
+    FIRST_PARTS,
+    PARTS,
     block_range,
     bounds,
     first_attended,
@@ -223,7 +224,7 @@ def kivi_decode_attention_gpu(
     num_kv_heads = state["k.data"].shape[1]
     group = num_heads // num_kv_heads
     q_rows = max(MIN_TILE, pl.next_power_of_2(group))
-    parts = kvquant.PARTS + (kvquant.FIRST_PARTS if full_first else ())
+    parts = PARTS + (FIRST_PARTS if full_first else ())
     programs = num_splits + 1  # the last one reads the full-precision rows
     out, lse = pl.pallas_call(
         functools.partial(

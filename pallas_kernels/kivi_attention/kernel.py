@@ -1,6 +1,6 @@
 """KIVI decode attention as a Pallas kernel: Mosaic TPU (this file) and Triton GPU (``gpu.py``).
 
-One query per sequence attends to one layer's KIVI cache (``ir/kvquant.py``)
+One query per sequence attends to one layer's KIVI cache (``ir/kvcache/kivi.py``)
 without dequantizing it in HBM: each block of packed keys and values is unpacked
 and dequantized in VMEM, attended with an online softmax in float32, and the
 full-precision rows (the residual ring, and the ``first`` rows with
@@ -38,9 +38,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallax.ir import kvquant
 from pallax.pallas_kernels.kivi_attention import gpu
 from pallax.pallas_kernels.kivi_attention.bounds import (
+    FIRST_PARTS,
+    PARTS,
     block_range,
     bounds,
     first_attended,
@@ -277,10 +278,10 @@ def _kivi_tpu(
     ring_spec = spec(state["k.res"].shape[2], head_dim, whole_index)
     in_specs = [qo_spec, data_spec, kscale_spec, kscale_spec, ring_spec]
     in_specs += [data_spec, vscale_spec, vscale_spec, ring_spec]
-    operands = [q] + [state[p] for p in kvquant.PARTS]
+    operands = [q] + [state[p] for p in PARTS]
     if full_first:
         in_specs += [spec(full_first, head_dim, whole_index)] * 2
-        operands += [state[p] for p in kvquant.FIRST_PARTS]
+        operands += [state[p] for p in FIRST_PARTS]
     # Mosaic extends int8, not uint8: a same-width bitcast is a free view.
     operands[1] = lax.bitcast_convert_type(operands[1], jnp.int8)
     operands[5] = lax.bitcast_convert_type(operands[5], jnp.int8)
@@ -328,7 +329,7 @@ def _check_inputs(q, state, lengths, bits, group_size, residual, full_first, win
             f"{group_size=} must be positive, {residual=} non-negative and {full_first=} a"
             " non-negative multiple of group_size"
         )
-    parts = kvquant.PARTS + (kvquant.FIRST_PARTS if full_first else ())
+    parts = PARTS + (FIRST_PARTS if full_first else ())
     if sorted(state) != sorted(parts):
         raise ValueError(f"state has {sorted(state)}, expected {sorted(parts)} ({full_first=})")
     if q.ndim != 3:
@@ -401,6 +402,7 @@ def kivi_decode_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     full_first: int = 0,
+    pending: int = 0,
     platform: str | None = None,
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
@@ -408,7 +410,7 @@ def kivi_decode_attention(
     """Single-query grouped-query attention over a KIVI cache (one decode step).
 
     Same contract as ``kivi_decode_attention_reference``: ``q`` [B, N, H], ``state``
-    one layer's cache (``kvquant.PARTS``, plus ``FIRST_PARTS`` with ``full_first``),
+    one layer's cache (``PARTS``, plus ``FIRST_PARTS`` with ``full_first``),
     ``lengths`` [B] int32 tokens written (the query is position ``lengths - 1``).
     Rows that are not attended (unwritten, stale ring slots, before the window)
     never reach the output, even when they hold NaN.
@@ -418,7 +420,12 @@ def kivi_decode_attention(
     a power of two or has ``H * bits / 8 < 16`` (``kernel_supports``).
 
     Args:
-      bits, group_size, residual, full_first: the cache's ``KiviConfig``.
+      bits, group_size, residual, full_first: the cache's KIVI format.
+      pending: the newest ``pending`` tokens are in the ring but their groups not yet
+        quantized (the attention op writes the query's token to the ring, attends, then
+        quantizes a full group): positions below ``num_quantized(lengths - pending)``
+        are read from the packed arrays. As ``num_quantized(L - p; R) =
+        num_quantized(L; R + p)``, it is a larger residual for the bounds.
       scale: multiplies the logits.
       sliding_window: attend only to positions ``> lengths - 1 - sliding_window``.
       softcap: if set, ``logits = softcap * tanh(logits / softcap)`` before masking.
@@ -440,7 +447,9 @@ def kivi_decode_attention(
         sliding_window=None if sliding_window is None else int(sliding_window),
         softcap=None if softcap is None else float(softcap),
     )
-    geometry = dict(bits=bits, group_size=group_size, residual=residual, full_first=full_first)
+    geometry = dict(
+        bits=bits, group_size=group_size, residual=residual + pending, full_first=full_first
+    )
     if not kernel_supports(platform, q.dtype, state, bits):
         return kivi_decode_attention_reference(q, state, lengths, **geometry, **static)
     head_dim = q.shape[-1]

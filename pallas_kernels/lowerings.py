@@ -87,11 +87,13 @@ def _attention_rule(q, k, v, pos, valid, *cache, format, policy, rope, scale, sl
 
 def _kivi_decode(q, k, v, pos, valid, state, fmt, *, platform, **kw):
     """Stage the token in the ring, attend with the KIVI kernel (the token's group not yet
-    quantized: `pending=1`), then quantize a group that left the ring (XLA)."""
+    quantized: `pending=1`), then quantize a group that left the ring (XLA). A padding
+    row (valid 0) attends the positions before pos, as the reference does: the ring
+    still holds every position from num_quantized(pos - 1) on."""
     zeros = jnp.zeros((k.shape[0], k.shape[2], 1), jnp.float32)
     state = core.stage(state, k, v, pos, valid, fmt, kvcache.FULL, zeros)
     out = kivi_decode_attention(
-        q[:, 0], state, (pos + 1).astype(jnp.int32), bits=fmt.bits, group_size=fmt.group_size,
+        q[:, 0], state, (pos + valid).astype(jnp.int32), bits=fmt.bits, group_size=fmt.group_size,
         residual=fmt.residual, full_first=fmt.full_first, pending=1, platform=platform, **kw,
     )[:, None]  # fmt: skip
     return out, core.leave(state, k, v, pos, valid, fmt, kvcache.FULL, zeros)

@@ -78,6 +78,7 @@ def scatter_granules(fmt, st: dict, enc: dict, dest) -> dict:
         if name in fmt.granule_parts or g == 1:
             idx = dest
         else:
-            idx = (dest[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]).reshape(-1)
+            rows = dest[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]
+            idx = jnp.where(dest[:, None] == DROP, DROP, rows).reshape(-1)  # no int32 overflow
         out[name] = arr.at[:, idx].set(val.astype(arr.dtype), mode="drop")
     return out

@@ -27,7 +27,6 @@ from pallax.ir.primitives.attention import (  # noqa: F401
     dense_attention,
     write_kv,
 )
-from pallax.ir.primitives.rope import rope, rope_p, rope_reference  # noqa: F401
 from pallax.ir.primitives.base import (  # noqa: F401
     F32,
     MLP_KINDS,
@@ -70,5 +69,6 @@ from pallax.ir.primitives.quantized import (  # noqa: F401
     qmatmul_xla,
     quantize_rows,
 )
+from pallax.ir.primitives.rope import rope, rope_p, rope_reference  # noqa: F401
 
 SEMANTIC_PRIMITIVES = (embed_p, rms_norm_p, linear_p, rope_p, attention_p, mlp_act_p, lm_head_p)

@@ -151,10 +151,13 @@ def _attention_abstract(q, k, v, pos, valid, *cache, format, policy, **_):
         raise TypeError(f"attention: pos {pos.shape} / valid {valid.shape} must be [{b}]")
     parts = core.layer_parts(format, policy, kv, h, k.dtype)
     if len(cache) != len(parts):
-        raise TypeError(f"attention: {len(cache)} cache arrays, {format} x {policy} has {len(parts)}")
+        raise TypeError(
+            f"attention: {len(cache)} cache arrays; {format} x {policy} has {len(parts)}"
+        )
     for (name, (shape, _)), arr in zip(parts.items(), cache, strict=True):
         fixed = [(i, d) for i, d in enumerate(shape) if isinstance(d, int)]
-        if len(arr.shape) != len(shape) or arr.shape[0] != b or any(arr.shape[i] != d for i, d in fixed):
+        bad_rank = len(arr.shape) != len(shape) or arr.shape[0] != b
+        if bad_rank or any(arr.shape[i] != d for i, d in fixed):
             raise TypeError(f"attention: cache {name} {arr.shape} does not match {shape} (B={b})")
     return (ShapedArray(q.shape, q.dtype), *(ShapedArray(a.shape, a.dtype) for a in cache))
 

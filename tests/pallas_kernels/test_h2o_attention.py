@@ -1,5 +1,6 @@
 """H2O decode attention Pallas kernels: interpret mode against the jnp reference, tpu/cuda
-export, and the kernels as the tpu/cuda lowering of ``kvh2o.h2o_attention_p``.
+export, and the kernel as the tpu/cuda decode lowering of the attention op for every
+storage format x slot policy without a kernel of its own (the policy as slot positions).
 
 Every candidate the query does not see (an empty slot, kpos = -1; a position after the
 query; one before its sliding window) holds NaN keys and values, so any read of them
@@ -19,7 +20,19 @@ import pytest
 from jax import export
 
 import pallax  # noqa: F401  (registers the lowerings)
-from pallax.ir import kvh2o
+from pallax.ir import primitives as ops
+from pallax.ir.kvcache import (
+    DENSE,
+    FULL,
+    H2O,
+    Dense,
+    Int8,
+    Kivi,
+    Sinks,
+    core,
+    layer_parts,
+    part_names,
+)
 from pallax.pallas_kernels.h2o_attention import (
     BlockSizes,
     h2o_decode_attention,
@@ -201,67 +214,86 @@ def test_export_falls_back_to_the_reference(platform, head_dim, dtype, seq_len, 
     assert KERNEL not in text and LOWERED[platform] not in text
 
 
-def _h2o_case(batch=3, num_heads=6, num_kv_heads=2, budget=96, head_dim=64):
-    """A cache after some decoding: distinct positions below ``pos`` in random slots (row
-    1 has only 7, so most of its slots are empty), random positive scores; row 1 pads."""
-    rng = np.random.default_rng(1)
-    pos = np.asarray([100, 7, 60], np.int32)
-    slot_pos = np.zeros((batch, num_kv_heads, budget), np.int32)
-    for b, p in enumerate(pos):
-        for h in range(num_kv_heads):
-            filled = min(p, budget)
-            slots = rng.permutation(budget)[:filled]
-            slot_pos[b, h, slots] = rng.permutation(p)[:filled] + 1  # stored + 1
-    score = np.where(slot_pos > 0, rng.uniform(0.0, 3.0, slot_pos.shape), 0.0)
-    cache = (batch, num_kv_heads, budget, head_dim)
-    new = (batch, 1, num_kv_heads, head_dim)
-    return (
-        jnp.asarray(_draw((batch, 1, num_heads, head_dim), 0)),
-        jnp.asarray(_draw(new, 1 << 12)), jnp.asarray(_draw(new, 1 << 13)),
-        jnp.asarray(pos), jnp.asarray([1, 0, 1], jnp.int32),
-        jnp.asarray(_draw(cache, 1 << 16)), jnp.asarray(_draw(cache, 1 << 18)),
-        jnp.asarray(slot_pos), jnp.asarray(score, F32),
-    )  # fmt: skip
+COMBOS = [
+    (fmt, pol)
+    for fmt in (Dense(), Int8(), Kivi(4, 32, 32, "float32", 32))
+    for pol in (FULL, Sinks(4, 40), H2O(96, 8))
+    if not (pol == FULL and isinstance(fmt, Dense | Kivi))  # those have their own kernels
+]
 
 
+def _cache_after_prefill(fmt, pol, batch=3, kv=2, h=64, seq=256, lengths=(100, 7, 60)):
+    """One layer's cache after the reference wrote `lengths` random tokens per row."""
+    shapes = layer_parts(fmt, pol, kv, h, F32)
+
+    def size(d):
+        if isinstance(d, str) and "/" in d:
+            return seq // int(d.split("/")[1])
+        return {"B": batch, "S": seq}.get(d, d)
+
+    state = {n: jnp.zeros(tuple(size(d) for d in sh), dt) for n, (sh, dt) in shapes.items()}
+    t = max(lengths)
+    q = jnp.asarray(_draw((batch, t, 6, h), 1 << 17))
+    k = jnp.asarray(_draw((batch, t, kv, h), 1 << 18))
+    v = jnp.asarray(_draw((batch, t, kv, h), (1 << 18) + (1 << 16)))
+    zeros = jnp.zeros((batch,), jnp.int32)
+    _, new = jax.jit(functools.partial(
+        core.reference, fmt=fmt, policy=pol, rope=(10000.0, 1.0), scale=0.125,
+        sliding_window=None, softcap=None,
+    ))(q, k, v, zeros, jnp.asarray(lengths, jnp.int32), state)  # fmt: skip
+    return new, jnp.asarray(lengths, jnp.int32)
+
+
+@pytest.mark.parametrize("fmt, pol", COMBOS, ids=lambda x: str(x).split("(")[0])
 @pytest.mark.parametrize("platform, window, softcap", [("tpu", None, 50.0), ("cuda", 48, None)])
-def test_h2o_attention_rule_matches_the_op_reference(monkeypatch, platform, window, softcap):
-    """The tpu/cuda rule run on CPU (kernel in interpret mode) equals the op's reference:
-    the same output, and the same slots kept with the same scores."""
+def test_slot_kernel_rule_matches_the_op_reference(monkeypatch, fmt, pol, platform, window,
+                                                   softcap):  # fmt: skip
+    """Every format x policy without its own kernel decodes through the slot kernel (run
+    here in interpret mode): the policy reaches it as slot positions (sinks: their keys
+    rotated back). It equals the op's reference: the same output, the same rows kept,
+    the same scores; row 1 pads."""
     from pallax.pallas_kernels import lowerings
 
     monkeypatch.setattr(
         lowerings, "h2o_decode_attention", functools.partial(h2o_decode_attention, interpret=True)
     )
-    args = _h2o_case()
-    params = dict(budget=96, recent=8, scale=0.125, sliding_window=window, softcap=softcap)
-    rule = functools.partial(lowerings._h2o_attention_rule, platform=platform, **params)
-    got = jax.jit(rule)(*args)
-    want = jax.jit(functools.partial(kvh2o.h2o_attention_reference, **params))(*args)
-    assert len(got) == len(want) == 1 + len(kvh2o.PARTS)
-    tol = BASE_TOL[jnp.dtype(F32)] * math.sqrt(97)
-    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=tol, rtol=1e-6)
-    for name, g, w in zip(kvh2o.PARTS, got[1:], want[1:], strict=True):
-        if name == "score":
-            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=tol, rtol=1e-6)
+    state, pos = _cache_after_prefill(fmt, pol)
+    b, kv, h = 3, 2, 64
+    q = jnp.asarray(_draw((b, 1, 6, h), 0))
+    k = jnp.asarray(_draw((b, 1, kv, h), 1 << 12))
+    v = jnp.asarray(_draw((b, 1, kv, h), 1 << 13))
+    valid = jnp.asarray([1, 0, 1], jnp.int32)
+    names = part_names(fmt, pol)
+    args = (q, k, v, pos, valid, *(state[n] for n in names))
+    params = ops.attention_params(q, fmt, pol, (10000.0, 1.0), 0.125, window, softcap)
+    got = jax.jit(functools.partial(lowerings._attention_rule, platform=platform, **params))(*args)
+    want = jax.jit(functools.partial(ops.attention_reference, **params))(*args)
+    assert len(got) == len(want) == 1 + len(names)
+    tol = BASE_TOL[jnp.dtype(F32)] * math.sqrt(400)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=tol, rtol=1e-5)
+    for name, g, w in zip(names, got[1:], want[1:], strict=True):
+        if name.endswith("score"):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=tol, rtol=1e-5)
         else:
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_h2o_attention_op_lowers_to_the_kernel_for_decode_only(platform):
-    cfg = kvh2o.H2OConfig(budget=128, recent=16)
+def test_attention_op_lowers_to_the_slot_kernel_for_decode_only(platform):
+    pol = H2O(128, 16)
     b, n, kv, h = 2, 4, 2, 64
+    names = part_names(DENSE, pol)
 
     def fn(q, k, v, pos, valid, state):
-        return kvh2o.h2o_attention(
-            q, k, v, pos, valid, state, cfg, scale=0.125, sliding_window=256, softcap=None
-        )
+        return ops.attention_p.bind(
+            q, k, v, pos, valid, *(state[x] for x in names),
+            **ops.attention_params(q, DENSE, pol, None, 0.125, 256, None),
+        )  # fmt: skip
 
-    cache = jax.ShapeDtypeStruct((b, kv, cfg.budget, h), BF16)
     state = {
-        "k": cache, "v": cache, "pos": jax.ShapeDtypeStruct((b, kv, cfg.budget), jnp.int32),
-        "score": jax.ShapeDtypeStruct((b, kv, cfg.budget), F32),
+        name: jax.ShapeDtypeStruct(tuple({"B": b}.get(d, d) for d in sh), BF16 if dt == "bfloat16"
+                                   else jnp.dtype(dt))
+        for name, (sh, dt) in layer_parts(DENSE, pol, kv, h, BF16).items()
     }  # fmt: skip
     rows = jax.ShapeDtypeStruct((b,), jnp.int32)
     for steps, count in ((1, 1), (4, 0)):  # prefill and chunks use the reference

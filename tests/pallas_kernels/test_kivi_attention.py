@@ -1,7 +1,7 @@
 """KIVI decode attention Pallas kernels: interpret mode against the jnp reference, tpu/cuda
-export, and the kernels as the tpu/cuda lowering of ``kvquant.kivi_attention_p``.
+export, and the kernels as the tpu/cuda lowering of the attention op over a KIVI x full cache.
 
-Caches come from ``kvquant.write`` on random keys and values (one prefill of each
+Caches come from ``kvcache.core.write`` on random keys and values (one prefill of each
 row's length). The kernels then read a copy in which every float entry the query
 must not attend to is NaN (scales and zero points of unattended groups or tokens,
 stale or unwritten ring slots, ``first`` rows past ``num_quantized``), so any read
@@ -20,7 +20,8 @@ import pytest
 from jax import export
 
 import pallax  # noqa: F401  (registers the lowerings)
-from pallax.ir import kvquant
+from pallax.ir import primitives as ops
+from pallax.ir.kvcache import FULL, Kivi, core, layer_parts, part_names, ring_positions
 from pallax.pallas_kernels.kivi_attention import (
     BlockSizes,
     kernel_supports,
@@ -62,14 +63,14 @@ def _sizes(shape, batch, seq_len):
 
 @functools.cache
 def _write(cfg):
-    return jax.jit(functools.partial(kvquant.write, cfg=cfg))
+    return jax.jit(lambda st, k, v, pos, valid: core.write(st, k, v, pos, valid, cfg, FULL))
 
 
 def _cache(batch, num_kv_heads, seq_len, head_dim, cfg, lengths, dtype):
     """One layer's cache after a prefill of ``lengths[b]`` random tokens per row."""
     state = {
         name: jnp.zeros(_sizes(shape, batch, seq_len), dt)
-        for name, (shape, dt) in cfg.shapes(num_kv_heads, head_dim, dtype).items()
+        for name, (shape, dt) in layer_parts(cfg, FULL, num_kv_heads, head_dim, dtype).items()
     }
     steps = max(max(lengths), 1)
     kv_shape = (batch, steps, num_kv_heads, head_dim)
@@ -92,7 +93,7 @@ def _poison(state, lengths, cfg, window):
         tokens = np.arange(seq_len)
         packed = (tokens >= max(lo, f)) & (tokens < min(nq, seq_len))
         groups = np.array([packed[r * g : (r + 1) * g].any() for r in range(-(-seq_len // g))])
-        ring = np.asarray(kvquant.ring_positions(length, cfg.ring))
+        ring = np.asarray(ring_positions(length, cfg.staging))
         keep = {
             "k.scale": groups, "k.zero": groups, "v.scale": packed, "v.zero": packed,
             "k.res": ring >= max(lo, nq), "v.res": ring >= max(lo, nq),
@@ -132,7 +133,7 @@ def _check(case, *, platform, interpret=True, poison=True):
 
 
 def _cfg(bits, group_size, residual, full_first=0, scale_dtype="float32"):
-    return kvquant.KiviConfig(bits, group_size, residual, scale_dtype, full_first)
+    return Kivi(bits, group_size, residual, scale_dtype, full_first)
 
 
 CASE_FIELDS = "shape, cfg, lengths, window, softcap, q_dtype, cache_dtype, block_sizes"
@@ -211,7 +212,7 @@ def test_head_dim_96_runs_on_tpu_and_falls_back_to_the_reference_on_gpu():
 def _specs(batch, num_heads, num_kv_heads, seq_len, head_dim, cfg, dtype, steps=None):
     state = {
         name: jax.ShapeDtypeStruct(_sizes(shape, batch, seq_len), jnp.dtype(dt))
-        for name, (shape, dt) in cfg.shapes(num_kv_heads, head_dim, dtype).items()
+        for name, (shape, dt) in layer_parts(cfg, FULL, num_kv_heads, head_dim, dtype).items()
     }
     lead = (batch,) if steps is None else (batch, steps)
     q = jax.ShapeDtypeStruct((*lead, num_heads, head_dim), dtype)
@@ -262,9 +263,11 @@ def test_export_falls_back_to_the_reference(platform, head_dim, scale_dtype):
 
 def _op(cfg, window=None):
     def fn(q, k, v, pos, valid, state):
-        return kvquant.kivi_attention(
-            q, k, v, pos, valid, state, cfg, scale=0.125, sliding_window=window, softcap=None
-        )
+        outs = ops.attention_p.bind(
+            q, k, v, pos, valid, *(state[n] for n in part_names(cfg, FULL)),
+            **ops.attention_params(q, cfg, FULL, None, 0.125, window, None),
+        )  # fmt: skip
+        return outs[0], outs[1:]
 
     return jax.jit(fn)
 
@@ -272,7 +275,7 @@ def _op(cfg, window=None):
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_kivi_attention_op_lowers_to_the_kernel_for_decode_only(platform):
     cfg = _cfg(2, 32, 64, 32, "bfloat16")
-    for steps, count in ((1, 1), (4, 0)):  # prefill and chunks attend with kvquant.attend
+    for steps, count in ((1, 1), (4, 0)):  # prefill and chunks: the reference
         q, state, pos = _specs(2, 4, 2, 512, 64, cfg, BF16, steps)
         k = v = jax.ShapeDtypeStruct((2, steps, 2, 64), BF16)
         exported = export.export(
@@ -283,8 +286,9 @@ def test_kivi_attention_op_lowers_to_the_kernel_for_decode_only(platform):
 
 
 def test_kivi_attention_rule_writes_then_attends_like_the_op(monkeypatch):
-    """The tpu rule run on CPU (kernel in interpret mode) equals the op's reference:
-    new token written, query at pos, state returned in PARTS order; row 1 is padding."""
+    """The tpu rule run on CPU (kernel in interpret mode) equals the op's reference: the
+    token staged, attended with its group not yet quantized (`pending=1`), then the group
+    quantized; the state returned in operand order; row 1 is padding."""
     from pallax.pallas_kernels import lowerings
 
     monkeypatch.setattr(
@@ -297,17 +301,14 @@ def test_kivi_attention_rule_writes_then_attends_like_the_op(monkeypatch):
     q = jnp.asarray(_draw((3, 1, 4, 64), 0), F32)
     k = jnp.asarray(_draw((3, 1, 2, 64), 1 << 12), F32)
     v = jnp.asarray(_draw((3, 1, 2, 64), 1 << 13), F32)
-    params = dict(
-        scale=0.125, sliding_window=None, softcap=None, bits=cfg.bits, group_size=cfg.group_size,
-        residual=cfg.residual, scale_dtype=cfg.scale_dtype, full_first=cfg.full_first,
-    )  # fmt: skip
-    parts = [state[p] for p in cfg.parts]
-    rule = functools.partial(lowerings._kivi_attention_rule, platform="tpu", **params)
+    params = ops.attention_params(q, cfg, FULL, None, 0.125, None, None)
+    parts = [state[p] for p in part_names(cfg, FULL)]
+    rule = functools.partial(lowerings._attention_rule, platform="tpu", **params)
     got = jax.jit(rule)(q, k, v, pos, valid, *parts)
-    want = jax.jit(functools.partial(kvquant.kivi_attention_reference, **params))(
+    want = jax.jit(functools.partial(ops.attention_reference, **params))(
         q, k, v, pos, valid, *parts
     )
-    assert len(got) == len(want) == 1 + len(cfg.parts)
+    assert len(got) == len(want) == 1 + len(parts)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-5, rtol=1e-5)
     for g, w in zip(got[1:], want[1:], strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

@@ -1,18 +1,16 @@
-"""KIVI (compress_kv): the packed format, the cache write, the attention, and the pass on
-the real model (before/after: graph, layout, bytes, score, generation)."""
+"""The KV passes on their own: KIVI's and int8's encodings, compress_kv (graph, layout,
+bytes, score, generation), evict_kv's sinks and H2O. Every format x policy combination
+is tested in test_kv_combinations.py."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import pallax
-from pallax.ir import kvquant
-from pallax.ir import primitives as ops
-from pallax.ir.graph import CacheLayout
-from pallax.ir.kvquant import KiviConfig
+from pallax.ir.kvcache import DENSE, H2O, core, int8
+from pallax.ir.kvcache import kivi as kvquant
 
 
 def _rng(seed=0):
@@ -45,109 +43,16 @@ def test_quantize_error_within_half_a_step(bits):
     assert np.all(np.abs(v - x) <= step / 2 + 1e-5)
 
 
-_write = jax.jit(kvquant.write, static_argnums=5)
+def test_int8_error_within_half_a_step_per_token():
+    x = _rng(2).standard_normal((3, 40, 64)).astype(np.float32) * 2
+    x[:, :, 7] += 15.0
+    q, scale = int8.quantize(jnp.asarray(x))
+    assert q.dtype == jnp.int8 and scale.shape == (3, 40)
+    back = np.asarray(int8.dequantize(q, scale))
+    assert np.all(np.abs(back - x) <= np.asarray(scale)[..., None] / 2 + 1e-6)
+    np.testing.assert_array_equal(np.asarray(int8.dequantize(*int8.quantize(jnp.zeros((2, 8))))), 0)
 
 
-def _state(cfg, b=2, kv=2, s=256, h=64, dtype=jnp.float32):
-    entries = tuple((p, sh, d) for p, (sh, d) in cfg.shapes(kv, h, dtype).items())
-    return CacheLayout(entries, kind="kivi").allocate(b, s)
-
-
-def _view(state, length, cfg):
-    """The cache as attention sees it: float [B, K, L, H] keys and values by position."""
-    k = np.asarray(kvquant.dequantize_keys(state["k.data"], state["k.scale"], state["k.zero"],
-                                           cfg.bits, cfg.group_size))  # fmt: skip
-    v = np.asarray(kvquant.dequantize_values(state["v.data"], state["v.scale"], state["v.zero"],
-                                             cfg.bits, cfg.group_size))  # fmt: skip
-    nq = int(kvquant.num_quantized(length, cfg.group_size, cfg.residual))
-    slots = np.asarray(kvquant.ring_positions(length, cfg.ring))
-    kr, vr = np.asarray(state["k.res"]), np.asarray(state["v.res"])
-    keys, vals = k[:, :, :length].copy(), v[:, :, :length].copy()
-    if cfg.full_first:
-        first = min(cfg.full_first, nq)
-        keys[:, :, :first] = np.asarray(state["k.first"])[:, :, :first]
-        vals[:, :, :first] = np.asarray(state["v.first"])[:, :, :first]
-    for j, p in enumerate(slots):
-        if nq <= p < length:
-            keys[:, :, p], vals[:, :, p] = kr[:, :, j], vr[:, :, j]
-    return keys, vals, nq
-
-
-@pytest.mark.parametrize("residual,full_first", [(0, 0), (32, 0), (64, 0), (32, 64)])
-def test_decode_steps_equal_one_prefill_and_chunks(residual, full_first):
-    """Token by token, one call, or 3 uneven chunks: the same cache; the newest `residual`
-    (to residual + G - 1) tokens are exact, the rest quantized a group at a time (except
-    the first `full_first`, kept exact)."""
-    cfg = KiviConfig(bits=4, group_size=32, residual=residual, full_first=full_first)
-    n = 150
-    k = jnp.asarray(_rng(2).standard_normal((2, n, 2, 64)), jnp.float32)
-    v = jnp.asarray(_rng(3).standard_normal((2, n, 2, 64)), jnp.float32)
-    one = _write(_state(cfg), k, v, jnp.zeros(2, jnp.int32), jnp.full(2, n, jnp.int32), cfg)
-    steps = _state(cfg)
-    for p in range(n):
-        pos = jnp.full(2, p, jnp.int32)
-        steps = _write(steps, k[:, p : p + 1], v[:, p : p + 1], pos, jnp.ones(2, jnp.int32),
-                              cfg)  # fmt: skip
-    chunks = _state(cfg)
-    for a, b in ((0, 40), (40, 41), (41, n)):
-        chunks = _write(chunks, k[:, a:b], v[:, a:b], jnp.full(2, a, jnp.int32),
-                               jnp.full(2, b - a, jnp.int32), cfg)  # fmt: skip
-    ref_k = np.swapaxes(np.asarray(k), 1, 2)
-    want_nq = 32 * ((n - residual) // 32)
-    for st in (one, steps, chunks):
-        keys, vals, nq = _view(st, n, cfg)
-        assert nq == want_nq
-        np.testing.assert_array_equal(keys[:, :, nq:], ref_k[:, :, nq:])
-        np.testing.assert_array_equal(keys[:, :, :full_first], ref_k[:, :, :full_first])
-        assert np.abs(keys - ref_k).max() < 0.5  # 4-bit groups of normals
-    for st in (steps, chunks):
-        for a, b in zip(_view(st, n, cfg), _view(one, n, cfg), strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-6)
-
-
-def test_padding_tokens_leave_the_cache_alone():
-    """Tokens past `valid` (a shorter prompt in a padded batch) are not written."""
-    cfg = KiviConfig(bits=2, group_size=32, residual=32)
-    k = jnp.asarray(_rng(4).standard_normal((2, 100, 2, 64)), jnp.float32)
-    exact = _write(_state(cfg), k[:, :70], k[:, :70], jnp.zeros(2, jnp.int32),
-                          jnp.full(2, 70, jnp.int32), cfg)  # fmt: skip
-    padded = _write(_state(cfg), k, k, jnp.zeros(2, jnp.int32), jnp.full(2, 70, jnp.int32),
-                           cfg)  # fmt: skip
-    for a, b in zip(_view(exact, 70, cfg), _view(padded, 70, cfg), strict=True):
-        np.testing.assert_array_equal(a, b)
-    # then a decode step at 70 sees the same history
-    nxt = k[:, 99:100]
-    one = jnp.ones(2, jnp.int32)
-    a = _write(exact, nxt, nxt, jnp.full(2, 70, jnp.int32), one, cfg)
-    b = _write(padded, nxt, nxt, jnp.full(2, 70, jnp.int32), one, cfg)
-    for x, y in zip(_view(a, 71, cfg), _view(b, 71, cfg), strict=True):
-        np.testing.assert_array_equal(x, y)
-
-
-@pytest.mark.parametrize("window", [None, 40])
-def test_attention_matches_dense_attention_on_the_dequantized_cache(window):
-    cfg = KiviConfig(bits=2, group_size=32, residual=32)
-    b, t, n, kv, h, s = 2, 5, 4, 2, 64, 256
-    rng = _rng(5)
-    hist = jnp.asarray(rng.standard_normal((b, 120, kv, h)), jnp.float32)
-    st = _write(_state(cfg, b, kv, s, h), hist, hist * 0.5, jnp.zeros(b, jnp.int32),
-                       jnp.asarray([120, 97], jnp.int32), cfg)  # fmt: skip
-    pos = jnp.asarray([120, 97], jnp.int32)
-    q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
-    knew = jnp.asarray(rng.standard_normal((b, t, kv, h)), jnp.float32)
-    out, new = kvquant.kivi_attention(q, knew, knew, pos, jnp.full(b, t, jnp.int32), st, cfg,
-                                      scale=0.125, sliding_window=window)  # fmt: skip
-    for i in range(b):
-        length = int(pos[i]) + t
-        keys, vals, _ = _view(jax.tree.map(lambda a, i=i: a[i : i + 1], new), length, cfg)
-        dense_k = jnp.zeros((1, kv, s, h)).at[:, :, :length].set(keys)
-        dense_v = jnp.zeros((1, kv, s, h)).at[:, :, :length].set(vals)
-        want = ops.attention_core(q[i : i + 1], dense_k, dense_v, pos[i : i + 1], scale=0.125,
-                                  sliding_window=window, softcap=None)  # fmt: skip
-        np.testing.assert_allclose(np.asarray(out[i : i + 1]), np.asarray(want), atol=2e-5)
-
-
-# ------------------------------------------------------------------ the pass
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -157,6 +62,8 @@ def test_attention_matches_dense_attention_on_the_dequantized_cache(window):
         ({"method": "h2o"}, "method='h2o'"),
         ({"layers": "odd"}, "layers='odd'"),
         ({"full_first": 40}, "full_first=40"),
+        ({"method": "int8", "bits": 2}, "bits=2 belongs to method='kivi'"),
+        ({"method": "int8", "residual": 32}, "residual=32 belongs to method='kivi'"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, match):
@@ -168,6 +75,7 @@ def test_pass_strings():
     p = pallax.passes.parse_pass("compress_kv:kivi:4:residual=64")
     assert (p.bits, p.residual, p.group_size) == (4, 64, 32)
     assert pallax.passes.parse_pass("kivi2").bits == 2
+    assert str(pallax.passes.parse_pass("int8kv").format) == "int8"
 
 
 def test_twice_and_bad_head_dim_are_refused(smollm2):
@@ -188,8 +96,8 @@ def kivi2(smollm2):
 
 def test_graph_layout_and_memory(kivi2, compiled_fp32):
     text = kivi2.graph("decode")
-    assert "kivi_attention[bits=2, full_first=32, group_size=32, residual=128" in text
-    assert " attention[" not in text
+    assert "format=kivi(bits=2, group_size=32, residual=128, full_first=32" in text
+    assert "format=dense" not in text and "policy=full" in text
     assert "cache:layers.0.k.data" in text
     dense = compiled_fp32.memory_report()
     rep = kivi2.memory_report()
@@ -244,22 +152,14 @@ def test_sinks_bad_arguments():
             pallax.passes.evict_kv(**kwargs)
 
 
-def test_sinks_slot_positions():
-    from pallax.ir.kvsinks import SinkConfig, slot_positions
-
-    cfg = SinkConfig(2, 4)
-    np.testing.assert_array_equal(np.asarray(slot_positions(3, cfg)), [0, 1, 2, -1, -1, -1])
-    # after 9 tokens: sinks 0, 1; the window holds 5..8 in slots 2 + (p - 2) % 4
-    np.testing.assert_array_equal(np.asarray(slot_positions(9, cfg)), [0, 1, 6, 7, 8, 5])
-
-
 def test_sinks_with_a_window_covering_the_text_equal_dense(smollm2, compiled_fp32):
-    """Before/after: the graph shows sink_attention over a fixed [B, K, N, H] cache; with
-    N larger than the text nothing is evicted, and scores equal the dense cache's."""
+    """Before/after: the graph shows the sinks policy over a fixed cache (the window's
+    rows and the sinks' first rows); with a window larger than the text nothing is
+    evicted, and scores equal the dense cache's."""
     text = "The quick brown fox jumps over the lazy dog. " * 6
     c = pallax.compile(smollm2, passes=["evict_kv:sinks:sinks=4:window=508"])
-    assert "sink_attention[scale=0.125, scaling=1, sinks=4" in c.graph("decode")
-    assert "float32[1,3,512,64]" in c.graph("decode")
+    assert "policy=sinks(sinks=4, window=508)" in c.graph("decode")
+    assert "float32[1,3,508,64]" in c.graph("decode") and "float32[1,3,4,64]" in c.graph("decode")
     np.testing.assert_allclose(
         c.score(text, chunk_size=16), compiled_fp32.score(text, chunk_size=16), atol=2e-4
     )
@@ -325,41 +225,44 @@ def test_h2o_budget_larger_than_the_context_is_refused(smollm2):
 def test_h2o_keeps_recent_and_heavy_hitters():
     """One decode step into a full cache evicts the lowest accumulated score outside the
     recent window; the mass the attention returns sums to the number of queries."""
-    from pallax.ir import kvh2o
-
-    cfg = kvh2o.H2OConfig(budget=4, recent=1)
+    pol = H2O(budget=4, recent=1)
     b, kv, h = 1, 1, 8
     rng = _rng(7)
     k = jnp.asarray(rng.standard_normal((b, 4, kv, h)), jnp.float32)
     state = {
         "k": jnp.zeros((b, kv, 4, h)), "v": jnp.zeros((b, kv, 4, h)),
-        "pos": jnp.zeros((b, kv, 4), jnp.int32), "score": jnp.zeros((b, kv, 4)),
+        "h2o.pos": jnp.zeros((b, kv, 4), jnp.int32), "h2o.score": jnp.zeros((b, kv, 4)),
     }  # fmt: skip
+    run = lambda q, k, st, pos, n: core.reference(  # noqa: E731
+        q, k, k, jnp.full(b, pos, jnp.int32), jnp.full(b, n, jnp.int32), st, DENSE, pol,
+        rope=None, scale=1.0, sliding_window=None, softcap=None,
+    )  # fmt: skip
     q = jnp.asarray(rng.standard_normal((b, 4, 2, h)), jnp.float32)
-    out, state = kvh2o.step(q, k, k, state, jnp.zeros(b, jnp.int32), jnp.full(b, 4, jnp.int32),
-                            cfg, scale=1.0, sliding_window=None, softcap=None)  # fmt: skip
-    assert sorted(np.asarray(state["pos"]).ravel() - 1) == [0, 1, 2, 3]
-    np.testing.assert_allclose(float(state["score"].sum()), 4 * 2, rtol=1e-5)  # T x G
+    _, state = run(q, k, state, 0, 4)
+    assert sorted(np.asarray(state["h2o.pos"]).ravel() - 1) == [0, 1, 2, 3]
+    np.testing.assert_allclose(float(state["h2o.score"].sum()), 4 * 2, rtol=1e-5)  # T x G
     q1 = jnp.asarray(rng.standard_normal((b, 1, 2, h)), jnp.float32)
     k1 = jnp.asarray(rng.standard_normal((b, 1, kv, h)), jnp.float32)
-    _, after = kvh2o.step(q1, k1, k1, state, jnp.full(b, 4, jnp.int32), jnp.ones(b, jnp.int32),
-                          cfg, scale=1.0, sliding_window=None, softcap=None)  # fmt: skip
+    _, after = run(q1, k1, state, 4, 1)
     # expected: old score + this step's mass over the 5 candidates; the new token (recent)
     # stays, and of positions 0..3 the lowest total is evicted
-    keys = jnp.concatenate([state["k"], jnp.swapaxes(k1, 1, 2)], axis=2)
-    kpos = jnp.concatenate([state["pos"] - 1, jnp.full((b, kv, 1), 4, jnp.int32)], axis=-1)
-    _, mass = kvh2o.attend_with_mass(q1, keys, keys, kpos, jnp.full((b, 1), 4, jnp.int32),
-                                     scale=1.0, sliding_window=None, softcap=None)  # fmt: skip
-    total = dict(zip(np.asarray(kpos).ravel()[:4], (np.asarray(state["score"]) +
-                                                     np.asarray(mass)[..., :4]).ravel(),
-                     strict=True))  # fmt: skip
+    keys, vals, kpos, tpos, real, _ = core.candidates(
+        k1, k1, state, jnp.full(b, 4, jnp.int32), jnp.ones(b, jnp.int32), DENSE, pol
+    )
+    _, mass = core.attend(q1, keys, vals, kpos, tpos, real, pol, n_cand=1, rope=None, scale=1.0,
+                          sliding_window=None, softcap=None, mass=True)  # fmt: skip
+    old = dict(zip(np.asarray(state["h2o.pos"]).ravel() - 1,
+                   np.asarray(state["h2o.score"]).ravel(), strict=True))  # fmt: skip
+    total = {int(p): old[int(p)] + float(m)
+             for p, m in zip(np.asarray(kpos).ravel(), np.asarray(mass).ravel(), strict=True)
+             if p in old}  # fmt: skip
     evicted = min(total, key=total.get)
-    kept = set(np.asarray(after["pos"]).ravel() - 1)
+    kept = set(np.asarray(after["h2o.pos"]).ravel() - 1)
     assert kept == {0, 1, 2, 3, 4} - {evicted}
 
 
 def test_h2o_graph_and_budgets(smollm2, compiled_fp32):
-    """Before/after: h2o_attention over [B, K, M] slots; a budget covering the text is
+    """Before/after: the H2O policy over [B, K, M] slots; a budget covering the text is
     exact; 50% and 20% budgets stay close (measured on 660 tokens: dense 20.67,
     50% +0.5%, 20% +4.7%)."""
     from pallax.scripts.eval_ppl import DEFAULT_TEXT
@@ -369,7 +272,7 @@ def test_h2o_graph_and_budgets(smollm2, compiled_fp32):
     ref = compiled_fp32.score(text, chunk_size=32)
     n = len(ref) + 1
     full = pallax.compile(smollm2, passes=[f"evict_kv:h2o:budget={n + 32}:recent=16"])
-    assert "h2o_attention[budget=" in full.graph("decode")
+    assert f"policy=h2o(budget={n + 32}, recent=16)" in full.graph("decode")
     np.testing.assert_allclose(full.score(text, chunk_size=32), ref, atol=2e-4)
     ppl = lambda lp: float(np.exp(-lp.mean()))  # noqa: E731
     half = pallax.compile(smollm2, passes=[f"evict_kv:h2o:budget={n // 2}:recent=32"])

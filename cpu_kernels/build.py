@@ -28,7 +28,7 @@ log = logging.getLogger("pallax.cpu_kernels")
 
 HERE = pathlib.Path(__file__).parent
 SOURCES = (HERE / "qmatmul.cc", HERE / "bf16_matmul.cc", HERE / "attention.cc")  # one library
-HEADERS = (HERE / "parallel.h", HERE / "bf16.h")
+HEADERS = (HERE / "parallel.h", HERE / "bf16.h", HERE / "qmatmul_common.h", HERE / "qmatmul_avx2.h")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 # FFI target name -> exported handler symbol in SOURCES.
 TARGETS = {

@@ -36,7 +36,7 @@ from jax.interpreters import mlir
 
 from pallax.cpu_kernels import build
 from pallax.ir import primitives as ops
-from pallax.ir.kvcache import FULL, Dense
+from pallax.ir.kvcache import DENSE, FULL, Dense
 
 ENV_SWITCH = "PALLAX_CPU_KERNELS"
 TARGET = "pallax_qmatmul"
@@ -137,10 +137,11 @@ def use_kernel(rows: int, bits: int, group_size: int, groups: int) -> bool:
 def _qlinear_cpu_rule(x, data, scale, *rest, **params):
     rows = math.prod(x.shape[:-1])
 
-    def matmul(x2, data, scale, off, *, bits, group_size):
-        if use_kernel(rows, bits, group_size, scale.shape[1]):
+    def matmul(x2, data, scale, off, *, bits, group_size, absmax=None):
+        if use_kernel(rows, bits, group_size, scale.shape[1]):  # activations per 32-block
             return _qmatmul_ffi(x2, data, scale, off, bits=bits, group_size=group_size)
-        return ops.qmatmul_xla(x2, data, scale, off, bits=bits, group_size=group_size)
+        return ops.qmatmul_xla(x2, data, scale, off, bits=bits, group_size=group_size,
+                               absmax=absmax)  # fmt: skip
 
     return ops.qlinear_frame(matmul, x, data, scale, *rest, **params)
 
@@ -215,9 +216,10 @@ def decode_attention_cpu(q, k, v, k_cache, v_cache, pos, *, scale, sliding_windo
     reference. -> (out [B, 1, N, H] in q's dtype, k_cache, v_cache)."""
     if q.ndim != 4 or q.shape[1] != 1:
         raise ValueError(f"decode_attention_cpu: q {q.shape} must be [B, 1, N, H]")
+    valid = jnp.ones(pos.shape, jnp.int32)
     return _attention_cpu_rule(
-        q, k, v, k_cache, v_cache, pos, scale=scale, sliding_window=sliding_window,
-        softcap=softcap,
+        q, k, v, pos, valid, k_cache, v_cache, format=DENSE, policy=FULL, rope=None, scale=scale,
+        sliding_window=sliding_window, softcap=softcap,
     )  # fmt: skip
 
 

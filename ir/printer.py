@@ -9,6 +9,8 @@ from pallax.ir.graph import Graph, Step
 from pallax.ir.primitives import SEMANTIC_PRIMITIVES
 
 _SEMANTIC = {p.name for p in SEMANTIC_PRIMITIVES}
+_COLLECTIVES = {"psum", "pmax", "pmin", "all_gather", "all_to_all", "ppermute", "reduce_scatter",
+                "psum_scatter", "psum_invariant"}  # fmt: skip
 
 
 def _aval(a) -> str:
@@ -64,10 +66,35 @@ def _format_eqns(jaxpr, namer, lines, counts, indent):
         if semantic:
             params = ", ".join(f"{k}={_param(v)}" for k, v in sorted(eqn.params.items()))
             head = f"{prim}[{params}]" if params else prim
+        elif prim in _COLLECTIVES:
+            head = f"{prim}[axes={eqn.params.get('axes', eqn.params.get('axis_name'))}]"
+        elif prim == "shard_map":
+            specs = lambda xs: ", ".join(_spec(x) for x in xs)  # noqa: E731
+            head = (f"shard_map[in=({specs(eqn.params['in_specs'])}), "
+                    f"out=({specs(eqn.params['out_specs'])})]")  # fmt: skip
         else:
             head = prim
         lines.append(f"{indent}{outs} = {head} {ins}")
+        if prim == "shard_map":  # the op per shard, with local shapes
+            inner = eqn.params["jaxpr"]
+            inner = getattr(inner, "jaxpr", inner)
+            for v, outer in zip(inner.invars, eqn.invars, strict=True):
+                namer.names[v] = namer(outer)
+            _format_eqns(inner, namer, lines, counts, indent + "    ")
+
+
+def _spec(x) -> str:
+    axes = tuple(getattr(x, "spec", x))
+    return "P(" + ", ".join("None" if a is None else repr(a) for a in axes) + ")"
 
 
 def format_graph(graph: Graph, step: str) -> str:
-    return format_step(graph.step(step), step)
+    text = format_step(graph.step(step), step)
+    specs = graph.meta.get("weight_specs")
+    if specs:
+        mesh = graph.meta["mesh"]
+        lines = [f"  # mesh {dict(mesh.shape)}; {graph.meta.get('head_layout', '')}",
+                 f"  # cache {_spec(graph.meta['cache_spec'])}; weights:"]  # fmt: skip
+        lines += [f"  #   {name} {_spec(spec)}" for name, spec in sorted(specs.items())]
+        text += "\n" + "\n".join(lines)
+    return text

@@ -73,11 +73,14 @@ def _old_leaves_to_new(old, new):
     return mapped
 
 
-def rewrite(graph: Graph, rules: dict | None = None, *, weights=None, cache=None) -> Graph:
+def rewrite(graph: Graph, rules: dict | None = None, *, weights=None, cache=None,
+            on_weights=None) -> Graph:  # fmt: skip
     """Re-trace every step of `graph` with `rules`, new `weights` and/or cache layout.
 
     `weights` keeps the graph's weight names; a value may become a pytree (a packed
     weight), which then reaches the rules of the equations that read it.
+    `on_weights(w)`, when given, sees the traced weights by name before each step is
+    re-traced (a rule that must know which weight an operand is reads it from there).
     """
     rules = rules or {}
     new_weights = graph.weights if weights is None else weights
@@ -93,6 +96,8 @@ def rewrite(graph: Graph, rules: dict | None = None, *, weights=None, cache=None
         def fn(w, c, *args, _step=step, _old_cache=old_cache):
             if set(c) != set(_old_cache):
                 raise ValueError("cache layout names changed; use a cache rule for that")
+            if on_weights is not None:
+                on_weights(w)
             flat = _old_leaves_to_new(old_weights, w) + [c[k] for k in sorted(c)] + list(args)
             outs = eval_with_rules(_step.jaxpr.jaxpr, _step.jaxpr.consts, flat, rules)
             return jax.tree.unflatten(_step.out_tree, outs)

@@ -1,7 +1,9 @@
 """Architecture name -> the module that implements it.
 
 Each module provides `forward(cfg, weights, cache, tokens, pos, logits_index)`,
-`cache_shapes(cfg)` and `weight_shapes(cfg)` (pallax weight names -> shapes).
+`cache_shapes(cfg)`, `weight_shapes(cfg)` (pallax weight names -> shapes),
+`logical_axes(cfg)` (weight names -> an axis name per dimension, for sharding) and
+`CACHE_AXES` (the logical axes of the cache arrays' leading dimensions).
 """
 
 from __future__ import annotations

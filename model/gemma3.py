@@ -45,6 +45,23 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+CACHE_AXES = llama.CACHE_AXES
+
+
+def logical_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Llama's axes plus the per-head QK-norms (over head_dim) and the post-norms."""
+    axes = llama.logical_axes(cfg)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        axes.update({
+            p + "q_norm": ("head_dim",),
+            p + "k_norm": ("head_dim",),
+            p + "post_attn_norm": ("embed",),
+            p + "post_ffn_norm": ("embed",),
+        })  # fmt: skip
+    return axes
+
+
 def forward(cfg: ModelConfig, weights, cache, tokens, pos, logits_index=None):
     """Logits and the updated cache; the signature of `llama.forward`."""
     b, t = tokens.shape

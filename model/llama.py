@@ -63,6 +63,32 @@ def forward(cfg: ModelConfig, weights, cache, tokens, pos, logits_index=None):
     return logits, new_cache
 
 
+def logical_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Each weight's dimensions by logical axis (sharding/rules.py maps them to a mesh).
+    "q_heads" and "kv_heads" on a projection are heads x head_dim, head-major."""
+    axes = {"embed": ("vocab", "embed"), "final_norm": ("embed",)}
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = ("vocab", "embed")
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        axes.update({
+            p + "attn_norm": ("embed",),
+            p + "wq": ("q_heads", "embed"),
+            p + "wk": ("kv_heads", "embed"),
+            p + "wv": ("kv_heads", "embed"),
+            p + "wo": ("embed", "q_heads"),
+            p + "ffn_norm": ("embed",),
+            p + "w_gate": ("mlp", "embed"),
+            p + "w_up": ("mlp", "embed"),
+            p + "w_down": ("embed", "mlp"),
+        })  # fmt: skip
+    return axes
+
+
+# The axes of every KV-cache array: [B, K, ...] (compressed formats keep the first two).
+CACHE_AXES = ("batch", "kv_heads")
+
+
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, h = cfg.dim, cfg.head_dim
     shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,)}

@@ -130,9 +130,9 @@ def _qlinear_rule(x, data, scale, *rest, platform, **params):
     first, and the kernel multiplies their (exact, float32) dequantized values.
     """
 
-    def matmul(x2, data, scale, off, *, bits, group_size):
+    def matmul(x2, data, scale, off, *, bits, group_size, absmax=None):
         if bits == 8 and off is None and scale.shape[1] == 1:
-            xq, xs = ops.quantize_rows(x2)
+            xq, xs = ops.quantize_rows(x2, absmax)
             x2 = xq.astype(jnp.float32) * xs
         return qmatmul(x2, data, scale, off, bits=bits, group_size=group_size, platform=platform)
 

@@ -14,6 +14,7 @@ from pallax.passes.cast_dtype import CAST_DTYPES, Cast, cast
 from pallax.passes.compress_kv import CompressKV, compress_kv
 from pallax.passes.evict_kv import EvictKV, evict_kv
 from pallax.passes.quantize_weights import QuantizeWeights, quantize_weights
+from pallax.passes.shard import Shard, shard
 
 # Pass names accepted on the command line and as strings in `pallax.compile`:
 # "name" or "name:arg" (e.g. "cast:bfloat16", "bf16").
@@ -22,6 +23,7 @@ PASS_FACTORIES = {
     "compress_kv": compress_kv,
     "evict_kv": evict_kv,
     "quantize_weights": quantize_weights,
+    "shard": shard,
 }
 ALIASES = {
     "bf16": "cast:bfloat16",
@@ -106,5 +108,5 @@ __all__ = [
     "EvictKV", "compress_kv", "evict_kv",
     "QuantizeWeights", "QuantizedWeight", "StepSpec", "capture", "cast", "describe",
     "format_graph", "parse_pass",
-    "quantize_weights", "resolve_passes", "rewrite", "run_passes", "verify",
+    "quantize_weights", "resolve_passes", "rewrite", "run_passes", "Shard", "shard", "verify",
 ]  # fmt: skip

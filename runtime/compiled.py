@@ -21,6 +21,7 @@ from pallax.ir.graph import Graph, StepSpec, capture
 from pallax.ir.manager import run_passes
 from pallax.ir.printer import format_graph
 from pallax.ir.qformat import QuantizedWeight
+from pallax.model.architectures import module_for
 from pallax.passes.quantize_weights import use_packed_weights
 from pallax.runtime import generation as gen
 from pallax.runtime.generator import Generator, Timings  # noqa: F401 (Timings: public name)
@@ -79,6 +80,9 @@ class CompiledModel(Generator):
             "tokenizer": self.tokenizer,
             "vocab_size": self.config.vocab_size,
             "context_length": self.config.context_length,
+            # for the shard pass: each weight's logical axes and the attention heads
+            "logical_axes": module_for(self.config).logical_axes(self.config),
+            "heads": (self.config.n_heads, self.config.n_kv_heads, self.config.head_dim),
         }
         weights = self.model.weights
         packed = {k for k, v in weights.items() if isinstance(v, QuantizedWeight)}
@@ -97,8 +101,9 @@ class CompiledModel(Generator):
         """The graph at a small canonical shape (B=1, prefill 16, cache 256), after passes."""
         if self._display is None:
             s = min(CACHE_ROUND, self.config.context_length)
+            b = self.data_parallel
             self._display = self._capture(
-                [StepSpec("prefill", 1, MIN_PREFILL, s), StepSpec("decode", 1, 1, s)]
+                [StepSpec("prefill", b, MIN_PREFILL, s), StepSpec("decode", b, 1, s)]
             )
         return self._display
 
@@ -123,6 +128,18 @@ class CompiledModel(Generator):
             "kv_fixed_bytes_per_sequence": g.cache.fixed_bytes(),
             "kv_layout": g.cache.kind,
         }
+        mesh = g.meta.get("mesh")
+        data = 1
+        if mesh is not None:  # sharded: what one device holds
+            data = mesh.shape["data"]
+            heads = mesh.shape["tensor"] if "tensor" in tuple(g.meta["cache_spec"]) else 1
+            report.update(
+                mesh=dict(mesh.shape),
+                weight_bytes_per_device=_bytes_per_device(g.weights, g.meta["weight_specs"], mesh),
+                kv_bytes_per_token_per_device=report["kv_bytes_per_token"] / heads,
+                kv_fixed_bytes_per_sequence_per_device=report["kv_fixed_bytes_per_sequence"]
+                / heads,
+            )
         if budget_bytes is None:
             if context is not None:
                 raise ValueError("memory_report: context= needs budget_bytes=")
@@ -133,9 +150,14 @@ class CompiledModel(Generator):
             ):
                 raise ValueError(f"memory_report: {name}={value!r} must be a positive integer")
         context = self.config.context_length if context is None else context
-        free = budget_bytes - report["weight_bytes"]
-        per_seq = context * report["kv_bytes_per_token"] + report["kv_fixed_bytes_per_sequence"]
-        batch = max(0, int(free // per_seq)) if free > 0 else 0
+        # budget_bytes is one device's memory; a sharded model fills `data` replicas
+        suffix = "_per_device" if mesh is not None else ""
+        free = budget_bytes - report["weight_bytes" + suffix]
+        per_seq = (
+            context * report["kv_bytes_per_token" + suffix]
+            + report["kv_fixed_bytes_per_sequence" + suffix]
+        )
+        batch = data * max(0, int(free // per_seq)) if free > 0 else 0
         report.update(
             budget_bytes=budget_bytes,
             context=context,
@@ -189,12 +211,17 @@ class CompiledModel(Generator):
                     StepSpec("decode", b.batch, 1, b.cache),
                 ]
             )
-            alloc = functools.partial(graph.cache.allocate, b.batch, b.cache)
+            alloc = functools.partial(_allocate, graph, b.batch, b.cache)
             return alloc, gen.make_prefill(graph), gen.make_decode_loop(graph)
 
         return self._timed(key, build)
 
     # ----------------------------------------------------------------- buckets
+    @property
+    def data_parallel(self) -> int:
+        """The shard pass's `data` (1 unsharded): batch buckets are multiples of it."""
+        return max([getattr(p, "data", 1) for p in self.passes if p.name == "shard"] or [1])
+
     @property
     def unbounded_context(self) -> bool:
         """Whether a pass (attention sinks) lets generation run past the context length
@@ -212,7 +239,8 @@ class CompiledModel(Generator):
         cache = _round_up(max(need, chunks * prefill), CACHE_ROUND)
         cache = cache if cap is None else min(cache, cap)
         cache = max(cache, chunks * prefill)
-        return Buckets(batch=_pow2(len(reqs)), prefill=prefill, chunks=chunks, cache=cache)
+        batch = _round_up(_pow2(len(reqs)), self.data_parallel)
+        return Buckets(batch=batch, prefill=prefill, chunks=chunks, cache=cache)
 
     def _score_plan(self, n: int, chunk_size: int) -> tuple[int, int]:
         ctx = self.config.context_length
@@ -225,11 +253,50 @@ class CompiledModel(Generator):
         return t, s
 
     def _score_fns(self, t: int, s: int):
+        rows = self.data_parallel  # one text, repeated on every data shard
+
         def build():
-            graph = self._capture([StepSpec("chunk", 1, t, s)])
-            return functools.partial(graph.cache.allocate, 1, s), gen.make_score_chunk(graph)
+            graph = self._capture([StepSpec("chunk", rows, t, s)])
+            chunk = gen.make_score_chunk(graph)
+            if rows > 1:
+                inner = chunk
+
+                def chunk(weights, cache, tokens, pos, targets):
+                    rep = functools.partial(jnp.repeat, repeats=rows, axis=0)
+                    return inner(weights, cache, rep(tokens), rep(pos), rep(targets))
+
+            return functools.partial(_allocate, graph, rows, s), chunk
 
         return self._timed(("score", t, s), build)
+
+
+def _bytes_per_device(weights, specs, mesh) -> int:
+    """Bytes of the weights one device holds: each array divided by its split."""
+    from jax.sharding import PartitionSpec
+
+    from pallax.passes.shard import leaf_specs
+
+    total = 0
+    for name, w in weights.items():
+        tree = leaf_specs(w, specs[name])
+        leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        for leaf, spec in zip(jax.tree.leaves(w), leaves, strict=True):
+            split = 1
+            for axis in spec:
+                split *= mesh.shape[axis] if axis is not None else 1
+            total += int(leaf.size) * leaf.dtype.itemsize // split
+    return total
+
+
+def _allocate(graph: Graph, batch: int, seq: int):
+    """An empty cache, split over the mesh when the graph is sharded."""
+    mesh = graph.meta.get("mesh")
+    sharding = None
+    if mesh is not None:
+        from jax.sharding import NamedSharding
+
+        sharding = NamedSharding(mesh, graph.meta["cache_spec"])
+    return graph.cache.allocate(batch, seq, sharding=sharding)
 
 
 def _kinds(weights) -> str:
@@ -258,4 +325,9 @@ def compile(model, passes=None) -> CompiledModel:  # noqa: A001 - the public API
     packed = any(isinstance(w, QuantizedWeight) for w in model.weights.values())
     check_order(pipeline, initial_facts(packed_weights=packed))
     check_pipeline(pipeline)
+    for i, p in enumerate(pipeline[:-1]):
+        if p.name == "shard":
+            raise ValueError(
+                f"pass {i} (shard) must be the last pass; {pipeline[i + 1].name} runs after it"
+            )
     return CompiledModel(model, pipeline)

@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt text")
     _add_model_args(g)
     _add_sampling_args(g)
+    g.add_argument(
+        "--shard",
+        default="",
+        help="tensor and data parallelism over this host's devices, e.g. 'tensor=4,data=2'",
+    )
 
     e = sub.add_parser("export", help="write an ahead-of-time artifact of a compiled model")
     e.add_argument("model", help="model name or path (as --model of generate)")
@@ -123,11 +128,29 @@ def _stream_to_stdout(runner, args) -> None:
     sys.stdout.write("\n")
 
 
+def _shard(spec: str):
+    """'tensor=4,data=2' -> the shard pass (None for '')."""
+    if not spec.strip():
+        return None
+    from pallax.passes import shard
+
+    sizes = {}
+    for part in spec.split(","):
+        key, eq, value = part.strip().partition("=")
+        if key not in ("tensor", "data") or not eq or not value.strip().isdigit():
+            raise ValueError(f"--shard={spec!r}: expected 'tensor=T,data=D' with positive integers")
+        sizes[key] = int(value)
+    return shard(**sizes)
+
+
 def _generate(args) -> None:
     import pallax
 
     _check_sampling(args)
     passes = _passes(args.passes)
+    sharded = _shard(args.shard)
+    if sharded is not None:
+        passes = (*passes, sharded)
     model = pallax.load(args.model)
     _stream_to_stdout(pallax.compile(model, passes=list(passes)), args)
 

@@ -1,1 +1,19 @@
-"""Meshes and partition rules (tensor parallelism arrives with the sharding issue)."""
+"""Meshes, logical-axis rules and the head layout for tensor parallelism.
+
+    rules.py  logical axis names -> mesh axes (`DEFAULT_RULES`, overridable)
+    mesh.py   the ("data", "tensor") device mesh
+    heads.py  placing attention heads on `tensor` shards (replicating or padding
+              KV heads when they do not divide it) and the weights that follow
+
+The `shard` pass (passes/shard.py) uses them to annotate a graph.
+"""
+
+from __future__ import annotations
+
+from pallax.sharding.heads import HeadLayout, head_layout
+from pallax.sharding.mesh import AXES, make_mesh
+from pallax.sharding.rules import DEFAULT_RULES, LOGICAL_AXES, spec_for
+
+__all__ = [
+    "AXES", "DEFAULT_RULES", "LOGICAL_AXES", "HeadLayout", "head_layout", "make_mesh", "spec_for",
+]  # fmt: skip

@@ -16,19 +16,23 @@ from pallax.ir.primitives.base import F32, SKINNY_ROWS, _define, _dot_rows
 INT8_MAX = 127.0
 
 
-def quantize_rows(x):
-    """Symmetric int8 per row (LLM.int8()'s vector-wise scheme): x ~ q * scale[..., None]."""
+def quantize_rows(x, absmax=None):
+    """Symmetric int8 per row (LLM.int8()'s vector-wise scheme): x ~ q * scale[..., None].
+    `absmax` [..., 1], when given, is the rows' absolute maximum (x is a slice of them:
+    a tensor-parallel shard of the row, passes/shard.py)."""
     x32 = x.astype(F32)
-    scale = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / INT8_MAX
+    if absmax is None:
+        absmax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = absmax.astype(F32) / INT8_MAX
     scale = jnp.where(scale > 0, scale, 1.0)
     q = jnp.clip(jnp.round(x32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
     return q, scale
 
 
-def _w8a8(x2, q, scale):
+def _w8a8(x2, q, scale, absmax=None):
     """x2 [R, I] float32 against per-channel int8 q [O, I]: int8 x int8 -> int32 dot."""
     rows = x2.shape[0]
-    xq, xs = quantize_rows(x2)
+    xq, xs = quantize_rows(x2, absmax)
     if rows == 1:
         xq = jnp.concatenate([xq, jnp.zeros_like(xq)])
     dims = (((1,), (1,)), ((), ()))
@@ -58,7 +62,18 @@ def dequantize_groups(data, scale, offset, *, bits, group_size, in_features, pad
 
 
 def qlinear_frame(
-    matmul, x, data, scale, *rest, bits, group_size, in_features, offset, outliers, out_dtype=None
+    matmul,
+    x,
+    data,
+    scale,
+    *rest,
+    bits,
+    group_size,
+    in_features,
+    offset,
+    outliers,
+    out_dtype=None,
+    row_absmax=False,
 ):
     """The parts of `qlinear` every lowering shares, around a `matmul` that multiplies.
 
@@ -67,9 +82,12 @@ def qlinear_frame(
     zero-pads x to whole groups [R, G * g] (rather than slicing the weight: a slice
     between a dequantizing fusion and the dot makes XLA:CPU materialize the float
     weight); then `matmul(x2, data, scale, offset_or_None, bits=, group_size=)` gives the
-    float32 [R, O] product with the packed weight.
+    float32 [R, O] product with the packed weight. With `row_absmax` the last operand is
+    the rows' absolute maximum [..., 1] (x is a tensor-parallel slice of its rows), passed
+    on as `matmul(..., absmax=)` for per-row activation quantization.
     """
     rest = list(rest)
+    absmax = rest.pop() if row_absmax else None
     off = rest.pop(0) if offset else None
     idx, w_out = (rest[0], rest[1]) if outliers else (None, None)
     lead, d_in = x.shape[:-1], x.shape[-1]
@@ -82,13 +100,14 @@ def qlinear_frame(
     padded = scale.shape[1] * group_size
     if padded > d_in:
         x2 = jnp.pad(x2, ((0, 0), (0, padded - d_in)))
-    y = matmul(x2, data, scale, off, bits=bits, group_size=group_size)
+    kw = {} if absmax is None else {"absmax": absmax.reshape(rows, 1)}
+    y = matmul(x2, data, scale, off, bits=bits, group_size=group_size, **kw)
     if idx is not None:
         y = y + _dot_rows(x_out, w_out.astype(F32), rows)
     return y.reshape(*lead, data.shape[0]).astype(out_dtype or x.dtype)
 
 
-def qmatmul_xla(x2, data, scale, off, *, bits, group_size):
+def qmatmul_xla(x2, data, scale, off, *, bits, group_size, absmax=None):
     """x2 [R, G * g] float32 against a packed weight -> [R, O] float32, in XLA ops.
 
     Per-output-channel int8 (LLM.int8()'s vector-wise scheme) runs as W8A8 up to
@@ -103,7 +122,7 @@ def qmatmul_xla(x2, data, scale, off, *, bits, group_size):
     step, in a fusion that reads the packed bytes, and multiplied in float32.
     """
     if bits == 8 and off is None and scale.shape[1] == 1 and x2.shape[0] <= SKINNY_ROWS:
-        return _w8a8(x2, data, scale)
+        return _w8a8(x2, data, scale, absmax)
     w = dequantize_groups(
         data, scale, off, bits=bits, group_size=group_size, in_features=x2.shape[1], padded=True
     )
@@ -122,7 +141,17 @@ def qlinear_reference(x, data, scale, *rest, **params):
 
 
 def _qlinear_abstract(
-    x, data, scale, *rest, bits, group_size, in_features, offset, outliers, out_dtype=None
+    x,
+    data,
+    scale,
+    *rest,
+    bits,
+    group_size,
+    in_features,
+    offset,
+    outliers,
+    out_dtype=None,
+    row_absmax=False,
 ):
     o = data.shape[0]
     groups = -(-in_features // group_size)
@@ -134,7 +163,7 @@ def _qlinear_abstract(
         )
     if data.dtype != (jnp.uint8 if bits == 4 else jnp.int8) or scale.shape != (o, groups):
         raise TypeError(f"qlinear: data {data.dtype} / scale {scale.shape} malformed")
-    if len(rest) != int(offset) + 2 * int(outliers):
+    if len(rest) != int(offset) + 2 * int(outliers) + int(row_absmax):
         raise TypeError(f"qlinear: {len(rest)} extra operands for {offset=} {outliers=}")
     return ShapedArray((*x.shape[:-1], o), jnp.dtype(out_dtype or x.dtype))
 

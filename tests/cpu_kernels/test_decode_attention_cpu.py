@@ -31,7 +31,7 @@ def _inputs(b, n, kv, s, h, dtype, seed=0, pos=None):
 
 
 def _plain(q, k, v, k_cache, v_cache, pos, **kw):
-    """Write, then attend over the written cache: attention_reference before the split."""
+    """Write, then attend over the written cache: dense_attention before the split."""
     k_cache, v_cache = ops.write_kv(k_cache, k, pos), ops.write_kv(v_cache, v, pos)
     return ops.attention_core(q, k_cache, v_cache, pos, **kw), k_cache, v_cache
 
@@ -56,7 +56,7 @@ def test_kernel_and_xla_rule_match_the_plain_math(b, n, kv, s, h, window, softca
     kw = dict(scale=h**-0.5, sliding_window=window, softcap=softcap)
     want, k_want, v_want = _plain(*args, **kw)
     got, k_got, v_got = jax.jit(lambda *a: cpu_kernels.decode_attention_cpu(*a, **kw))(*args)
-    xla, k_xla, v_xla = jax.jit(lambda *a: ops.attention_reference(*a, **kw))(*args)
+    xla, k_xla, v_xla = jax.jit(lambda *a: ops.dense_attention(*a, **kw))(*args)
     for out in (got, xla):
         assert out.shape == want.shape and out.dtype == want.dtype
         np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)

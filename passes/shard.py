@@ -1,0 +1,344 @@
+"""shard: tensor and data parallelism as a pass. Annotates the graph for a
+("data", "tensor") device mesh and lowers every semantic op per shard.
+
+- Weights get a PartitionSpec from their logical axes (model/llama.py
+  `logical_axes`) and the rules (sharding/rules.py): Megatron's layout, q/k/v and
+  gate/up split by output columns, o and down by input rows, the embedding and the LM
+  head by vocabulary. The KV cache is split by batch ("data") and KV heads ("tensor").
+- Heads that do not divide `tensor` are replicated or padded (sharding/heads.py); the
+  weights are re-laid out once (memoized) and the graph's head reshapes follow.
+- Each semantic op runs inside `shard_map` with local shapes, so the CPU and Pallas
+  kernels run per shard and never see a gathered tensor: a row-parallel projection
+  ends with one `psum` over "tensor" (2 per layer), the vocabulary-parallel
+  embedding with one; the LM head's logits stay split by vocabulary.
+- The batch is split over "data": every step's batch must be a multiple of `data`
+  (the runtime rounds its batch buckets up).
+
+`shard` must be the last pass: the ops it wraps are the ones the other passes rewrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pallax.ir import primitives as ops
+from pallax.ir.graph import Graph
+from pallax.ir.manager import map_weights
+from pallax.ir.qformat import QuantizedWeight
+from pallax.ir.rewrite import rewrite
+from pallax.sharding.heads import head_layout, place_heads
+from pallax.sharding.mesh import make_mesh
+from pallax.sharding.rules import check_rules, spec_for
+
+P = PartitionSpec
+T, D = "tensor", "data"
+SHARDED = "sharded for a mesh"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Tensor (`tensor`) x data (`data`) parallelism over `devices` (default: the first
+    tensor * data devices); `rules` override the logical-axis rules."""
+
+    tensor: int = 1
+    data: int = 1
+    devices: tuple | None = None
+    rules: tuple = ()
+    name: str = dataclasses.field(default="shard", init=False, repr=False)
+    provides = frozenset({SHARDED})
+
+    def __post_init__(self):
+        for name in ("tensor", "data"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"shard: {name}={value!r} must be a positive integer")
+        object.__setattr__(self, "rules", tuple(tuple(r) for r in self.rules))
+        check_rules(self.rules)
+        if self.devices is not None:
+            object.__setattr__(self, "devices", tuple(self.devices))
+        self.mesh  # noqa: B018 - refuses a device count that cannot hold the mesh, now
+
+    @property
+    def mesh(self):
+        return make_mesh(self.tensor, self.data, self.devices)
+
+    def __call__(self, graph: Graph) -> Graph:
+        mesh = self.mesh
+        rules = check_rules(self.rules)
+        axes = graph.meta.get("logical_axes")
+        if axes is None:
+            raise ValueError("shard: the graph has no logical axes (an architecture declares them)")
+        for step in graph.steps.values():
+            if step.spec.batch % self.data:
+                raise ValueError(
+                    f"shard: step {step.spec.name!r} has batch {step.spec.batch}, not a "
+                    f"multiple of data={self.data}"
+                )
+        n, kv, h = graph.meta["heads"]
+        if (rules["q_heads"] == T) != (rules["kv_heads"] == T):
+            raise ValueError("shard: rules must split q_heads and kv_heads together, or neither")
+        heads_split = rules["q_heads"] == T and self.tensor > 1
+        layout = head_layout(n, kv, h, self.tensor if heads_split else 1)
+        key = ("shard", self.tensor, self.data, self.rules, tuple(d.id for d in mesh.devices.flat))
+        weights, specs = map_weights(
+            key, graph.weights, lambda w: _place(w, axes, rules, layout, mesh, self.tensor)
+        )
+        per_leaf = {}
+        for name, w in weights.items():
+            tree = leaf_specs(w, specs[name])
+            per_leaf[name] = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, P))
+        cache_spec = P(D, T) if heads_split else P(D)
+        cache = dataclasses.replace(
+            graph.cache,
+            entries=tuple((name, (shape[0], layout.padded_kv, *shape[2:]), dt)
+                          for name, shape, dt in graph.cache.entries),
+        ) if not layout.identity else graph.cache  # fmt: skip
+        names: dict[int, str] = {}
+
+        def remember(w):
+            names.clear()
+            for name, value in w.items():
+                for leaf in jax.tree.leaves(value):
+                    names[id(leaf)] = name
+
+        lowering = _Rules(mesh, specs, per_leaf, names, heads_split, cache_spec)
+        out = rewrite(graph, lowering.rules(not layout.identity), weights=weights, cache=cache,
+                      on_weights=remember)  # fmt: skip
+        return out.replace(meta={
+            **out.meta, "mesh": mesh, "shard": (self.tensor, self.data),
+            "weight_specs": specs, "cache_spec": cache_spec, "head_layout": layout.describe(),
+        })  # fmt: skip
+
+
+def _place(weights, axes, rules, layout, mesh, tensor):
+    """Heads in the padded layout, each weight's PartitionSpec checked against its shape
+    and quantization groups, and the arrays put on the mesh. -> (weights, specs)."""
+    out, specs = {}, {}
+    for name, w in sorted(weights.items()):
+        ax = axes.get(name)
+        if ax is None:
+            raise ValueError(f"shard: weight {name!r} has no logical axes")
+        if not layout.identity:
+            for axis_name, index in (("q_heads", layout.q_map), ("kv_heads", layout.kv_map)):
+                if axis_name in ax:
+                    w = place_heads(name, w, index, ax.index(axis_name), layout.head_dim)
+        spec = spec_for(ax, rules)
+        _check_divides(name, w, spec, mesh)
+        specs[name] = spec
+        out[name] = _put(w, spec, mesh)
+    return out, specs
+
+
+def _check_divides(name, w, spec, mesh):
+    shape = w.shape
+    for dim, axis in enumerate(spec):
+        if axis is None:
+            continue
+        size = mesh.shape[axis]
+        if shape[dim] % size:
+            raise ValueError(
+                f"shard: {name} {tuple(shape)} dimension {dim} ({shape[dim]}) does not split "
+                f"over {axis}={size}"
+            )
+        if isinstance(w, QuantizedWeight) and dim == 1:
+            if w.outlier_idx is not None:
+                raise ValueError(f"shard: {name} has LLM.int8 outliers along its split inputs")
+            if w.groups == 1:  # per output channel: each shard keeps the row's scale
+                continue
+            if w.padded_in != w.in_features or w.groups % size:
+                raise ValueError(
+                    f"shard: {name} {tuple(shape)} with group_size={w.group_size} would have a "
+                    f"quantization group straddle its {size} shards of {shape[1] // size} "
+                    "inputs; choose a group size dividing that"
+                )
+
+
+def leaf_specs(w, spec):
+    """The PartitionSpec of each array of a weight (a packed weight's per-channel scale
+    is not split by inputs)."""
+    if not isinstance(w, QuantizedWeight):
+        return spec
+    row = tuple(spec)[:1]
+    full = PartitionSpec(*tuple(spec))
+    per_row = P(*row) if w.groups == 1 else full  # a per-channel scale is not split by inputs
+    return dataclasses.replace(
+        w, data=full, scale=per_row, offset=None if w.offset is None else per_row,
+        outlier_idx=None if w.outlier_idx is None else P(),
+        outlier_w=None if w.outlier_w is None else P(*row),
+    )  # fmt: skip
+
+
+def _put(w, spec, mesh):
+    tree = leaf_specs(w, spec)
+    return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), w, tree,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))  # fmt: skip
+
+
+def _batch(ndim: int, last=None, axis=None) -> PartitionSpec:
+    """Batch over data; `last` (or dimension `axis`) over tensor."""
+    spec = [D] + [None] * (ndim - 1)
+    if last is not None:
+        spec[-1] = last
+    if axis is not None:
+        spec[axis] = T
+    return P(*spec)
+
+
+class _Rules:
+    """The per-op shard_map lowerings of one shard pass."""
+
+    def __init__(self, mesh, specs, leaf_specs, names, heads_split, cache_spec):
+        self.mesh, self.specs, self.leaf_specs, self.names = mesh, specs, leaf_specs, names
+        self.heads_split, self.cache_spec = heads_split, cache_spec
+
+    def smap(self, f, in_specs, out_specs):
+        return jax.shard_map(f, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)  # fmt: skip
+
+    def kind(self, w) -> str:
+        spec = tuple(self.specs[self.names[id(w)]])
+        if spec[:1] == (T,):
+            return "columns"
+        if spec[1:2] == (T,):
+            return "rows"
+        return "replicated"
+
+    def rules(self, padded_heads: bool) -> dict:
+        out = {
+            ops.linear_p: self.linear,
+            ops.qlinear_p: self.qlinear,
+            ops.embed_p: self.embed,
+            ops.qembed_p: self.embed,
+            ops.lm_head_p: self.lm_head,
+            ops.rms_norm_p: self.rms_norm,
+            ops.attention_p: self.attention,
+        }
+        if padded_heads:
+            out[lax.reshape_p] = _reshape_heads
+        return out
+
+    def _project(self, eqn, x, leaves, params_for_rows):
+        kind = self.kind(leaves[0])
+        w_specs = tuple(self.leaf_specs[self.names[id(leaves[0])]])
+        if len(w_specs) != len(leaves):
+            raise ValueError(f"shard: {eqn.primitive.name} reads {len(leaves)} weight arrays")
+        if kind == "columns":
+            f = self.smap(lambda x, *w: eqn.primitive.bind(x, *w, **eqn.params),
+                          (_batch(x.ndim), *w_specs), _batch(x.ndim, last=T))  # fmt: skip
+        elif kind == "rows":
+            params = params_for_rows(eqn.params)
+
+            def f_rows(x, *w):
+                return lax.psum(eqn.primitive.bind(x, *w, **params), T)
+
+            f = self.smap(f_rows, (_batch(x.ndim, last=T), *w_specs), _batch(x.ndim))
+        else:
+            f = self.smap(lambda x, *w: eqn.primitive.bind(x, *w, **eqn.params),
+                          (_batch(x.ndim), *w_specs), _batch(x.ndim))  # fmt: skip
+        return f(x, *leaves)
+
+    def linear(self, eqn, x, w):
+        return self._project(eqn, x, [w], lambda prm: prm)
+
+    def qlinear(self, eqn, x, *leaves):
+        t = self.mesh.shape[T]
+        prm = eqn.params
+        width = leaves[0].shape[1] * (2 if prm["bits"] == 4 else 1)
+        if width != -(-prm["in_features"] // prm["group_size"]) * prm["group_size"]:
+            # heads moved (sharding/heads.py): the weight's inputs changed with them
+            per_channel = prm["group_size"] >= prm["in_features"]
+            group = width if per_channel else prm["group_size"]
+            eqn = eqn.replace(params={**prm, "in_features": width, "group_size": group})
+        if eqn.params.get("outliers"):
+            if self.kind(leaves[0]) != "replicated":
+                raise ValueError("shard: LLM.int8 outliers with a split weight are not supported")
+
+        def local(prm):
+            i = prm["in_features"] // t
+            g = i if prm["group_size"] >= prm["in_features"] else prm["group_size"]
+            return {**prm, "in_features": i, "group_size": g}  # per channel: one group
+
+        per_channel = prm["bits"] == 8 and not prm["offset"] and leaves[1].shape[1] == 1
+        if per_channel and self.kind(leaves[0]) == "rows":
+            return self._row_parallel_w8a8(eqn, x, list(leaves), local(eqn.params))
+        return self._project(eqn, x, list(leaves), local)
+
+    def _row_parallel_w8a8(self, eqn, x, leaves, params):
+        """Per-channel int8 quantizes each activation row (W8A8): a row split over
+        shards takes its absolute maximum over all of them (one pmax), so every shard
+        quantizes its slice with the scale the whole row would have."""
+        w_specs = tuple(self.leaf_specs[self.names[id(leaves[0])]])
+
+        def f(x, *w):
+            absmax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+            absmax = lax.pmax(absmax, T)
+            y = eqn.primitive.bind(x, *w, absmax, **{**params, "row_absmax": True})
+            return lax.psum(y, T)
+
+        f = self.smap(f, (_batch(x.ndim, last=T), *w_specs), _batch(x.ndim))
+        return f(x, *leaves)
+
+    def embed(self, eqn, ids, *leaves):
+        if self.kind(leaves[0]) != "columns":  # not split by vocabulary
+            specs = (_batch(ids.ndim), *[P()] * len(leaves))
+            f = self.smap(lambda i, *w: eqn.primitive.bind(i, *w, **eqn.params), specs,
+                          _batch(ids.ndim + 1))  # fmt: skip
+            return f(ids, *leaves)
+
+        def local(i, *w):
+            rows = w[0].shape[0]
+            rel = i - lax.axis_index(T) * rows
+            ok = (rel >= 0) & (rel < rows)
+            out = eqn.primitive.bind(jnp.where(ok, rel, 0), *w, **eqn.params)
+            return lax.psum(jnp.where(ok[..., None], out, jnp.zeros((), out.dtype)), T)
+
+        w_specs = tuple(self.leaf_specs[self.names[id(leaves[0])]])
+        f = self.smap(local, (_batch(ids.ndim), *w_specs), _batch(ids.ndim + 1))
+        return f(ids, *leaves)
+
+    def lm_head(self, eqn, x, table):
+        return self._project(eqn, x, [table], lambda prm: prm)
+
+    def rms_norm(self, eqn, x, w):
+        spec = _batch(x.ndim, axis=2) if (x.ndim == 4 and self.heads_split) else _batch(x.ndim)
+        f = self.smap(lambda x, w: eqn.primitive.bind(x, w, **eqn.params), (spec, P()), spec)
+        return f(x, w)
+
+    def attention(self, eqn, q, k, v, pos, valid, *cache):
+        heads = _batch(4, axis=2) if self.heads_split else _batch(4)
+        cs = self.cache_spec
+        f = self.smap(
+            lambda *a: tuple(eqn.primitive.bind(*a, **eqn.params)),
+            (heads, heads, heads, P(D), P(D), *[cs] * len(cache)),
+            (heads, *[cs] * len(cache)),
+        )
+        return list(f(q, k, v, pos, valid, *cache))
+
+
+def _reshape_heads(eqn, x):
+    """A reshape between [..., N * H] and [..., N, H] whose head count the padded layout
+    changed: the head dimension follows the input."""
+    old_in = tuple(eqn.invars[0].aval.shape)
+    sizes = tuple(eqn.params["new_sizes"])
+    if tuple(x.shape) == old_in:
+        return eqn.primitive.bind(x, **eqn.params)
+    new_in = tuple(x.shape)
+    diff = [i for i, (a, b) in enumerate(zip(old_in, new_in, strict=True)) if a != b]
+    if len(old_in) + 1 == len(sizes) and diff == [len(old_in) - 1]:  # split the last dim
+        h = sizes[-1]
+        sizes = (*sizes[:-2], new_in[-1] // h, h)
+    elif len(old_in) == len(sizes) + 1 and diff == [len(old_in) - 2]:  # merge the last two
+        sizes = (*sizes[:-1], new_in[-2] * new_in[-1])
+    else:
+        raise ValueError(f"shard: cannot move heads through a reshape {old_in} -> {sizes}")
+    return eqn.primitive.bind(x, **{**eqn.params, "new_sizes": sizes})
+
+
+def shard(tensor: int = 1, data: int = 1, *, devices=None, rules=()) -> Shard:
+    """Tensor x data parallelism; pass string "shard:tensor=4:data=2"."""
+    return Shard(tensor, data, devices, rules)

@@ -1,0 +1,33 @@
+"""The device mesh: axes ("data", "tensor"), data-parallel replicas of tensor-parallel
+groups (a tensor group's devices are adjacent in the device list)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+AXES = ("data", "tensor")
+
+
+def make_mesh(tensor: int, data: int, devices=None) -> Mesh:
+    """A (data, tensor) mesh over `devices` (default: the first tensor * data of
+    `jax.devices()`), or a clear error naming the bad value."""
+    for name, value in (("tensor", tensor), ("data", data)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"shard: {name}={value!r} must be a positive integer")
+    need = tensor * data
+    if devices is None:
+        available = jax.devices()
+        if need > len(available):
+            raise ValueError(
+                f"shard: tensor={tensor} x data={data} needs {need} devices; "
+                f"{len(available)} exist ({available[0].platform})"
+            )
+        devices = available[:need]
+    devices = list(devices)
+    if len(devices) != need:
+        raise ValueError(
+            f"shard: tensor={tensor} x data={data} needs {need} devices; {len(devices)} given"
+        )
+    return Mesh(np.array(devices, dtype=object).reshape(data, tensor), AXES)

@@ -1,0 +1,116 @@
+"""Run in a subprocess with 8 virtual CPU devices (XLA_FLAGS must be set before jax is
+imported, so the tests start this file as a script): one check per argument, each
+printing one JSON line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+import re  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import pallax  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "def fib(n):",
+    "Once upon a time, in a land far away, there lived",
+    "1, 2, 3, 4,",
+    "The quick brown fox",
+    "Water boils at",
+    "import numpy as np\n",
+    "My favourite colour is",
+]
+TEXT = "The history of the printing press begins in the fifteenth century, when movable type"
+MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
+
+
+def greedy(model: str, passes: list[str]) -> dict:
+    """Batch 8, prompts of different lengths: each mesh's greedy tokens and scores."""
+    m = pallax.load(model)
+    base = pallax.compile(m, passes=passes)
+    want = [o.token_ids for o in base.generate(PROMPTS, max_new_tokens=8)]
+    ref = base.score(TEXT, chunk_size=16)
+    out = {}
+    for t, d in MESHES:
+        c = pallax.compile(m, passes=[*passes, f"shard:tensor={t}:data={d}"])
+        got = [o.token_ids for o in c.generate(PROMPTS, max_new_tokens=8)]
+        delta = np.abs(c.score(TEXT, chunk_size=16) - ref)
+        out[f"{t}x{d}"] = {
+            "equal": got == want,
+            "rows_equal": sum(g == w for g, w in zip(got, want, strict=True)),
+            "max_dlogprob": float(delta.max()),
+            "mean_dlogprob": float(delta.mean()),
+        }
+    return out
+
+
+def collectives(model: str) -> dict:
+    """Collectives in the compiled sharded decode step and the bytes per device."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallax.ir.graph import StepSpec
+    from pallax.runtime.compiled import _allocate
+
+    m = pallax.load(model)
+    c = pallax.compile(m, passes=["shard:tensor=4:data=2"])
+    g = c._capture([StepSpec("decode", 2, 1, 256)])
+    fn = jax.jit(lambda w, cache, t, p: g.run("decode", w, cache, t, p))
+    hlo = fn.lower(g.weights, _allocate(g, 2, 256), jnp.zeros((2, 1), jnp.int32),
+                   jnp.zeros(2, jnp.int32)).compile().as_text()  # fmt: skip
+    counts = {op: len(re.findall(rf"= \S+ {op}(-start)?\(", hlo))
+              for op in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")}  # fmt: skip
+    dense = pallax.compile(m).memory_report()
+    rep = c.memory_report(budget_bytes=2**30, context=1024)
+    return {
+        "counts": counts,
+        "layers": m.config.n_layers,
+        "weight_ratio": rep["weight_bytes_per_device"] / dense["weight_bytes"],
+        "report": {k: v for k, v in rep.items() if k != "mesh"},
+        "graph_has_psum": "psum[axes=('tensor',)]" in c.graph("decode"),
+        "graph_has_specs": "layers.0.wq P('tensor')" in c.graph("decode"),
+    }
+
+
+def errors() -> dict:
+    import jax
+
+    m = pallax.load("smollm2-135m")
+    out = {}
+    cases = {
+        "too_many": lambda: pallax.compile(m, passes=["shard:tensor=8:data=2"]).graph(),
+        "three_of_eight": lambda: pallax.compile(
+            m, passes=[pallax.passes.shard(3, 1, devices=jax.devices())]
+        ),
+        "unknown_axis": lambda: pallax.passes.shard(2, rules=[("heads", "tensor")]),
+        "bad_mesh_axis": lambda: pallax.passes.shard(2, rules=[("mlp", "model")]),
+        "not_last": lambda: pallax.compile(m, passes=["shard:tensor=2", "int8"]),
+        "straddle": lambda: pallax.compile(
+            m, passes=["quantize_weights:4:group_size=128", "shard:tensor=2"]
+        ).graph(),
+        "zero": lambda: pallax.passes.shard(0),
+    }
+    for name, fn in cases.items():
+        try:
+            fn()
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+if __name__ == "__main__":
+    kind, *rest = sys.argv[1:]
+    if kind == "greedy":
+        result = greedy(rest[0], [p for p in rest[1].split(",") if p])
+    elif kind == "collectives":
+        result = collectives(rest[0])
+    else:
+        result = errors()
+    print("RESULT " + json.dumps(result))

@@ -29,8 +29,12 @@ def _run(*args) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model, passes",
-    [("smollm2-135m", ""), ("smollm2-135m", "kivi2"), ("gemma-3-270m", ""),
-     ("gemma-3-270m", "kivi2")],  # fmt: skip
+    [
+        ("smollm2-135m", ""),
+        ("smollm2-135m", "kivi2"),
+        ("gemma-3-270m", ""),
+        ("gemma-3-270m", "kivi2"),
+    ],  # fmt: skip
 )
 def test_greedy_equals_unsharded_on_every_mesh(model, passes):
     """Batch 8 of prompts of different lengths; SmolLM2 (9 query / 3 KV heads) pads its

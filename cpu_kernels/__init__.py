@@ -137,11 +137,12 @@ def use_kernel(rows: int, bits: int, group_size: int, groups: int) -> bool:
 def _qlinear_cpu_rule(x, data, scale, *rest, **params):
     rows = math.prod(x.shape[:-1])
 
-    def matmul(x2, data, scale, off, *, bits, group_size, absmax=None):
-        if use_kernel(rows, bits, group_size, scale.shape[1]):  # activations per 32-block
+    def matmul(x2, data, scale, off, *, bits, group_size, absmax=None, total_rows=None):
+        whole = rows if total_rows is None else total_rows  # a data shard decides as the op
+        if use_kernel(whole, bits, group_size, scale.shape[1]):  # activations per 32-block
             return _qmatmul_ffi(x2, data, scale, off, bits=bits, group_size=group_size)
         return ops.qmatmul_xla(x2, data, scale, off, bits=bits, group_size=group_size,
-                               absmax=absmax)  # fmt: skip
+                               absmax=absmax, total_rows=total_rows)  # fmt: skip
 
     return ops.qlinear_frame(matmul, x, data, scale, *rest, **params)
 

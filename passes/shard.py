@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -247,6 +248,8 @@ class _Rules:
 
     def qlinear(self, eqn, x, *leaves):
         t = self.mesh.shape[T]
+        # the lowerings pick their method by the whole op's rows, not a data shard's
+        eqn = eqn.replace(params={**eqn.params, "rows": math.prod(x.shape[:-1])})
         prm = eqn.params
         width = leaves[0].shape[1] * (2 if prm["bits"] == 4 else 1)
         if width != -(-prm["in_features"] // prm["group_size"]) * prm["group_size"]:

@@ -74,6 +74,7 @@ def qlinear_frame(
     outliers,
     out_dtype=None,
     row_absmax=False,
+    rows=None,
 ):
     """The parts of `qlinear` every lowering shares, around a `matmul` that multiplies.
 
@@ -84,15 +85,18 @@ def qlinear_frame(
     weight); then `matmul(x2, data, scale, offset_or_None, bits=, group_size=)` gives the
     float32 [R, O] product with the packed weight. With `row_absmax` the last operand is
     the rows' absolute maximum [..., 1] (x is a tensor-parallel slice of its rows), passed
-    on as `matmul(..., absmax=)` for per-row activation quantization.
+    on as `matmul(..., absmax=)` for per-row activation quantization. `rows`, when set,
+    is the row count of the whole op that x is a data-parallel shard of: the lowerings
+    choose their method (which changes how activations are quantized) by it, so a shard
+    computes what the whole op would (`matmul(..., total_rows=)`).
     """
     rest = list(rest)
     absmax = rest.pop() if row_absmax else None
     off = rest.pop(0) if offset else None
     idx, w_out = (rest[0], rest[1]) if outliers else (None, None)
     lead, d_in = x.shape[:-1], x.shape[-1]
-    rows = math.prod(lead)
-    x2 = x.reshape(rows, d_in).astype(F32)
+    rows_here = math.prod(lead)
+    x2 = x.reshape(rows_here, d_in).astype(F32)
     if idx is not None:
         x_out = jnp.take(x2, idx, axis=1)
         # A [I] mask multiply fuses into the row quantization; a scatter into x would not.
@@ -100,14 +104,16 @@ def qlinear_frame(
     padded = scale.shape[1] * group_size
     if padded > d_in:
         x2 = jnp.pad(x2, ((0, 0), (0, padded - d_in)))
-    kw = {} if absmax is None else {"absmax": absmax.reshape(rows, 1)}
+    kw = {} if absmax is None else {"absmax": absmax.reshape(rows_here, 1)}
+    if rows is not None:
+        kw["total_rows"] = rows
     y = matmul(x2, data, scale, off, bits=bits, group_size=group_size, **kw)
     if idx is not None:
-        y = y + _dot_rows(x_out, w_out.astype(F32), rows)
+        y = y + _dot_rows(x_out, w_out.astype(F32), rows_here)
     return y.reshape(*lead, data.shape[0]).astype(out_dtype or x.dtype)
 
 
-def qmatmul_xla(x2, data, scale, off, *, bits, group_size, absmax=None):
+def qmatmul_xla(x2, data, scale, off, *, bits, group_size, absmax=None, total_rows=None):
     """x2 [R, G * g] float32 against a packed weight -> [R, O] float32, in XLA ops.
 
     Per-output-channel int8 (LLM.int8()'s vector-wise scheme) runs as W8A8 up to
@@ -121,7 +127,8 @@ def qmatmul_xla(x2, data, scale, off, *, bits, group_size, absmax=None):
     (int4, or int8 kept from a GGUF file) are unpacked and dequantized inside the
     step, in a fusion that reads the packed bytes, and multiplied in float32.
     """
-    if bits == 8 and off is None and scale.shape[1] == 1 and x2.shape[0] <= SKINNY_ROWS:
+    rows = x2.shape[0] if total_rows is None else total_rows
+    if bits == 8 and off is None and scale.shape[1] == 1 and rows <= SKINNY_ROWS:
         return _w8a8(x2, data, scale, absmax)
     w = dequantize_groups(
         data, scale, off, bits=bits, group_size=group_size, in_features=x2.shape[1], padded=True
@@ -152,6 +159,7 @@ def _qlinear_abstract(
     outliers,
     out_dtype=None,
     row_absmax=False,
+    rows=None,
 ):
     o = data.shape[0]
     groups = -(-in_features // group_size)

@@ -27,26 +27,30 @@ PROMPTS = [
     "My favourite colour is",
 ]
 TEXT = "The history of the printing press begins in the fifteenth century, when movable type"
-MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
 
 
-def greedy(model: str, passes: list[str]) -> dict:
-    """Batch 8, prompts of different lengths: each mesh's greedy tokens and scores."""
+def greedy(model: str, plan: str) -> dict:
+    """Batch 8, prompts of different lengths: under each pipeline ("fp32" for none) and
+    mesh of `plan` ("fp32=1x8,2x4;kivi2=2x4"), the greedy tokens against the unsharded
+    run's (and, for int8, the scores)."""
     m = pallax.load(model)
-    base = pallax.compile(m, passes=passes)
-    want = [o.token_ids for o in base.generate(PROMPTS, max_new_tokens=8)]
-    ref = base.score(TEXT, chunk_size=16)
     out = {}
-    for t, d in MESHES:
-        c = pallax.compile(m, passes=[*passes, f"shard:tensor={t}:data={d}"])
-        got = [o.token_ids for o in c.generate(PROMPTS, max_new_tokens=8)]
-        delta = np.abs(c.score(TEXT, chunk_size=16) - ref)
-        out[f"{t}x{d}"] = {
-            "equal": got == want,
-            "rows_equal": sum(g == w for g, w in zip(got, want, strict=True)),
-            "max_dlogprob": float(delta.max()),
-            "mean_dlogprob": float(delta.mean()),
-        }
+    for item in plan.split(";"):
+        name, _, meshes = item.rpartition("=")
+        passes = [] if name == "fp32" else [name]
+        base = pallax.compile(m, passes=passes)
+        want = [o.token_ids for o in base.generate(PROMPTS, max_new_tokens=8)]
+        ref = base.score(TEXT, chunk_size=16) if name == "int8" else None
+        for mesh in meshes.split(","):
+            t, d = map(int, mesh.split("x"))
+            c = pallax.compile(m, passes=[*passes, f"shard:tensor={t}:data={d}"])
+            got = [o.token_ids for o in c.generate(PROMPTS, max_new_tokens=8)]
+            r = {"equal": got == want,
+                 "rows_equal": sum(g == w for g, w in zip(got, want, strict=True))}  # fmt: skip
+            if ref is not None:
+                delta = np.abs(c.score(TEXT, chunk_size=16) - ref)
+                r.update(max_dlogprob=float(delta.max()), mean_dlogprob=float(delta.mean()))
+            out[f"{name} {mesh}"] = r
     return out
 
 
@@ -108,7 +112,7 @@ def errors() -> dict:
 if __name__ == "__main__":
     kind, *rest = sys.argv[1:]
     if kind == "greedy":
-        result = greedy(rest[0], [p for p in rest[1].split(",") if p])
+        result = greedy(rest[0], rest[1])
     elif kind == "collectives":
         result = collectives(rest[0])
     else:

@@ -116,8 +116,9 @@ def _slot_decode(q, k, v, pos, valid, state, fmt, policy, rope, *, platform, **k
         sink = (kpos[:, :, :n] >= 0) & (kpos[:, :, :n] < policy.sinks)
         head = jnp.where(sink[..., None], jnp.swapaxes(rotated, 1, 2), keys[:, :, :n])
         keys = jnp.concatenate([head, keys[:, :, n:]], axis=2)
+    kpos = jnp.broadcast_to(kpos, keys.shape[:3]).astype(jnp.int32)
     out, mass = h2o_decode_attention(
-        q[:, 0], keys, vals, kpos.astype(jnp.int32), qp.astype(jnp.int32), platform=platform, **kw
+        q[:, 0], keys, vals, kpos, qp.astype(jnp.int32), platform=platform, **kw
     )
     mass = jnp.where(real[:, :, None], mass, 0.0) if policy.needs_mass else None
     return out[:, None], core.write(state, k, v, pos, valid, fmt, policy, mass, sections)

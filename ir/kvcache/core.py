@@ -58,7 +58,7 @@ def full_precision_dtype(state: dict, fallback):
 
 
 def candidates(k, v, state, pos, valid, fmt, policy):
-    """Keys, values [B, K, S', H] float32 and positions kpos [B, K, S'] (-1: not a key) of
+    """Keys, values [B, K, S', H] float32 and positions kpos [B, K or 1, S'] (-1: not a key) of
     [first rows, the call's tokens, rows, staging]; the queries' positions [B, T]; which
     queries are real [B, T]; and the section sizes."""
     b, t, kv, _ = k.shape
@@ -67,7 +67,11 @@ def candidates(k, v, state, pos, valid, fmt, policy):
     stored = fmt.stored(pos)  # [B]
     tpos = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     real = jnp.arange(t)[None, :] < valid[:, None]
-    bk = lambda x: jnp.broadcast_to(x[:, None], (b, kv, x.shape[-1]))  # noqa: E731
+    rk, rv = fmt.decode(state)
+    rows = rk.shape[2]
+    rpos = policy.row_positions(fmt, state, stored, kv, rows)
+    heads = rpos.shape[1]  # 1 when every KV head's rows hold the same positions: a cheaper mask
+    bk = lambda x: jnp.broadcast_to(x[:, None], (b, heads, x.shape[-1]))  # noqa: E731
     keys, vals, kpos = [], [], []
     if n_first:  # positions that left staging; newer ones are read from the ring
         j = jnp.arange(n_first, dtype=jnp.int32)[None, :]
@@ -77,9 +81,6 @@ def candidates(k, v, state, pos, valid, fmt, policy):
     keys.append(fmt.admit(jnp.swapaxes(k, 1, 2), dtype))
     vals.append(fmt.admit(jnp.swapaxes(v, 1, 2), dtype))
     kpos.append(bk(jnp.where(real, tpos, -1)))
-    rk, rv = fmt.decode(state)
-    rows = rk.shape[2]
-    rpos = policy.row_positions(fmt, state, stored, kv, rows)
     keys.append(rk)
     vals.append(rv)
     kpos.append(jnp.where((rpos >= n_first) & (rpos < stored[:, None, None]), rpos, -1))
@@ -167,6 +168,8 @@ def stage(state, k, v, pos, valid, fmt, policy, m_new) -> dict:
     """Write the new tokens to staging and the positions below F to the first rows."""
     if not (fmt.staging or first_size(fmt, policy)):
         return state
+    if k.shape[1] == 1 and "h2o.res.score" not in state:
+        return _stage_token(state, k, v, pos, valid, fmt, policy)
     return jax.vmap(lambda *a: _stage(*a, fmt=fmt, policy=policy))(state, k, v, m_new, pos, valid)
 
 
@@ -197,6 +200,28 @@ def _leave(st, k, v, m_new, pos, valid, *, fmt, policy):
     leaving = (starts < stored1) & (starts + g > first_size(fmt, policy))
     enc = fmt.encode(kspan, vspan)
     return policy.place(fmt, st, enc, starts, leaving, stored1, end, scores)
+
+
+def _stage_token(state, k, v, pos, valid, fmt, policy) -> dict:
+    """`stage` for one token a row (decode), equal to it: a row update in place (ring slot
+    pos % C; first row pos when pos < F) rather than a select over every slot."""
+    live = valid > 0  # [B]
+    out = dict(state)
+    put = jax.vmap(lambda a, x, j: lax.dynamic_update_slice(a, x, (0, j, 0)))
+    targets = []
+    if fmt.staging:
+        targets.append((("k.res", "v.res"), jnp.mod(pos, fmt.staging), live))
+    n_first = first_size(fmt, policy)
+    if n_first:
+        targets.append(
+            (("k.first", "v.first"), jnp.clip(pos, 0, n_first - 1), live & (pos < n_first))
+        )
+    for names, row, take in targets:
+        for name, new in zip(names, (k, v), strict=True):
+            arr = state[name]
+            upd = put(arr, jnp.swapaxes(new, 1, 2).astype(arr.dtype), row)
+            out[name] = jnp.where(take[:, None, None, None], upd, arr)
+    return out
 
 
 def _stage(st, k, v, m_new, pos, valid, *, fmt, policy):

@@ -19,7 +19,7 @@ class Full(Policy):
     def row_positions(self, fmt, state, stored, kv, rows):
         b = stored.shape[0]
         r = jnp.arange(rows, dtype=jnp.int32)[None, None, :]
-        return jnp.broadcast_to(jnp.where(r < stored[:, None, None], r, -1), (b, kv, rows))
+        return jnp.broadcast_to(jnp.where(r < stored[:, None, None], r, -1), (b, 1, rows))
 
     def place(self, fmt, st, enc, starts, leaving, stored, end, scores):
         del stored, end, scores

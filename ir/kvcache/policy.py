@@ -10,7 +10,7 @@ primitive) with:
 - `parts(fmt, kv, rows)`: its own arrays, name -> (shape, dtype) (H2O's scores);
 - `sinks`: leading positions that must stay in full precision (StreamingLLM);
 - `row_positions(fmt, state, stored, kv, rows)`: the position each row holds [B, K, rows]
-  (-1: empty) with `stored` [B] positions encoded;
+  (-1: empty) with `stored` [B] positions encoded ([B, 1, rows] when every head alike);
 - `visible(kp, qp)`: the policy's own mask over key / query positions;
 - `place(fmt, st, enc, starts, leaving, stored, end, scores)`: one sequence: the
   encoded granules starting at `starts` [L] (`leaving` [L]: they leave staging in

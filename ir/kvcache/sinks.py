@@ -46,9 +46,8 @@ class Sinks(Policy):
         return -(-self.window // fmt.granule) * fmt.granule
 
     def row_positions(self, fmt, state, stored, kv, rows):
-        b = stored.shape[0]
         pos = ring_positions(stored, rows)  # [B, rows]: newest p < stored, p = row (mod rows)
-        return jnp.broadcast_to(jnp.where(pos >= 0, pos, -1)[:, None], (b, kv, rows))
+        return jnp.where(pos >= 0, pos, -1)[:, None]  # [B, 1, rows]: every head alike
 
     def visible(self, kp, qp):
         return (kp < self.n_sinks) | (kp > qp - self.window)

@@ -7,6 +7,13 @@ import pathlib
 
 import pytest
 
+
+def pytest_collection_modifyitems(config, items):
+    """The sharding tests first: their subprocess holds several copies of a model on 8
+    virtual devices, and this process grows with the session's fixtures (24 GiB here)."""
+    items.sort(key=lambda item: 0 if "tests/sharding/" in str(item.fspath) else 1)
+
+
 # Multi-device tests need virtual CPU devices; set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 

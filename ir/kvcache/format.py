@@ -51,7 +51,8 @@ class Format:
 
     @property
     def staging(self) -> int:
-        return self.residual + self.granule if self.residual or self.granule > 1 else 0
+        """Slots of the full-precision ring new tokens wait in (0: encoded at once)."""
+        return 0
 
     def stored(self, length):
         """How many leading positions have left staging after `length` tokens."""

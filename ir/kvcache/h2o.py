@@ -81,7 +81,7 @@ class H2O(Policy):
 
     def add_mass(self, st, mass_rows, mass_ring):
         out = dict(st)
-        kv, slots = st["h2o.score"].shape[-2:]
+        slots = st["h2o.score"].shape[-1]
         out["h2o.score"] = st["h2o.score"] + mass_rows.reshape(
             *mass_rows.shape[:-1], slots, -1
         ).sum(-1)

@@ -24,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -176,8 +177,20 @@ def leaf_specs(w, spec):
 
 def _put(w, spec, mesh):
     tree = leaf_specs(w, spec)
-    return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), w, tree,
+    return jax.tree.map(lambda a, s: place(a, NamedSharding(mesh, s)), w, tree,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))  # fmt: skip
+
+
+def place(a, sharding):
+    """`a` on the devices of `sharding`, each device given only its slice. Across
+    processes, each process fills only its own devices (from its own copy of `a`, or
+    from an abstract weight's reader)."""
+    if isinstance(a, jax.Array) and a.sharding == sharding:
+        return a
+    if sharding.is_fully_addressable:
+        return jax.device_put(a, sharding)
+    host = a if isinstance(a, np.ndarray) else np.asarray(jax.device_get(a))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _batch(ndim: int, last=None, axis=None) -> PartitionSpec:

@@ -24,6 +24,7 @@ import numpy as np
 from pallax.runtime import generation as gen
 from pallax.runtime.requests import GenerationResult, Request, build_requests, finish
 from pallax.runtime.sampling import pack
+from pallax.sharding.distributed import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Generator:
         steps = max(r.max_new_tokens for r in reqs) - 1
         if steps > 0:
             state = loop(self.weights, state, *args, jnp.int32(steps))
-        out, count, done_steps = jax.device_get((state.out, state.count, state.step))
+        out, count, done_steps = to_host((state.out, state.count, state.step))
         decode_s = time.perf_counter() - t1
         self.last_timings = Timings(t1 - t0, decode_s, int(done_steps) - 1, len(reqs))
         return [finish(self.tokenizer, r, out[i, : count[i]]) for i, r in enumerate(reqs)]
@@ -83,7 +84,7 @@ class Generator:
         decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)
         emitted, text, ids = "", "", []
         while True:
-            tok, done, count = jax.device_get((state.token[0], state.done[0], state.count[0]))
+            tok, done, count = (a[0] for a in to_host((state.token, state.done, state.count)))
             ids.append(int(tok))
             if int(tok) not in req.stop_ids:
                 text += decoder.push(int(tok))
@@ -167,7 +168,7 @@ class Generator:
             toks = jnp.asarray(padded[None, start : start + t])
             targets = jnp.asarray(padded[None, start + 1 : start + t + 1])
             logp, cache = chunk(self.weights, cache, toks, jnp.asarray([start], jnp.int32), targets)
-            out.append(np.asarray(logp[0]))
+            out.append(to_host(logp)[0])
         return np.concatenate(out)[: n - 1]
 
 

@@ -56,8 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--shard",
         default="",
-        help="tensor and data parallelism over this host's devices, e.g. 'tensor=4,data=2'",
+        help="tensor and data parallelism over the devices of every process, e.g. "
+        "'tensor=4,data=2'",
     )
+    m = g.add_argument_group("multi-process (every process runs the same command)")
+    m.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address; all processes pass the same one")  # fmt: skip
+    m.add_argument("--num-processes", type=int, default=None, metavar="N")
+    m.add_argument("--process-id", type=int, default=None, metavar="I", help="in [0, N)")
+    m.add_argument("--local-devices", type=int, default=None, metavar="K",
+                   help="CPU devices in this process (default: jax's, one)")  # fmt: skip
 
     e = sub.add_parser("export", help="write an ahead-of-time artifact of a compiled model")
     e.add_argument("model", help="model name or path (as --model of generate)")
@@ -128,19 +136,44 @@ def _stream_to_stdout(runner, args) -> None:
     sys.stdout.write("\n")
 
 
-def _shard(spec: str):
-    """'tensor=4,data=2' -> the shard pass (None for '')."""
+def _shard(spec: str) -> dict | None:
+    """'tensor=4,data=2' -> the shard pass's sizes (None for ''), checked before any
+    device is touched (a multi-process run joins first, then builds its mesh)."""
     if not spec.strip():
         return None
-    from pallax.passes import shard
-
     sizes = {}
     for part in spec.split(","):
         key, eq, value = part.strip().partition("=")
         if key not in ("tensor", "data") or not eq or not value.strip().isdigit():
             raise ValueError(f"--shard={spec!r}: expected 'tensor=T,data=D' with positive integers")
         sizes[key] = int(value)
-    return shard(**sizes)
+        if sizes[key] < 1:
+            raise ValueError(f"--shard={spec!r}: {key}={value} must be a positive integer")
+    return sizes
+
+
+def _distributed(args) -> None:
+    """Join a multi-process run when --coordinator is given (all three flags or none)."""
+    flags = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}  # fmt: skip
+    given = [k for k, v in flags.items() if v is not None]
+    if not given:
+        if args.local_devices is not None:
+            raise ValueError("--local-devices applies to a multi-process run (--coordinator)")
+        return
+    if len(given) != len(flags):
+        missing = sorted(set(flags) - set(given))
+        raise ValueError(f"{', '.join(given)} needs {', '.join(missing)} as well")
+    from pallax import sharding
+
+    # gloo's C++ side prints its connection log to file descriptor 1: keep stdout for the
+    # generated text and send descriptor 1 to stderr.
+    sys.stdout.flush()
+    text_out = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = open(text_out, "w", encoding="utf-8", closefd=True)  # noqa: SIM115
+    sharding.initialize(args.coordinator, args.num_processes, args.process_id,
+                        local_cpu_devices=args.local_devices)  # fmt: skip
 
 
 def _generate(args) -> None:
@@ -148,9 +181,12 @@ def _generate(args) -> None:
 
     _check_sampling(args)
     passes = _passes(args.passes)
-    sharded = _shard(args.shard)
-    if sharded is not None:
-        passes = (*passes, sharded)
+    sizes = _shard(args.shard)
+    _distributed(args)
+    if sizes is not None:
+        from pallax.passes import shard
+
+        passes = (*passes, shard(**sizes))
     model = pallax.load(args.model)
     _stream_to_stdout(pallax.compile(model, passes=list(passes)), args)
 

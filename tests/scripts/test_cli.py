@@ -47,6 +47,39 @@ def test_cli_inspect_prints_before_and_after(smollm2_gguf_path, capsys):
         (["generate", "hi", "--top-k", "-2"], "top_k=-2"),
         (["generate", "", "--max-new-tokens", "4"], "prompt is empty"),
         (["generate", "hi", "--max-new-tokens", "0"], "max-new-tokens=0"),
+        (["generate", "hi", "--shard", "tensor=0"], "tensor=0 must be a positive integer"),
+        (["generate", "hi", "--shard", "tensor=2,pipe=2"], "expected 'tensor=T,data=D'"),
+        (
+            ["generate", "hi", "--coordinator", "127.0.0.1:1234"],
+            "--coordinator needs --num-processes, --process-id as well",
+        ),
+        (
+            [
+                "generate",
+                "hi",
+                "--coordinator",
+                "nohost",
+                "--num-processes",
+                "2",
+                "--process-id",
+                "0",
+            ],
+            "coordinator address 'nohost' must be HOST:PORT",
+        ),
+        (
+            [
+                "generate",
+                "hi",
+                "--coordinator",
+                "127.0.0.1:1234",
+                "--num-processes",
+                "2",
+                "--process-id",
+                "2",
+            ],
+            "process_id=2 must be in [0, num_processes=2)",
+        ),
+        (["generate", "hi", "--local-devices", "4"], "--local-devices applies to a multi-process"),
     ],
 )
 def test_cli_bad_input_exits_nonzero_without_traceback(args, message, capsys):

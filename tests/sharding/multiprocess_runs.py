@@ -1,0 +1,49 @@
+"""One process of a multi-process run (started by test_multiprocess.py, N copies on
+loopback, 4 virtual CPU devices each): joins the run, generates the unsharded reference
+on its own first device, then the same prompts on meshes spanning every process, and
+prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pallax
+from pallax import sharding
+
+PROMPTS = [
+    "The capital of France is",
+    "def fib(n):",
+    "Once upon a time, in a land far away, there lived",
+    "1, 2, 3, 4,",
+    "The quick brown fox",
+    "Water boils at",
+    "import numpy as np\n",
+    "My favourite colour is",
+]
+TEXT = "The history of the printing press begins in the fifteenth century, when movable type"
+
+
+def main(address: str, n: int, i: int, model: str, meshes: str) -> None:
+    sharding.initialize(address, n, i, local_cpu_devices=4)
+    import jax
+
+    m = pallax.load(model)
+    base = pallax.compile(m, passes=[])
+    want = [o.text for o in base.generate(PROMPTS, max_new_tokens=8)]
+    out = {"process": jax.process_index(), "devices": len(jax.devices()),
+           "local_devices": len(jax.local_devices()), "reference": want}  # fmt: skip
+    for mesh in meshes.split(","):
+        t, d = map(int, mesh.split("x"))
+        c = pallax.compile(m, passes=[f"shard:tensor={t}:data={d}"])
+        got = [o.text for o in c.generate(PROMPTS, max_new_tokens=8)]
+        streamed = "".join(c.stream(PROMPTS[0], max_new_tokens=8))
+        scores = c.score(TEXT, chunk_size=16)
+        ref_scores = base.score(TEXT, chunk_size=16)
+        out[mesh] = {"texts": got, "stream": streamed,
+                     "max_dlogprob": float(abs(scores - ref_scores).max())}  # fmt: skip
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

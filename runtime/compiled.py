@@ -32,6 +32,7 @@ del _cpu_kernels, _pallas_kernels
 PREFILL_CHUNK = 512
 MIN_PREFILL = 16
 CACHE_ROUND = 256
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 def _pow2(n: int) -> int:
@@ -165,6 +166,23 @@ class CompiledModel(Generator):
             max_batch_x_context=batch * context,
         )
         return report
+
+    def collectives(self, step: str = "decode") -> dict[str, int]:
+        """How many of each cross-device collective one compiled `step` ("prefill" or
+        "decode") runs, counted in XLA's compiled module (0s for an unsharded model)."""
+        if step not in ("prefill", "decode"):
+            raise ValueError(f"step={step!r} must be 'prefill' or 'decode'")
+        import re
+
+        b, s = self.data_parallel, min(CACHE_ROUND, self.config.context_length)
+        t = 1 if step == "decode" else MIN_PREFILL
+        graph = self._capture([StepSpec(step, b, t, s)])
+        fn = jax.jit(lambda w, cache, *rest: graph.run(step, w, cache, *rest))
+        rest = [jnp.zeros((b, t), jnp.int32), jnp.zeros(b, jnp.int32)]  # tokens, positions
+        if step == "prefill":
+            rest.append(jnp.zeros(b, jnp.int32))  # the last prompt token of each row
+        hlo = fn.lower(graph.weights, _allocate(graph, b, s), *rest).compile().as_text()
+        return {op: len(re.findall(rf"= \S+ {op}(-start)?\(", hlo)) for op in COLLECTIVES}
 
     @property
     def weights(self):

@@ -2,6 +2,10 @@
 
     python -m pallax.scripts.bench --batch 1 8 --prompt-len 128 --new-tokens 128
     python -m pallax.scripts.bench --cold-start --configs fp32 int4-gptq gguf
+    python -m pallax.scripts.bench --shard tensor=2 --configs fp32 int8
+
+`--shard` runs every config a second time under the shard pass (in the same rounds) and
+prints the collectives of its compiled decode step.
 
 `--cold-start` times a new process to its first token instead: load + compile against an
 exported artifact (`pallax.load_artifact`), for each config.
@@ -50,6 +54,7 @@ def pallax_engine(model, passes, prompts, new_tokens):
         return time.perf_counter() - t0
 
     first = both()
+    gen.compiled = compiled
     return gen, max(0.0, first - both())
 
 
@@ -141,6 +146,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cold-start", action="store_true",
                         help="time a new process to its first token instead: load + compile "
                              "against load_artifact, for each config")  # fmt: skip
+    parser.add_argument("--shard", default="",
+                        help="also run each config under the shard pass, e.g. 'tensor=2' or "
+                             "'tensor=2,data=2' (on CPU: that many virtual devices), and print "
+                             "the collectives of its decode step")  # fmt: skip
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error(f"--new-tokens {args.new_tokens}: must be at least 2 (decode is timed)")
@@ -150,6 +159,14 @@ def main(argv=None) -> int:
             f"{args.batch} must be positive"
         )
 
+    from pallax.scripts.cli import _shard
+
+    try:
+        sizes = _shard(args.shard)
+    except ValueError as e:
+        parser.error(str(e))
+    if sizes is not None:
+        _virtual_devices(sizes.get("tensor", 1) * sizes.get("data", 1))
     import pallax
     from pallax.model import sources
 
@@ -159,6 +176,9 @@ def main(argv=None) -> int:
     model = pallax.load(path)
     kept = pallax.load(path, keep_quantized=True) if "gguf" in args.configs else None
     pipelines = {c: [] if c in ("fp32", "gguf") else c.split(",") for c in args.configs}
+    if sizes is not None:
+        shard = "shard:" + ":".join(f"{k}={v}" for k, v in sizes.items())
+        pipelines.update({f"{c} +{shard}": [*p, shard] for c, p in list(pipelines.items())})
     for c, passes in pipelines.items():  # bad pass names fail here, before any timing
         pallax.compile(kept if c == "gguf" else model, passes=passes)
     n = args.new_tokens
@@ -167,8 +187,8 @@ def main(argv=None) -> int:
         engines, compile_s = {}, {}
         if not args.no_hf:
             engines["transformers fp32"] = hf_engine(path, "float32", prompts)
-        for cfg in args.configs:
-            m = kept if cfg == "gguf" else model
+        for cfg in pipelines:
+            m = kept if cfg.split(" ")[0] == "gguf" else model
             name = f"pallax {cfg}"
             engines[name], compile_s[name] = pallax_engine(m, pipelines[cfg], prompts, n)
         lc = llama_cpp_engine(path, prompts, n)
@@ -179,6 +199,11 @@ def main(argv=None) -> int:
         peer = result.get("llama.cpp (gguf)", (None,))[0]
         for name, (decode, e2e) in result.items():
             _print_row(b, name, decode, e2e, compile_s.get(name), base, peer)
+        for name, gen in engines.items():
+            if "+shard" in name and b == args.batch[0]:
+                counts = gen.compiled.collectives("decode")
+                print(f"collectives per decode step | {name} | "
+                      + ", ".join(f"{k} {v}" for k, v in counts.items()))  # fmt: skip
         sys.stdout.flush()
     return 0
 
@@ -231,11 +256,20 @@ def cold_start(path, configs, repeats) -> int:
     return 0
 
 
+def _virtual_devices(n: int) -> None:
+    """On a CPU-only host, n virtual devices for the shard pass (before jax starts)."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def _print_row(b, name, decode, e2e, comp, base, peer):
     vs_hf = f"{decode / base:5.2f}x" if base else "   - "
     vs_lc = f" | vs llama.cpp {decode / peer:5.2f}x" if peer else ""
     comp_s = f"{comp:6.1f}s" if comp is not None else "     -"
-    print(f"batch {b:2d} | {name:22s} | decode {decode:7.1f} tok/s | end-to-end {e2e:7.1f} tok/s "
+    print(f"batch {b:2d} | {name:30s} | decode {decode:7.1f} tok/s | end-to-end {e2e:7.1f} tok/s "
           f"| vs transformers {vs_hf}{vs_lc} | compile {comp_s}")  # fmt: skip
 
 

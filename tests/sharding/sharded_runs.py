@@ -10,7 +10,6 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import json  # noqa: E402
-import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -75,20 +74,9 @@ def _release(compiled) -> None:
 
 def collectives(model: str) -> dict:
     """Collectives in the compiled sharded decode step and the bytes per device."""
-    import jax
-    import jax.numpy as jnp
-
-    from pallax.ir.graph import StepSpec
-    from pallax.runtime.compiled import _allocate
-
     m = pallax.load(model)
     c = pallax.compile(m, passes=["shard:tensor=4:data=2"])
-    g = c._capture([StepSpec("decode", 2, 1, 256)])
-    fn = jax.jit(lambda w, cache, t, p: g.run("decode", w, cache, t, p))
-    hlo = fn.lower(g.weights, _allocate(g, 2, 256), jnp.zeros((2, 1), jnp.int32),
-                   jnp.zeros(2, jnp.int32)).compile().as_text()  # fmt: skip
-    counts = {op: len(re.findall(rf"= \S+ {op}(-start)?\(", hlo))
-              for op in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")}  # fmt: skip
+    counts = c.collectives("decode")
     dense = pallax.compile(m).memory_report()
     rep = c.memory_report(budget_bytes=2**30, context=1024)
     return {

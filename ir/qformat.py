@@ -170,6 +170,8 @@ def quantize_rtn(w, bits: int, group_size: int | None = None) -> QuantizedWeight
     bits=4: asymmetric int4 per group (scale and offset from each group's min/max;
     see int4_params). The last group may be partial.
     """
+    if isinstance(w, jax.ShapeDtypeStruct):
+        return _abstract_rtn(w.shape, bits, group_size)
     w = np.asarray(jnp.asarray(w, jnp.float32))
     o, i = w.shape
     if bits == 8:
@@ -270,3 +272,13 @@ def rtn_int4_groups(w, g: int):
     if groups * g > i:
         q[:, i:] = 0
     return q, scale.astype(np.float32), offset
+
+
+def _abstract_rtn(shape, bits: int, group_size: int | None) -> QuantizedWeight:
+    """The abstract QuantizedWeight of an abstract [O, I] weight: one row quantized for
+    real, every array's rows then widened to O (each array is [O, ...])."""
+    o, i = shape
+    row = quantize_rtn(np.zeros((1, i), np.float32), bits, group_size)
+    wide = {f: jax.ShapeDtypeStruct((o, *getattr(row, f).shape[1:]), getattr(row, f).dtype)
+            for f in ("data", "scale", "offset") if getattr(row, f) is not None}  # fmt: skip
+    return dataclasses.replace(row, **wide)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import zipfile
 
-from pallax.model.configs import KNOWN_MODELS, ModelSource, WheelFile
+from pallax.model.configs import KNOWN_MODELS, KNOWN_SHAPES, ModelSource, WheelFile
 
 
 class SourceError(RuntimeError):
@@ -106,12 +106,13 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
         path = pathlib.Path(key).expanduser()
         if path.exists():
             return path
-        looks_like_path = os.sep in key or key.endswith(".gguf") or key.startswith(".")
+        looks_like_path = os.sep in key or key.endswith((".gguf", ".json")) or key.startswith(".")
         if looks_like_path:
             raise FileNotFoundError(f"model file not found: {key!r}")
         raise ValueError(
-            f"unknown model {key!r}; known models: {sorted(KNOWN_MODELS)}, "
-            "or a path (a .gguf file, a Hugging Face checkpoint directory or a pallax checkpoint)"
+            f"unknown model {key!r}; known models: {sorted(KNOWN_MODELS)}, shapes without "
+            f"weights: {sorted(KNOWN_SHAPES)}, or a path (a .gguf file, a Hugging Face "
+            "checkpoint directory or config.json, or a pallax checkpoint)"
         )
     if len(source.parts) == 1:
         installed = _installed_file(source.parts[0])

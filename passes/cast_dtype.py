@@ -36,6 +36,9 @@ class Cast:
 
         def convert(weights):
             def one(w):
+                if isinstance(w, jax.ShapeDtypeStruct):  # an abstract weight (no values)
+                    float_ = jnp.issubdtype(w.dtype, jnp.floating)
+                    return jax.ShapeDtypeStruct(w.shape, dtype if float_ else w.dtype)
                 if jnp.issubdtype(w.dtype, jnp.floating):
                     return jax.device_put(jnp.asarray(w).astype(dtype))
                 return w

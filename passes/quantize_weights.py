@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
@@ -187,6 +188,14 @@ class QuantizeWeights:
 
     def _convert(self, graph: Graph, weights: dict, linears: set, tables: set) -> dict:
         out = dict(weights)
+        if self.needs_calibration and any(
+            isinstance(w, jax.ShapeDtypeStruct) for w in weights.values()
+        ):
+            raise ValueError(
+                f"quantize_weights({self.label()}) calibrates on the model's outputs; the "
+                "weights are abstract (a config alone): use round-to-nearest (no gptq, no "
+                "outliers) to plan"
+            )
         if self.needs_calibration:
             out.update(self._calibrated(graph, linears, tables))
         for name in sorted(linears | tables):
@@ -209,6 +218,8 @@ class QuantizeWeights:
         """RTN at `bits` / `group_size` (default: the pass's), outlier columns kept apart."""
         if bits is None:
             bits, group_size = self.bits, self.group_size
+        if isinstance(w, jax.ShapeDtypeStruct):  # abstract weights: shapes only
+            return qformat.quantize_rtn(w, bits, group_size)
         w = np.asarray(jnp.asarray(w, jnp.float32))
         if outliers is None or len(outliers) == 0:
             return qformat.quantize_rtn(w, bits, group_size)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from pallax.ir import primitives as ops
 from pallax.ir.graph import Graph
@@ -34,7 +34,7 @@ from pallax.ir.manager import map_weights
 from pallax.ir.qformat import QuantizedWeight
 from pallax.ir.rewrite import rewrite
 from pallax.sharding.heads import head_layout, place_heads
-from pallax.sharding.mesh import make_mesh
+from pallax.sharding.mesh import AXES, make_mesh
 from pallax.sharding.rules import check_rules, spec_for
 
 P = PartitionSpec
@@ -45,12 +45,16 @@ SHARDED = "sharded for a mesh"
 @dataclasses.dataclass(frozen=True)
 class Shard:
     """Tensor (`tensor`) x data (`data`) parallelism over `devices` (default: the first
-    tensor * data devices); `rules` override the logical-axis rules."""
+    tensor * data devices); `rules` override the logical-axis rules. `abstract=True`
+    plans for a mesh of that shape without devices (jax.sharding.AbstractMesh): the
+    weights become abstract, so the model compiles, reports its memory per device and
+    lowers for tpu / cuda (`CompiledModel.lower`) but cannot run."""
 
     tensor: int = 1
     data: int = 1
     devices: tuple | None = None
     rules: tuple = ()
+    abstract: bool = False
     name: str = dataclasses.field(default="shard", init=False, repr=False)
     provides = frozenset({SHARDED})
 
@@ -61,12 +65,18 @@ class Shard:
                 raise ValueError(f"shard: {name}={value!r} must be a positive integer")
         object.__setattr__(self, "rules", tuple(tuple(r) for r in self.rules))
         check_rules(self.rules)
+        if not isinstance(self.abstract, bool):
+            raise ValueError(f"shard: abstract={self.abstract!r} must be True or False")
+        if self.abstract and self.devices is not None:
+            raise ValueError("shard: abstract=True plans without devices; devices= was given")
         if self.devices is not None:
             object.__setattr__(self, "devices", tuple(self.devices))
         self.mesh  # noqa: B018 - refuses a device count that cannot hold the mesh, now
 
     @property
     def mesh(self):
+        if self.abstract:
+            return AbstractMesh((self.data, self.tensor), AXES)
         return make_mesh(self.tensor, self.data, self.devices)
 
     def __call__(self, graph: Graph) -> Graph:
@@ -86,7 +96,8 @@ class Shard:
             raise ValueError("shard: rules must split q_heads and kv_heads together, or neither")
         heads_split = rules["q_heads"] == T and self.tensor > 1
         layout = head_layout(n, kv, h, self.tensor if heads_split else 1)
-        key = ("shard", self.tensor, self.data, self.rules, tuple(d.id for d in mesh.devices.flat))
+        where = "abstract" if self.abstract else tuple(d.id for d in mesh.devices.flat)
+        key = ("shard", self.tensor, self.data, self.rules, where)
         weights, specs = map_weights(
             key, graph.weights, lambda w: _place(w, axes, rules, layout, mesh, self.tensor)
         )
@@ -185,6 +196,8 @@ def place(a, sharding):
     """`a` on the devices of `sharding`, each device given only its slice. Across
     processes, each process fills only its own devices (from its own copy of `a`, or
     from an abstract weight's reader)."""
+    if isinstance(a, jax.ShapeDtypeStruct) or isinstance(sharding.mesh, AbstractMesh):
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # planned, not placed
     if isinstance(a, jax.Array) and a.sharding == sharding:
         return a
     if sharding.is_fully_addressable:
@@ -355,6 +368,7 @@ def _reshape_heads(eqn, x):
     return eqn.primitive.bind(x, **{**eqn.params, "new_sizes": sizes})
 
 
-def shard(tensor: int = 1, data: int = 1, *, devices=None, rules=()) -> Shard:
-    """Tensor x data parallelism; pass string "shard:tensor=4:data=2"."""
-    return Shard(tensor, data, devices, rules)
+def shard(tensor: int = 1, data: int = 1, *, devices=None, rules=(), abstract=False) -> Shard:
+    """Tensor x data parallelism; pass string "shard:tensor=4:data=2" (planning without
+    devices: "shard:tensor=8:abstract=true")."""
+    return Shard(tensor, data, devices, rules, abstract)

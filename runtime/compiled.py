@@ -167,22 +167,86 @@ class CompiledModel(Generator):
         )
         return report
 
-    def collectives(self, step: str = "decode") -> dict[str, int]:
-        """How many of each cross-device collective one compiled `step` ("prefill" or
-        "decode") runs, counted in XLA's compiled module (0s for an unsharded model)."""
+    @property
+    def abstract(self) -> bool:
+        """Whether the weights are abstract (a config alone, or `shard(abstract=True)`):
+        compile, graph, memory_report, lower and collectives work; generate does not."""
+        from pallax.model.abstract import is_abstract
+
+        return is_abstract(self.model.weights) or any(
+            getattr(p, "abstract", False) for p in self.passes if p.name == "shard"
+        )
+
+    def _check_runnable(self) -> None:
+        if self.abstract:
+            raise ValueError(
+                f"{self.config.name or self.config.arch} has abstract weights (a config "
+                "alone, or shard(abstract=True)): it compiles, reports memory_report() and "
+                "lowers (lower(), collectives()), but generate, stream and score need weights"
+            )
+
+    def _check_unsharded(self, what: str) -> None:
+        """Sharded weights are laid out for one mesh (heads padded or replicated): a
+        checkpoint or artifact of them is not written yet (issues 14, 15)."""
+        if self.abstract:
+            raise ValueError(f"cannot {what} a model with abstract weights: it has no values")
+        if any(p.name == "shard" for p in self.passes):
+            rest = [p.name for p in self.passes if p.name != "shard"]
+            raise ValueError(
+                f"cannot {what} a sharded model yet: {what} it without the shard pass "
+                f"(passes {rest}) and add shard when compiling what you load"
+            )
+
+    def _step(self, step: str, batch: int | None, cache: int | None):
+        """(the jitted step, its abstract arguments) at a shape bucket."""
         if step not in ("prefill", "decode"):
             raise ValueError(f"step={step!r} must be 'prefill' or 'decode'")
-        import re
-
-        b, s = self.data_parallel, min(CACHE_ROUND, self.config.context_length)
-        t = 1 if step == "decode" else MIN_PREFILL
+        b = self.data_parallel if batch is None else batch
+        s = min(CACHE_ROUND, self.config.context_length) if cache is None else cache
+        for name, value in (("batch", b), ("cache", s)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        t = 1 if step == "decode" else min(MIN_PREFILL, s)
         graph = self._capture([StepSpec(step, b, t, s)])
         fn = jax.jit(lambda w, cache, *rest: graph.run(step, w, cache, *rest))
-        rest = [jnp.zeros((b, t), jnp.int32), jnp.zeros(b, jnp.int32)]  # tokens, positions
+        rows = jax.ShapeDtypeStruct((b,), jnp.int32)
+        rest = [jax.ShapeDtypeStruct((b, t), jnp.int32), rows]  # tokens, positions
         if step == "prefill":
-            rest.append(jnp.zeros(b, jnp.int32))  # the last prompt token of each row
-        hlo = fn.lower(graph.weights, _allocate(graph, b, s), *rest).compile().as_text()
-        return {op: len(re.findall(rf"= \S+ {op}(-start)?\(", hlo)) for op in COLLECTIVES}
+            rest.append(rows)  # the last prompt token of each row
+        data = _input_sharding(graph)
+        if data is not None:
+            rest = [jax.ShapeDtypeStruct(r.shape, r.dtype, sharding=data) for r in rest]
+        return fn, (graph.weights, _allocate(graph, b, s, abstract=True), *rest)
+
+    def lower(self, step: str = "decode", platforms=("tpu",), *, batch=None, cache=None):
+        """One `step` ("prefill" or "decode") at batch `batch` (default: the data
+        parallelism) and cache length `cache` (default 256) lowered for `platforms`
+        ("cpu", "cuda", "tpu"; any, from any machine) with `jax.export`: the
+        `jax.export.Exported` (`.mlir_module()` is its StableHLO, Pallas kernels and
+        collectives included). Works for abstract weights and meshes."""
+        platforms = (platforms,) if isinstance(platforms, str) else tuple(platforms)
+        bad = [p for p in platforms if p not in ("cpu", "cuda", "tpu")]
+        if bad or not platforms:
+            raise ValueError(f"platforms={platforms!r}: each must be 'cpu', 'cuda' or 'tpu'")
+        from pallax.runtime.artifact_export import _exporter
+
+        fn, args = self._step(step, batch, cache)
+        run, _ = _exporter(list(platforms), portable=False)
+        return run(fn, *args)
+
+    def collectives(self, step: str = "decode", platform: str | None = None) -> dict[str, int]:
+        """How many of each cross-device collective one `step` ("prefill" or "decode")
+        runs: counted in XLA's compiled module on this machine, or with `platform` (and
+        always for abstract weights) in the StableHLO lowered for it. 0s unsharded."""
+        import re
+
+        if platform is None and not self.abstract:
+            fn, args = self._step(step, None, None)
+            hlo = fn.lower(*args).compile().as_text()
+            return {op: len(re.findall(rf"= \S+ {op}(-start)?\(", hlo)) for op in COLLECTIVES}
+        text = self.lower(step, (platform or "tpu",)).mlir_module()
+        return {op: len(re.findall(rf"stablehlo\.{op.replace('-', '_')}\b", text))
+                for op in COLLECTIVES}  # fmt: skip
 
     @property
     def weights(self):
@@ -193,6 +257,7 @@ class CompiledModel(Generator):
         directory `path`, a pallax checkpoint that `pallax.load(path)` reads back."""
         from pallax.runtime import checkpoint
 
+        self._check_unsharded("save")
         checkpoint.save_checkpoint(self, path, overwrite=overwrite)
 
     def export(self, path, *, platforms=("cpu",), batch_sizes=(1,), prefill_sizes=(16, 128, 512),
@@ -203,6 +268,8 @@ class CompiledModel(Generator):
         and the tokenizer. `pallax.load_artifact(path)` runs it without the model code.
         `portable=True` leaves pallax's C++ CPU kernels out of the CPU modules."""
         from pallax.runtime.artifact_export import export_artifact
+
+        self._check_unsharded("export")
 
         return export_artifact(
             self, path, platforms=platforms, batch_sizes=batch_sizes,
@@ -306,15 +373,29 @@ def _bytes_per_device(weights, specs, mesh) -> int:
     return total
 
 
-def _allocate(graph: Graph, batch: int, seq: int):
-    """An empty cache, split over the mesh when the graph is sharded."""
+def _allocate(graph: Graph, batch: int, seq: int, abstract: bool = False):
+    """An empty cache, split over the mesh when the graph is sharded (`abstract`: its
+    shapes, dtypes and shardings only)."""
     mesh = graph.meta.get("mesh")
     sharding = None
     if mesh is not None:
         from jax.sharding import NamedSharding
 
         sharding = NamedSharding(mesh, graph.meta["cache_spec"])
+    if abstract:
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+                for k, v in graph.cache.shapes(batch, seq).items()}  # fmt: skip
     return graph.cache.allocate(batch, seq, sharding=sharding)
+
+
+def _input_sharding(graph: Graph):
+    """Tokens and positions of a sharded graph: split by batch over "data"."""
+    mesh = graph.meta.get("mesh")
+    if mesh is None:
+        return None
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(mesh, PartitionSpec("data"))
 
 
 def _kinds(weights) -> str:

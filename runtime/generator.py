@@ -47,6 +47,10 @@ class Generator:
     """`generate`, `stream` and `score` over the compiled pieces a subclass provides."""
 
     last_timings: Timings | None = None  # of the last generate
+
+    def _check_runnable(self) -> None:
+        """Refuse generation before anything is compiled (a subclass's reasons)."""
+
     _stop_width: int | None = None  # stop ids per row: fixed in an exported decode loop
 
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs) -> list[GenerationResult]:
@@ -55,6 +59,7 @@ class Generator:
         Sampling arguments (temperature, top_k, top_p, min_p, seed, stop,
         stop_token_ids, ignore_eos, max_new_tokens) are scalars or one per prompt.
         """
+        self._check_runnable()
         reqs = build_requests(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
         t0 = time.perf_counter()
         state, loop, args = self._start(reqs)
@@ -70,6 +75,7 @@ class Generator:
 
     def stream(self, prompt, max_new_tokens: int = 64, **kwargs) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece as tokens are decoded."""
+        self._check_runnable()
         if not isinstance(prompt, (str, list, tuple)):
             raise ValueError(f"stream takes one prompt (a string or token ids), got {type(prompt)}")
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (str, list)):
@@ -152,6 +158,7 @@ class Generator:
         """
         from pallax.runtime.requests import encode_prompt
 
+        self._check_runnable()
         ids = encode_prompt(self, text)
         if len(ids) < 2:
             raise ValueError(f"score needs at least 2 tokens, the text has {len(ids)}")

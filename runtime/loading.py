@@ -11,12 +11,15 @@ import os
 import pathlib
 
 from pallax import atomic_dir
-from pallax.model.configs import KNOWN_MODELS
+from pallax.model.configs import KNOWN_MODELS, KNOWN_SHAPES
 from pallax.model.loaded import Model, load_gguf
 
 
 def load(
-    name_or_path: str | os.PathLike = "smollm2-135m", *, keep_quantized: bool = False
+    name_or_path: str | os.PathLike = "smollm2-135m",
+    *,
+    keep_quantized: bool = False,
+    abstract: bool = False,
 ) -> Model:
     """Load a model by name (see `pallax.model.configs.KNOWN_MODELS`) or from a path:
     a .gguf file, a Hugging Face checkpoint directory (config.json + *.safetensors)
@@ -25,13 +28,31 @@ def load(
     keep_quantized=True (GGUF only): the file's quantized tensors (Q8_0, Q4_0, Q4_1,
     Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) load straight into pallax's int8 / int4 group
     formats, without a float round trip, and run at those bits.
+
+    abstract=True (or a name in `pallax.model.configs.KNOWN_SHAPES`, such as
+    "llama-3-70b", or a path to an HF config.json): the config alone, with abstract
+    weights (jax.ShapeDtypeStruct) to compile, shard onto any mesh, size with
+    `memory_report()` and lower for tpu / cuda (`CompiledModel.lower`) without the
+    weights; it cannot generate.
     """
     from pallax.model import sources
 
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"model must be a model name or a path, got {name_or_path!r}")
-    if not isinstance(keep_quantized, bool):
-        raise ValueError(f"keep_quantized={keep_quantized!r} must be True or False")
+    for flag, value in (("keep_quantized", keep_quantized), ("abstract", abstract)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag}={value!r} must be True or False")
+    shape = KNOWN_SHAPES.get(str(name_or_path).lower())
+    if shape is not None or str(name_or_path).endswith(".json") or abstract:
+        from pallax.model import abstract as abstract_models
+
+        if keep_quantized:
+            raise ValueError(
+                "keep_quantized=True reads a GGUF's blocks; an abstract model has none"
+            )
+        if shape is not None:
+            return abstract_models.abstract_model(shape, str(name_or_path))
+        return abstract_models.abstract_from_path(sources.resolve(name_or_path))
     candidate = pathlib.Path(name_or_path).expanduser()
     if not candidate.exists() and candidate.parent.is_dir():
         atomic_dir.recover(candidate)  # a save killed mid-replace: put the old checkpoint back

@@ -87,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("prompt", help="the prompt text")
     _add_sampling_args(r)
 
+    pl = sub.add_parser("plan", help="memory per device and lowering of a model on a mesh, "
+                        "from its config alone (no weights are read)")  # fmt: skip
+    pl.add_argument("model", help="a name (e.g. llama-3-70b), an HF config.json or any model path")
+    pl.add_argument("--passes", default="", help="comma-separated passes (e.g. int8,kivi2)")
+    pl.add_argument("--shard", default="", help="the mesh, e.g. 'tensor=8' (no devices needed)")
+    pl.add_argument("--budget-gib", type=float, default=None,
+                    help="one device's memory for weights + KV: the largest batch")  # fmt: skip
+    pl.add_argument(
+        "--context", type=int, default=None, help="tokens per sequence for --budget-gib"
+    )
+    pl.add_argument("--lower", default="", help="also lower the decode step: cpu,cuda,tpu")
+
     i = sub.add_parser("inspect", help="print the graph before and after each pass")
     _add_model_args(i)
     i.add_argument("--step", default="decode", choices=("prefill", "decode"))
@@ -223,6 +235,35 @@ def _export(args) -> None:
     print(f"pallax: wrote {path}")
 
 
+def _plan(args) -> None:
+    import pallax
+    from pallax.passes import shard
+
+    passes = list(_passes(args.passes))
+    sizes = _shard(args.shard)
+    if sizes is not None:
+        passes.append(shard(**sizes, abstract=True))
+    lower = [p.strip() for p in args.lower.split(",") if p.strip()]
+    bad = [p for p in lower if p not in ("cpu", "cuda", "tpu")]
+    if bad:
+        raise ValueError(f"--lower={args.lower!r}: platforms are cpu, cuda, tpu")
+    budget = None
+    if args.budget_gib is not None:
+        if not args.budget_gib > 0:
+            raise ValueError(f"--budget-gib={args.budget_gib} must be positive")
+        budget = int(args.budget_gib * 2**30)
+    if args.context is not None and budget is None:
+        raise ValueError("--context needs --budget-gib")
+    compiled = pallax.compile(pallax.load(args.model, abstract=True), passes=passes)
+    report = compiled.memory_report(budget_bytes=budget, context=args.context)
+    for key, value in report.items():
+        print(f"{key:40s} {value}")
+    for platform in lower:
+        counts = compiled.collectives("decode", platform=platform)
+        print(f"{'decode collectives on ' + platform:40s} "
+              + ", ".join(f"{k} {v}" for k, v in counts.items() if v))  # fmt: skip
+
+
 def _inspect(args) -> None:
     import pallax
     from pallax.ir.graph import StepSpec, capture
@@ -239,9 +280,9 @@ def _inspect(args) -> None:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"generate": _generate, "run": _run, "export": _export, "inspect": _inspect}[args.command](
-            args
-        )
+        {"generate": _generate, "run": _run, "export": _export, "inspect": _inspect, "plan": _plan}[
+            args.command
+        ](args)
     except (ValueError, OSError, TypeError, SourceError) as e:  # OSError: FileNotFoundError, ...
         print(f"pallax: error: {e}", file=sys.stderr)
         return 2

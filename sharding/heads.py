@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -85,6 +86,8 @@ def head_layout(n_heads: int, kv_heads: int, head_dim: int, tensor: int) -> Head
 
 def _gather(a, index: tuple[int, ...], axis: int, unit: int):
     """Blocks of `unit` along `axis` picked by `index` (-1: a block of zeros)."""
+    if isinstance(a, jax.ShapeDtypeStruct):  # an abstract weight: its new shape
+        return jax.eval_shape(lambda x: _gather(x, index, axis, unit), a)
     a = jnp.asarray(a)
     n = a.shape[axis] // unit
     shape = a.shape[:axis] + (n, unit) + a.shape[axis + 1 :]

@@ -106,6 +106,9 @@ def errors() -> dict:
             m, passes=["quantize_weights:4:group_size=128", "shard:tensor=2"]
         ).graph(),
         "zero": lambda: pallax.passes.shard(0),
+        "save": lambda: pallax.compile(m, passes=["int8", "shard:tensor=2"]).save("/nonexistent/x"),
+        "export": lambda: pallax.compile(m, passes=["shard:tensor=2"]).export("/nonexistent/y"),
+        "abstract_devices": lambda: pallax.passes.shard(2, devices=jax.devices(), abstract=True),
     }
     for name, fn in cases.items():
         try:

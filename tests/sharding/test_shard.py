@@ -80,3 +80,8 @@ def test_bad_input_is_refused_by_name():
     assert "pass 0 (shard) must be the last pass" in errors["not_last"]
     assert "layers.0.wo" in errors["straddle"] and "128" in errors["straddle"]
     assert "tensor=0 must be a positive integer" in errors["zero"]
+    # a sharded checkpoint would hold one mesh's padded heads: refused, not half-written
+    assert "cannot save a sharded model yet" in errors["save"]
+    assert "'quantize_weights'" in errors["save"]
+    assert "cannot export a sharded model yet" in errors["export"]
+    assert "abstract=True plans without devices" in errors["abstract_devices"]

@@ -37,7 +37,7 @@ from pallax.runtime import manifest as manifests
 from pallax.runtime.generator import Generator
 
 FORMAT = "pallax-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sharded artifact's "mesh" (unsharded ones are still written as 1)
 MANIFEST = "manifest.json"
 PLATFORMS = ("cpu", "cuda", "tpu")
 STOP_WIDTH = 16  # stop token ids per row in an exported decode loop
@@ -110,6 +110,7 @@ class Artifact(Generator):
         b = manifest["buckets"]
         self.plan = ExportPlan(tuple(b["batch_sizes"]), tuple(b["prefill_sizes"]),
                                tuple(b["cache_sizes"]), int(b["score_chunk"]))  # fmt: skip
+        self.mesh = self._mesh(manifest.get("mesh"))
         self._register_cpu_kernels(manifest["cpu_kernel_targets"])
         from pallax.text.tokenizer import Tokenizer
 
@@ -183,6 +184,33 @@ class Artifact(Generator):
                 f"exported for {', '.join(manifest['platforms'])}; this machine runs {here}"
             )
 
+    def _mesh(self, record):
+        """The ("data", "tensor") mesh a sharded artifact was exported for, over this
+        process's view of the devices; a different device count is refused."""
+        if record is None:
+            return None
+        try:
+            data, tensor = int(record["data"]), int(record["tensor"])
+            self._weight_specs = [tuple(s) for s in record["weight_specs"]]
+            self._cache_spec = tuple(record["cache_spec"])
+        except (KeyError, TypeError, ValueError):
+            raise self._fail(f"its mesh record {str(record)[:200]} is malformed") from None
+        devices = jax.devices()
+        if len(devices) != data * tensor:
+            raise self._fail(
+                f"exported for a mesh of tensor={tensor} x data={data} ({data * tensor} "
+                f"devices); this run has {len(devices)} {devices[0].platform} devices"
+            )
+        import numpy as np
+        from jax.sharding import Mesh
+
+        return Mesh(np.array(devices, dtype=object).reshape(data, tensor), ("data", "tensor"))
+
+    def _sharding(self, spec):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
+
     def _register_cpu_kernels(self, targets) -> None:
         if not targets or jax.default_backend() != "cpu":
             return
@@ -226,10 +254,18 @@ class Artifact(Generator):
         import orbax.checkpoint as ocp
 
         leaves, treedef = jax.tree.flatten(avals)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        if self.mesh is None:
+            where = [jax.sharding.SingleDeviceSharding(jax.devices()[0])] * len(leaves)
+        else:  # each device reads its own slices
+            if len(self._weight_specs) != len(leaves):
+                raise self._fail(
+                    f"its mesh record has {len(self._weight_specs)} weight specs for "
+                    f"{len(leaves)} weight arrays"
+                )
+            where = [self._sharding(spec) for spec in self._weight_specs]
         target = {
-            f"{i:05d}": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
-            for i, a in enumerate(leaves)
+            f"{i:05d}": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
+            for i, (a, sh) in enumerate(zip(leaves, where, strict=True))
         }
         try:
             with ocp.StandardCheckpointer() as ckpt:
@@ -289,7 +325,8 @@ class Artifact(Generator):
         mod = self._module(name)
         args, _ = jax.tree.unflatten(mod.in_tree, mod.in_avals)
         avals = args[index]
-        return lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), avals)
+        where = None if self.mesh is None else self._sharding(self._cache_spec)
+        return lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=where), avals)
 
     def _gen_fns(self, b):
         prefill = f"prefill-b{b.batch}-t{b.prefill}-s{b.cache}"

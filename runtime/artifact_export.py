@@ -12,6 +12,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from pallax import atomic_dir
 from pallax.runtime import generation as gen
@@ -87,7 +88,39 @@ def _cpu_kernels_off(off: bool):
 
 
 def _sds(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    """Shapes and dtypes of `tree`, with the shardings of arrays split over a mesh."""
+
+    def one(a):
+        sharding = a.sharding if isinstance(getattr(a, "sharding", None), NamedSharding) else None
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def _sharded_like(tree, sharding):
+    """Shapes and dtypes of `tree` with `sharding` (None: as they are)."""
+    if sharding is None:
+        return tree
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def _mesh_record(compiled, plan) -> tuple[dict | None, object]:
+    """The manifest's "mesh" entry of a sharded model (None unsharded) and the cache's
+    NamedSharding; batch sizes must split over the data axis."""
+    meta = compiled.pipeline_graph().meta
+    mesh = meta.get("mesh")
+    if mesh is None:
+        return None, None
+    data, tensor = mesh.shape["data"], mesh.shape["tensor"]
+    bad = [b for b in plan.batch_sizes if b % data]
+    if bad:
+        raise ValueError(f"batch_sizes {bad} do not split over the mesh's data={data}")
+    weights = compiled.weights
+    specs = [list(a.sharding.spec) for a in jax.tree.leaves(weights)]
+    record = {"data": data, "tensor": tensor, "devices": data * tensor,
+              "weight_specs": specs, "cache_spec": list(meta["cache_spec"]),
+              "head_layout": meta.get("head_layout")}  # fmt: skip
+    return record, NamedSharding(mesh, meta["cache_spec"])
 
 
 def _i32(*shape):
@@ -149,6 +182,8 @@ def export_artifact(
                 f"{str(p)!r} already holds a pallax artifact; pass overwrite=True to replace it"
             )
 
+    mesh, cache_sharding = _mesh_record(compiled, plan)
+
     def fill(tmp: pathlib.Path) -> None:
         weights = compiled.weights
         _check_free_space(tmp, weights)
@@ -161,7 +196,7 @@ def export_artifact(
                     loop_done = False
                     for t in (t for t in plan.prefill_sizes if t <= s):
                         alloc, prefill, loop = compiled._gen_fns(Buckets(b, t, 1, s))
-                        cache = jax.eval_shape(alloc)
+                        cache = _sharded_like(jax.eval_shape(alloc), cache_sharding)
                         mod = run(prefill, w, cache, _i32(b, t), _i32(b), _i32(b))
                         _write_module(tmp, f"prefill-b{b}-t{t}-s{s}", mod)
                         if not loop_done:
@@ -174,7 +209,7 @@ def export_artifact(
                                     s,
                                 ),  # fmt: skip
                                 cache,
-                            )
+                            )._replace(cache=cache)  # eval_shape drops the shardings
                             sampling = _sds(_sampling(b))
                             mod = run(loop, w, state, sampling, _i32(b, STOP_WIDTH), _i32(b),
                                       _i32())  # fmt: skip
@@ -183,14 +218,15 @@ def export_artifact(
             t = plan.score_chunk
             for s in (s for s in plan.cache_sizes if s >= t):
                 alloc, chunk = compiled._score_fns(t, s)
-                mod = run(chunk, w, jax.eval_shape(alloc), _i32(1, t), _i32(1), _i32(1, t))
+                cache = _sharded_like(jax.eval_shape(alloc), cache_sharding)
+                mod = run(chunk, w, cache, _i32(1, t), _i32(1), _i32(1, t))
                 _write_module(tmp, f"score-t{t}-s{s}", mod)
         flat = {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(weights))}
         _orbax_save(tmp / "weights", flat, f"artifact {str(path)!r}")
         compiled.tokenizer.save(tmp / "tokenizer")
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if mesh else 1,
             "versions": _versions(),
             "platforms": list(platforms),
             "config": compiled.config.to_dict(),
@@ -200,6 +236,7 @@ def export_artifact(
             "unbounded_context": bool(compiled.unbounded_context),
             "stop_width": STOP_WIDTH,
             "portable": portable,
+            "mesh": mesh,
         }
         manifest["files"] = manifests.file_digests(tmp)
         manifest["manifest_sha256"] = manifests.digest(manifest)

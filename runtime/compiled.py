@@ -187,7 +187,7 @@ class CompiledModel(Generator):
 
     def _check_unsharded(self, what: str) -> None:
         """Sharded weights are laid out for one mesh (heads padded or replicated): a
-        checkpoint or artifact of them is not written yet (issues 14, 15)."""
+        checkpoint of them is not written yet (an artifact records its mesh)."""
         if self.abstract:
             raise ValueError(f"cannot {what} a model with abstract weights: it has no values")
         if any(p.name == "shard" for p in self.passes):
@@ -269,7 +269,8 @@ class CompiledModel(Generator):
         `portable=True` leaves pallax's C++ CPU kernels out of the CPU modules."""
         from pallax.runtime.artifact_export import export_artifact
 
-        self._check_unsharded("export")
+        if self.abstract:
+            raise ValueError("cannot export a model with abstract weights: it has no values")
 
         return export_artifact(
             self, path, platforms=platforms, batch_sizes=batch_sizes,
@@ -346,6 +347,7 @@ class CompiledModel(Generator):
             if rows > 1:
                 inner = chunk
 
+                @functools.partial(jax.jit, donate_argnums=(1,))
                 def chunk(weights, cache, tokens, pos, targets):
                     rep = functools.partial(jnp.repeat, repeats=rows, axis=0)
                     return inner(weights, cache, rep(tokens), rep(pos), rep(targets))

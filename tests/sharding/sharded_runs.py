@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+DEVICES = int(os.environ.get("PALLAX_TEST_DEVICES", "8"))
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
 
 import json  # noqa: E402
 
@@ -89,6 +90,37 @@ def collectives(model: str) -> dict:
     }
 
 
+def artifact(path: str) -> dict:
+    """Export a model sharded tensor=4 x data=2 (8 devices) to `path`, load it back and
+    generate and score; on another device count, only load it (the refusal)."""
+    if DEVICES != 8:
+        try:
+            pallax.load_artifact(path)
+            return {"error": None}
+        except ValueError as e:
+            return {"error": str(e)}
+    import json as json_
+
+    m = pallax.load("smollm2-135m")
+    c = pallax.compile(m, passes=["kivi2", "shard:tensor=4:data=2"])
+    want = [o.text for o in c.generate(PROMPTS[:4], max_new_tokens=8)]
+    c.export(path, batch_sizes=(4,), prefill_sizes=(16,), cache_sizes=(256,), score_chunk=16)
+    a = pallax.load_artifact(path)
+    got = [o.text for o in a.generate(PROMPTS[:4], max_new_tokens=8)]
+    delta = np.abs(a.score(TEXT, chunk_size=16) - c.score(TEXT, chunk_size=16)).max()
+    manifest = json_.loads((__import__("pathlib").Path(path) / "manifest.json").read_text())
+    try:
+        c.export(path + "-odd", batch_sizes=(3,), prefill_sizes=(16,), cache_sizes=(256,))
+        odd = None
+    except ValueError as e:
+        odd = str(e)
+    return {"equal": got == want, "texts": got, "max_dlogprob": float(delta),
+            "mesh": {k: manifest["mesh"][k] for k in ("data", "tensor", "devices")},
+            "format_version": manifest["format_version"], "odd_batch": odd,
+            "wq_rows": [a.weights["layers.0.wq"].shape[0],
+                        a.weights["layers.0.wq"].addressable_shards[0].data.shape[0]]}  # fmt: skip
+
+
 def errors() -> dict:
     import jax
 
@@ -125,6 +157,8 @@ if __name__ == "__main__":
         result = greedy(rest[0], rest[1])
     elif kind == "collectives":
         result = collectives(rest[0])
+    elif kind == "artifact":
+        result = artifact(rest[0])
     else:
         result = errors()
     print("RESULT " + json.dumps(result))

@@ -17,8 +17,9 @@ SCRIPT = pathlib.Path(__file__).with_name("sharded_runs.py")
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _run(*args) -> dict:
+def _run(*args, devices: int = 8) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PALLAX_TEST_DEVICES"] = str(devices)
     out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
                          timeout=1500, env=env)  # fmt: skip
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -85,3 +86,20 @@ def test_bad_input_is_refused_by_name():
     assert "'quantize_weights'" in errors["save"]
     assert "cannot export a sharded model yet" in errors["export"]
     assert "abstract=True plans without devices" in errors["abstract_devices"]
+
+
+@pytest.mark.slow
+def test_sharded_artifact_records_its_mesh(tmp_path):
+    """An artifact of a sharded model (tensor=4 x data=2, KIVI-2 cache) runs from its
+    modules with the same text; on 4 devices it is refused, naming both counts."""
+    path = str(tmp_path / "sharded")
+    result = _run("artifact", path)
+    assert result["equal"], result
+    assert result["max_dlogprob"] < 1e-4, result
+    assert result["mesh"] == {"data": 2, "tensor": 4, "devices": 8}
+    assert result["format_version"] == 2
+    whole, local = result["wq_rows"]
+    assert local * 4 == whole  # restored straight into the mesh: wq split over tensor
+    assert "batch_sizes [3] do not split over the mesh's data=2" in result["odd_batch"]
+    refused = _run("artifact", path, devices=4)["error"]
+    assert "tensor=4 x data=2 (8 devices); this run has 4 cpu devices" in refused, refused

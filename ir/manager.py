@@ -113,18 +113,27 @@ def printing_dump(step: str, out=print) -> Callable[[str, Graph], None]:
 _WEIGHT_MEMO: dict = {}
 
 
-def map_weights(key, weights: dict, fn: Callable[[dict], dict]) -> dict:
+def _family(key):
+    return key[0] if isinstance(key, tuple) and key else None
+
+
+def map_weights(key, weights: dict, fn: Callable[[dict], dict], *, family=None) -> dict:
     """fn(weights), memoized on (key, the identity of the input arrays).
 
     Graphs are captured again for each new batch/length bucket, and the pipeline
     runs again on each capture; this keeps the weight transformation of a pass
     (cast, quantize, ...) from being recomputed for the same input weights.
+    With `family`, only the latest key of that family is kept per input weights (the
+    shard pass: a process that tries many meshes holds one placed copy, not one each).
     """
     ids = tuple((k, id(v)) for k, v in sorted(weights.items()))
     memo_key = (key, ids)
     hit = _WEIGHT_MEMO.get(memo_key)
     if hit is not None and all(ref() is not None for ref in hit[0]):
         return hit[1]
+    if family is not None:
+        for k in [k for k in _WEIGHT_MEMO if k[1] == ids and _family(k[0]) == family]:
+            del _WEIGHT_MEMO[k]
     out = fn(weights)
     try:
         refs = [weakref.ref(v) for _, v in sorted(weights.items())]

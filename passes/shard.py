@@ -99,8 +99,9 @@ class Shard:
         where = "abstract" if self.abstract else tuple(d.id for d in mesh.devices.flat)
         key = ("shard", self.tensor, self.data, self.rules, where)
         weights, specs = map_weights(
-            key, graph.weights, lambda w: _place(w, axes, rules, layout, mesh, self.tensor)
-        )
+            key, graph.weights, lambda w: _place(w, axes, rules, layout, mesh, self.tensor),
+            family="shard",
+        )  # fmt: skip
         per_leaf = {}
         for name, w in weights.items():
             tree = leaf_specs(w, specs[name])

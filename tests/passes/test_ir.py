@@ -136,3 +136,27 @@ def test_check_order_names_both_passes():
     check_order([fuse, needs_fused], fresh)
     with pytest.raises(ValueError, match=r"pass 0 \(lower_fused\) requires fused"):
         check_order([needs_fused, fuse], fresh)
+
+
+def test_weight_memo_keeps_one_entry_per_family():
+    """map_weights memoizes per key; with a family (the shard pass) only the latest key
+    per input weights stays, so trying many meshes does not pile up placed copies."""
+    import jax.numpy as jnp
+
+    from pallax.ir import manager
+
+    weights = {"w": jnp.ones((2, 2))}
+    calls = []
+
+    def fn(tag):
+        return lambda ws: calls.append(tag) or {k: v * 2 for k, v in ws.items()}
+
+    manager.map_weights(("cast", 1), weights, fn("cast"))
+    manager.map_weights(("cast", 1), weights, fn("cast"))
+    assert calls == ["cast"]  # memoized
+    manager.map_weights(("shard", 1), weights, fn("a"), family="shard")
+    manager.map_weights(("shard", 2), weights, fn("b"), family="shard")
+    keys = [k[0] for k in manager._WEIGHT_MEMO if k[1] == (("w", id(weights["w"])),)]
+    assert ("shard", 1) not in keys and ("shard", 2) in keys and ("cast", 1) in keys
+    manager.map_weights(("shard", 1), weights, fn("a"), family="shard")
+    assert calls == ["cast", "a", "b", "a"]  # recomputed: evicted by ("shard", 2)

@@ -124,7 +124,9 @@ def map_weights(key, weights: dict, fn: Callable[[dict], dict], *, family=None) 
     runs again on each capture; this keeps the weight transformation of a pass
     (cast, quantize, ...) from being recomputed for the same input weights.
     With `family`, only the latest key of that family is kept per input weights (the
-    shard pass: a process that tries many meshes holds one placed copy, not one each).
+    shard pass: a process that tries many meshes holds one placed copy, not one each;
+    two live models sharded differently over the same weights re-place them on each new
+    bucket capture, a cost paid for not holding a copy per mesh).
     """
     ids = tuple((k, id(v)) for k, v in sorted(weights.items()))
     memo_key = (key, ids)

@@ -201,10 +201,9 @@ class Artifact(Generator):
                 f"exported for a mesh of tensor={tensor} x data={data} ({data * tensor} "
                 f"devices); this run has {len(devices)} {devices[0].platform} devices"
             )
-        import numpy as np
-        from jax.sharding import Mesh
+        from pallax.sharding.mesh import make_mesh
 
-        return Mesh(np.array(devices, dtype=object).reshape(data, tensor), ("data", "tensor"))
+        return make_mesh(tensor, data, devices)
 
     def _sharding(self, spec):
         from jax.sharding import NamedSharding, PartitionSpec

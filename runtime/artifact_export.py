@@ -167,7 +167,7 @@ def export_artifact(
         raise ValueError(f"portable={portable!r} and overwrite={overwrite!r} must be booleans")
     plan = plan_export(compiled, batch_sizes=batch_sizes, prefill_sizes=prefill_sizes,
                        cache_sizes=cache_sizes, score_chunk=score_chunk)  # fmt: skip
-    passes = [_pass_record(p) for p in compiled.passes]
+    passes = [_json_record(_pass_record(p)) for p in compiled.passes]
 
     def check(p: pathlib.Path) -> None:
         if not p.exists() or (p.is_dir() and not any(p.iterdir())):
@@ -243,6 +243,18 @@ def export_artifact(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
     return atomic_dir.write_dir(path, fill, check=check)
+
+
+def _json_record(record: dict) -> dict:
+    """A pass record the manifest can hold: devices by id (the mesh record says how they
+    are laid out), anything else JSON refuses named before any tracing."""
+    if record.get("devices") is not None:
+        record = {**record, "devices": [getattr(d, "id", d) for d in record["devices"]]}
+    try:
+        json.dumps(record)
+    except TypeError as e:
+        raise ValueError(f"pass {record['name']!r} cannot be recorded in a manifest: {e}") from None
+    return record
 
 
 def _sampling(batch: int) -> dict:

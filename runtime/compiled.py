@@ -185,11 +185,14 @@ class CompiledModel(Generator):
                 "lowers (lower(), collectives()), but generate, stream and score need weights"
             )
 
+    def _check_has_values(self, what: str) -> None:
+        if self.abstract:
+            raise ValueError(f"cannot {what} a model with abstract weights: it has no values")
+
     def _check_unsharded(self, what: str) -> None:
         """Sharded weights are laid out for one mesh (heads padded or replicated): a
         checkpoint of them is not written yet (an artifact records its mesh)."""
-        if self.abstract:
-            raise ValueError(f"cannot {what} a model with abstract weights: it has no values")
+        self._check_has_values(what)
         if any(p.name == "shard" for p in self.passes):
             rest = [p.name for p in self.passes if p.name != "shard"]
             raise ValueError(
@@ -206,6 +209,11 @@ class CompiledModel(Generator):
         for name, value in (("batch", b), ("cache", s)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if b % self.data_parallel:
+            raise ValueError(f"batch={b} must be a multiple of data={self.data_parallel}")
+        ctx = self.config.context_length
+        if s > ctx and not self.unbounded_context:
+            raise ValueError(f"cache={s} is longer than the context length {ctx}")
         t = 1 if step == "decode" else min(MIN_PREFILL, s)
         graph = self._capture([StepSpec(step, b, t, s)])
         fn = jax.jit(lambda w, cache, *rest: graph.run(step, w, cache, *rest))
@@ -243,7 +251,8 @@ class CompiledModel(Generator):
         if platform is None and not self.abstract:
             fn, args = self._step(step, None, None)
             hlo = fn.lower(*args).compile().as_text()
-            return {op: len(re.findall(rf"= \S+ {op}(-start)?\(", hlo)) for op in COLLECTIVES}
+            # "%x = f32[..] all-reduce(" or, combined, "= (f32[..], f32[..]) all-reduce-start("
+            return {op: len(re.findall(rf"\s{op}(-start)?\(", hlo)) for op in COLLECTIVES}
         text = self.lower(step, (platform or "tpu",)).mlir_module()
         return {op: len(re.findall(rf"stablehlo\.{op.replace('-', '_')}\b", text))
                 for op in COLLECTIVES}  # fmt: skip
@@ -269,8 +278,7 @@ class CompiledModel(Generator):
         `portable=True` leaves pallax's C++ CPU kernels out of the CPU modules."""
         from pallax.runtime.artifact_export import export_artifact
 
-        if self.abstract:
-            raise ValueError("cannot export a model with abstract weights: it has no values")
+        self._check_has_values("export")
 
         return export_artifact(
             self, path, platforms=platforms, batch_sizes=batch_sizes,

@@ -172,6 +172,8 @@ def main(argv=None) -> int:
 
     path = sources.resolve(args.model)
     if args.cold_start:
+        if sizes is not None:
+            parser.error("--cold-start times one process on one device; drop --shard")
         return cold_start(path, args.configs, args.repeats)
     model = pallax.load(path)
     kept = pallax.load(path, keep_quantized=True) if "gguf" in args.configs else None
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
         shard = "shard:" + ":".join(f"{k}={v}" for k, v in sizes.items())
         pipelines.update({f"{c} +{shard}": [*p, shard] for c, p in list(pipelines.items())})
     for c, passes in pipelines.items():  # bad pass names fail here, before any timing
-        pallax.compile(kept if c == "gguf" else model, passes=passes)
+        pallax.compile(kept if c.split(" ")[0] == "gguf" else model, passes=passes)
     n = args.new_tokens
     for b in args.batch:
         prompts = _prompts(b, args.prompt_len, model.config.vocab_size)

@@ -12,6 +12,7 @@ SIGTERM) at any moment prints `pallax: interrupted` and exits 130 (143).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -87,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("prompt", help="the prompt text")
     _add_sampling_args(r)
 
-    pl = sub.add_parser("plan", help="memory per device and lowering of a model on a mesh, "
-                        "from its config alone (no weights are read)")  # fmt: skip
+    pl = sub.add_parser("plan", help="memory per device and collectives of a model on a mesh, "
+                        "from its config alone (a GGUF's header, a config.json)")  # fmt: skip
     pl.add_argument("model", help="a name (e.g. llama-3-70b), an HF config.json or any model path")
     pl.add_argument("--passes", default="", help="comma-separated passes (e.g. int8,kivi2)")
     pl.add_argument("--shard", default="", help="the mesh, e.g. 'tensor=8' (no devices needed)")
@@ -97,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--context", type=int, default=None, help="tokens per sequence for --budget-gib"
     )
-    pl.add_argument("--lower", default="", help="also lower the decode step: cpu,cuda,tpu")
+    pl.add_argument("--lower", default="",
+                    help="also lower the decode step for these platforms (cpu,cuda,tpu) and "
+                         "print its collectives")  # fmt: skip
 
     i = sub.add_parser("inspect", help="print the graph before and after each pass")
     _add_model_args(i)
@@ -177,24 +180,32 @@ def _distributed(args) -> None:
         missing = sorted(set(flags) - set(given))
         raise ValueError(f"{', '.join(given)} needs {', '.join(missing)} as well")
     from pallax import sharding
+    from pallax.sharding.distributed import check_args
 
+    check_args(args.coordinator, args.num_processes, args.process_id, args.local_devices)
     # gloo's C++ side prints its connection log to file descriptor 1: keep stdout for the
     # generated text and send descriptor 1 to stderr.
     sys.stdout.flush()
     text_out = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = open(text_out, "w", encoding="utf-8", closefd=True)  # noqa: SIM115
-    sharding.initialize(args.coordinator, args.num_processes, args.process_id,
-                        local_cpu_devices=args.local_devices)  # fmt: skip
+    try:
+        sharding.initialize(args.coordinator, args.num_processes, args.process_id,
+                            local_cpu_devices=args.local_devices)  # fmt: skip
+    except RuntimeError as e:  # jax.distributed: coordinator unreachable, timed out, ...
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(
+            f"--coordinator {args.coordinator}: joining the run failed: {first}"
+        ) from None
 
 
 def _generate(args) -> None:
     import pallax
 
     _check_sampling(args)
-    passes = _passes(args.passes)
     sizes = _shard(args.shard)
-    _distributed(args)
+    _distributed(args)  # joined before any pass is built: a shard pass lists the devices
+    passes = _passes(args.passes)
     if sizes is not None:
         from pallax.passes import shard
 
@@ -249,7 +260,7 @@ def _plan(args) -> None:
         raise ValueError(f"--lower={args.lower!r}: platforms are cpu, cuda, tpu")
     budget = None
     if args.budget_gib is not None:
-        if not args.budget_gib > 0:
+        if not (math.isfinite(args.budget_gib) and args.budget_gib > 0):
             raise ValueError(f"--budget-gib={args.budget_gib} must be positive")
         budget = int(args.budget_gib * 2**30)
     if args.context is not None and budget is None:

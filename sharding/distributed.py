@@ -37,6 +37,19 @@ def check_address(address) -> str:
     return address
 
 
+def check_args(coordinator_address, num_processes, process_id, local_cpu_devices=None):
+    """`initialize`'s arguments checked, without side effects: (n, i, local devices)."""
+    check_address(coordinator_address)
+    n = _positive_int("num_processes", num_processes)
+    i = _positive_int("process_id", process_id, low=0)
+    if i >= n:
+        raise ValueError(f"process_id={i} must be in [0, num_processes={n})")
+    local = None
+    if local_cpu_devices is not None:
+        local = _positive_int("local_cpu_devices", local_cpu_devices)
+    return n, i, local
+
+
 def initialize(
     coordinator_address: str,
     num_processes: int,
@@ -48,14 +61,7 @@ def initialize(
     at `coordinator_address`; every process passes the same address and count and its
     own `process_id` in [0, num_processes). `local_cpu_devices` sets how many CPU
     devices this process has (jax's default is one)."""
-    check_address(coordinator_address)
-    n = _positive_int("num_processes", num_processes)
-    i = _positive_int("process_id", process_id, low=0)
-    if i >= n:
-        raise ValueError(f"process_id={i} must be in [0, num_processes={n})")
-    local = None
-    if local_cpu_devices is not None:
-        local = _positive_int("local_cpu_devices", local_cpu_devices)
+    n, i, local = check_args(coordinator_address, num_processes, process_id, local_cpu_devices)
     from jax._src import xla_bridge
 
     if xla_bridge.backends_are_initialized():

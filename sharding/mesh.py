@@ -30,4 +30,12 @@ def make_mesh(tensor: int, data: int, devices=None) -> Mesh:
         raise ValueError(
             f"shard: tensor={tensor} x data={data} needs {need} devices; {len(devices)} given"
         )
+    if jax.process_count() > 1:  # every process runs every step: each needs a device in it
+        missing = sorted(set(range(jax.process_count())) - {d.process_index for d in devices})
+        if missing:
+            raise ValueError(
+                f"shard: tensor={tensor} x data={data} uses no device of processes {missing} "
+                f"({jax.process_count()} processes, {len(jax.devices())} devices); a "
+                "multi-process mesh spans every process"
+            )
     return Mesh(np.array(devices, dtype=object).reshape(data, tensor), AXES)

@@ -80,6 +80,9 @@ def test_cli_inspect_prints_before_and_after(smollm2_gguf_path, capsys):
             "process_id=2 must be in [0, num_processes=2)",
         ),
         (["generate", "hi", "--local-devices", "4"], "--local-devices applies to a multi-process"),
+        (["plan", "llama-3-8b", "--budget-gib", "inf"], "--budget-gib=inf must be positive"),
+        (["plan", "llama-3-8b", "--context", "4096"], "--context needs --budget-gib"),
+        (["plan", "llama-3-8b", "--lower", "gpu"], "platforms are cpu, cuda, tpu"),
     ],
 )
 def test_cli_bad_input_exits_nonzero_without_traceback(args, message, capsys):
@@ -177,3 +180,17 @@ def test_cli_artifact_bad_input(args, message, capsys):
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_plan_reports_memory_per_device(capsys):
+    """`pallax plan` sizes a model from its config alone on a mesh this machine lacks."""
+    argv = ["plan", "llama-3-8b", "--passes", "int8,kivi2", "--shard", "tensor=8",
+            "--budget-gib", "16", "--context", "8192"]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert rows["mesh"] == "{'data': 1, 'tensor': 8}"
+    whole, per_device = int(rows["weight_bytes"]), int(rows["weight_bytes_per_device"])
+    # norms and the per-row scales of row-parallel int8 weights are replicated
+    assert per_device == pytest.approx(whole / 8, rel=2e-3)
+    assert float(rows["kv_bytes_per_token_per_device"]) * 8 == float(rows["kv_bytes_per_token"])
+    assert int(rows["max_batch"]) > 0

@@ -139,7 +139,7 @@ def errors() -> dict:
         ).graph(),
         "zero": lambda: pallax.passes.shard(0),
         "save": lambda: pallax.compile(m, passes=["int8", "shard:tensor=2"]).save("/nonexistent/x"),
-        "export": lambda: pallax.compile(m, passes=["shard:tensor=2"]).export("/nonexistent/y"),
+        "export": lambda: pallax.compile(pallax.load("llama-3-8b")).export("/nonexistent/y"),
         "abstract_devices": lambda: pallax.passes.shard(2, devices=jax.devices(), abstract=True),
     }
     for name, fn in cases.items():

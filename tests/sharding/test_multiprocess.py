@@ -22,31 +22,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(n: int, model: str, meshes: str) -> list[dict]:
+def _run_all(cmds: list[list[str]], tmp: pathlib.Path, timeout: float) -> list[tuple[str, str]]:
+    """Start every command at once (a process waits for its peers in collectives), output
+    to files (an undrained pipe could stall one process and its peers with it); their
+    (stdout, stderr), each checked for exit status 0."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    address = f"127.0.0.1:{_free_port()}"
-    procs = [
-        subprocess.Popen([sys.executable, str(SCRIPT), address, str(n), str(i), model, meshes],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for i in range(n)
-    ]  # fmt: skip
-    results = []
+    files = [(tmp / f"{i}.out", tmp / f"{i}.err") for i in range(len(cmds))]
+    procs = []
     try:
+        for cmd, (out, err) in zip(cmds, files, strict=True):
+            with open(out, "w") as o, open(err, "w") as e:
+                procs.append(subprocess.Popen(cmd, stdout=o, stderr=e, text=True, env=env))
         for p in procs:
-            out, err = p.communicate(timeout=900)
-            assert p.returncode == 0, err[-3000:]
-            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-            assert lines, (out[-2000:], err[-2000:])
-            results.append(json.loads(lines[-1]))
+            p.wait(timeout=timeout)
     finally:
         for p in procs:
             p.kill()
+    texts = [(out.read_text(), err.read_text()) for out, err in files]
+    for p, (_, err) in zip(procs, texts, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return texts
+
+
+def _launch(n: int, model: str, meshes: str, tmp: pathlib.Path) -> list[dict]:
+    address = f"127.0.0.1:{_free_port()}"
+    cmds = [[sys.executable, str(SCRIPT), address, str(n), str(i), model, meshes]
+            for i in range(n)]  # fmt: skip
+    results = []
+    for out, err in _run_all(cmds, tmp, timeout=900):
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        assert lines, (out[-2000:], err[-2000:])
+        results.append(json.loads(lines[-1]))
     return results
 
 
-def test_two_processes_give_one_process_text():
+def test_two_processes_give_one_process_text(tmp_path):
     meshes = ("4x2", "8x1")  # data split across the processes; tensor across them
-    results = _launch(2, "smollm2-135m", ",".join(meshes))
+    results = _launch(2, "smollm2-135m", ",".join(meshes), tmp_path)
     assert [r["process"] for r in results] == [0, 1]
     for r in results:
         assert (r["devices"], r["local_devices"]) == (8, 4)
@@ -58,23 +70,27 @@ def test_two_processes_give_one_process_text():
     assert same[0] == same[1]
 
 
-def test_cli_two_processes_print_the_same_text():
+def test_cli_two_processes_print_the_same_text(tmp_path):
     """`pallax generate --shard tensor=4,data=2 --coordinator ...` in two processes."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     address = f"127.0.0.1:{_free_port()}"
     cmd = [sys.executable, "-m", "pallax.scripts.cli", "generate", "The capital of France is",
            "--max-new-tokens", "6", "--shard", "tensor=4,data=2", "--coordinator", address,
            "--num-processes", "2", "--local-devices", "4", "--process-id"]  # fmt: skip
-    procs = [subprocess.Popen([*cmd, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for i in range(2)]  # fmt: skip
-    try:
-        outs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    outs = _run_all([[*cmd, str(i)] for i in range(2)], tmp_path, timeout=600)
     texts = [[ln for ln in out.splitlines() if ln.startswith("The capital")] for out, _ in outs]
     assert texts[0] == texts[1] == [texts[0][0]] and texts[0][0].startswith(
         "The capital of France is Paris"
     ), outs
+    # the mesh must span both processes: tensor=2 on process 0's devices alone is refused
+    cmd[cmd.index("tensor=4,data=2")] = "tensor=2"
+    cmd[cmd.index(address)] = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([*cmd, str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env=env) for i in range(2)]  # fmt: skip
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert all("uses no device of processes [1]" in e and "Traceback" not in e for e in errs)

@@ -154,16 +154,9 @@ DEFAULT_MODEL = SMOLLM2_135M.name
 _LLAMA3 = dict(arch="llama", vocab_size=128256, head_dim=128, context_length=8192,
                norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=False)  # fmt: skip
 KNOWN_SHAPES = {
-    "llama-3-8b": ModelConfig(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, name="llama-3-8b", **_LLAMA3
-    ),  # fmt: skip
-    "llama-3-70b": ModelConfig(
-        dim=8192,
-        n_layers=80,
-        n_heads=64,
-        n_kv_heads=8,
-        ffn_dim=28672,
-        name="llama-3-70b",
-        **_LLAMA3,
-    ),  # fmt: skip
+    name: ModelConfig(name=name, **shape, **_LLAMA3)
+    for name, shape in (
+        ("llama-3-8b", dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336)),
+        ("llama-3-70b", dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672)),
+    )
 }

@@ -194,9 +194,9 @@ def _put(w, spec, mesh):
 
 
 def place(a, sharding):
-    """`a` on the devices of `sharding`, each device given only its slice. Across
-    processes, each process fills only its own devices (from its own copy of `a`, or
-    from an abstract weight's reader)."""
+    """`a` on the devices of `sharding`, each device given only its slice; across
+    processes each process fills only its own devices, from its own copy of `a`. An
+    abstract weight (or mesh) stays abstract, with the sharding attached."""
     if isinstance(a, jax.ShapeDtypeStruct) or isinstance(sharding.mesh, AbstractMesh):
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # planned, not placed
     if isinstance(a, jax.Array) and a.sharding == sharding:

@@ -232,12 +232,9 @@ class CompiledModel(Generator):
         ("cpu", "cuda", "tpu"; any, from any machine) with `jax.export`: the
         `jax.export.Exported` (`.mlir_module()` is its StableHLO, Pallas kernels and
         collectives included). Works for abstract weights and meshes."""
-        platforms = (platforms,) if isinstance(platforms, str) else tuple(platforms)
-        bad = [p for p in platforms if p not in ("cpu", "cuda", "tpu")]
-        if bad or not platforms:
-            raise ValueError(f"platforms={platforms!r}: each must be 'cpu', 'cuda' or 'tpu'")
-        from pallax.runtime.artifact_export import _exporter
+        from pallax.runtime.artifact_export import _check_platforms, _exporter
 
+        platforms = _check_platforms(platforms)
         fn, args = self._step(step, batch, cache)
         run, _ = _exporter(list(platforms), portable=False)
         return run(fn, *args)

@@ -47,11 +47,10 @@ class Generator:
     """`generate`, `stream` and `score` over the compiled pieces a subclass provides."""
 
     last_timings: Timings | None = None  # of the last generate
+    _stop_width: int | None = None  # stop ids per row: fixed in an exported decode loop
 
     def _check_runnable(self) -> None:
         """Refuse generation before anything is compiled (a subclass's reasons)."""
-
-    _stop_width: int | None = None  # stop ids per row: fixed in an exported decode loop
 
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs) -> list[GenerationResult]:
         """Generate for a batch of prompts (strings or token-id lists); one result each.

@@ -8,20 +8,10 @@ from __future__ import annotations
 import json
 import sys
 
+from sharding_prompts import PROMPTS, TEXT  # this directory: run as a script
+
 import pallax
 from pallax import sharding
-
-PROMPTS = [
-    "The capital of France is",
-    "def fib(n):",
-    "Once upon a time, in a land far away, there lived",
-    "1, 2, 3, 4,",
-    "The quick brown fox",
-    "Water boils at",
-    "import numpy as np\n",
-    "My favourite colour is",
-]
-TEXT = "The history of the printing press begins in the fifteenth century, when movable type"
 
 
 def main(address: str, n: int, i: int, model: str, meshes: str) -> None:

@@ -13,20 +13,9 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
+from sharding_prompts import PROMPTS, TEXT  # noqa: E402 (this directory: run as a script)
 
 import pallax  # noqa: E402
-
-PROMPTS = [
-    "The capital of France is",
-    "def fib(n):",
-    "Once upon a time, in a land far away, there lived",
-    "1, 2, 3, 4,",
-    "The quick brown fox",
-    "Water boils at",
-    "import numpy as np\n",
-    "My favourite colour is",
-]
-TEXT = "The history of the printing press begins in the fifteenth century, when movable type"
 
 
 def greedy(model: str, plan: str) -> dict:

@@ -25,6 +25,7 @@ _LAZY = {
     "GenerationResult": "pallax.runtime.requests",
     "SamplingParams": "pallax.runtime.sampling",
     "Artifact": "pallax.runtime.artifact",
+    "ArtifactError": "pallax.runtime.artifact",
     "load_artifact": "pallax.runtime.artifact",
 }
 

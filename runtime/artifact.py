@@ -14,6 +14,9 @@ The directory (docs/ARTIFACT.md has what a loader must check):
                     prefill-b{B}-t{T}-s{S}, decode-b{B}-s{S} (the on-device loop), score-t{T}-s{S}
     weights/        the weights after the pass pipeline (orbax), as the modules read them
     tokenizer/      tokenizer.json (the `tokenizers` library loads it) + pallax_tokenizer.json
+    xla/            optional: every module compiled by XLA on the exporting machine, used
+                    only by a loader whose platform, versions and CPU are the same
+                    (`runtime/artifact_compile.py`)
 
 Shapes are static, so an artifact serves the buckets it was exported for: batch sizes,
 prompt chunk lengths and cache lengths; a request that fits none is refused before
@@ -27,6 +30,7 @@ import json
 import os
 import pathlib
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +121,8 @@ class Artifact(Generator):
         self.tokenizer = Tokenizer.load(self.path / "tokenizer")
         self._modules: dict[str, object] = {}
         self._fns: dict = {}
+        self.xla_cache = self._xla_cache_status(manifest.get("xla_cache"))
+        self.xla_cache_hits: list[str] = []  # modules whose executable came from xla/
         first = self._module(self._module_names()[0])
         (weights_avals, *_), _ = jax.tree.unflatten(first.in_tree, first.in_avals)
         self.weights = self._restore_weights(weights_avals)
@@ -313,12 +319,50 @@ class Artifact(Generator):
             names = self._fns["names"] = set(self._module_names())
         return names
 
+    def _xla_cache_status(self, record) -> str:
+        """ "used" when the artifact's executables fit this process, else why not."""
+        if not record:
+            return "absent: exported without xla_cache"
+        from pallax.runtime import artifact_compile
+
+        if not isinstance(record, dict) or not isinstance(record.get("key"), dict):
+            raise self._fail(f"its xla_cache record {str(record)[:200]} is malformed")
+        why = artifact_compile.key_mismatch(record["key"], artifact_compile.host_key(self.mesh))
+        return "used" if why is None else f"not used: {why}"
+
     def _call(self, name: str, donate: int):
         key = ("call", name)
         fn = self._fns.get(key)
         if fn is None:
-            fn = self._fns[key] = jax.jit(self._module(name).call, donate_argnums=(donate,))
+            fn = self._fns[key] = self._compile(name, donate)
         return fn
+
+    def _compile(self, name: str, donate: int):
+        """The module's executable: from xla/ where it fits this machine, else compiled; a
+        module XLA refuses is reported with the kernels it holds."""
+        from pallax.runtime import artifact_compile as ac
+
+        module = self._module(name)
+        lowered = ac.lower(module, donate, self.mesh)
+        cached = f"{ac.CACHE_DIR}/{name}.bin"
+        if self.xla_cache == "used" and cached in self.manifest["files"]:
+            try:
+                fn = ac.deserialize((self.path / cached).read_bytes(), lowered, self.mesh)
+            except Exception as e:  # a cache: any failure falls back to compiling
+                warnings.warn(
+                    f"{self._origin}: {cached} could not be loaded ({str(e)[:200]}); "
+                    "compiling the module instead",
+                    stacklevel=3,
+                )
+            else:
+                self.xla_cache_hits.append(name)
+                return fn
+        try:
+            return lowered.compile()
+        except Exception as e:  # XLA and the kernel compilers raise many kinds
+            platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+            message = ac.compile_failure(f"modules/{name}.jax", platform, module.mlir_module(), e)
+            raise self._fail(message) from e
 
     def _alloc(self, name: str, index: int):
         mod = self._module(name)

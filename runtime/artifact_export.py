@@ -156,15 +156,19 @@ def export_artifact(
     score_chunk=128,
     portable: bool = False,
     overwrite: bool = False,
+    xla_cache: bool = True,
 ) -> pathlib.Path:
     """Write `compiled` as an artifact at `path` (see the module docstring). Everything is
-    validated before anything is traced."""
+    validated before anything is traced. `xla_cache`: also compile every module for this
+    machine and keep the executables, which a loader on the same kind of machine uses
+    instead of compiling (`runtime/artifact_compile.py`)."""
     from pallax.runtime.checkpoint import _check_free_space, _orbax_save, _pass_record
     from pallax.runtime.compiled import Buckets
 
     platforms = _check_platforms(platforms)
-    if not isinstance(portable, bool) or not isinstance(overwrite, bool):
-        raise ValueError(f"portable={portable!r} and overwrite={overwrite!r} must be booleans")
+    for flag, value in (("portable", portable), ("overwrite", overwrite), ("xla_cache", xla_cache)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag}={value!r} must be a boolean")
     plan = plan_export(compiled, batch_sizes=batch_sizes, prefill_sizes=prefill_sizes,
                        cache_sizes=cache_sizes, score_chunk=score_chunk)  # fmt: skip
     passes = [_json_record(_pass_record(p)) for p in compiled.passes]
@@ -221,6 +225,7 @@ def export_artifact(
                 cache = _sharded_like(jax.eval_shape(alloc), cache_sharding)
                 mod = run(chunk, w, cache, _i32(1, t), _i32(1), _i32(1, t))
                 _write_module(tmp, f"score-t{t}-s{s}", mod)
+        cache_record = _write_xla_cache(tmp, platforms, cache_sharding) if xla_cache else None
         flat = {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(weights))}
         _orbax_save(tmp / "weights", flat, f"artifact {str(path)!r}")
         compiled.tokenizer.save(tmp / "tokenizer")
@@ -237,12 +242,41 @@ def export_artifact(
             "stop_width": STOP_WIDTH,
             "portable": portable,
             "mesh": mesh,
+            "lowering": _lowering_flags(),
+            "xla_cache": cache_record,
         }
         manifest["files"] = manifests.file_digests(tmp)
         manifest["manifest_sha256"] = manifests.digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
     return atomic_dir.write_dir(path, fill, check=check)
+
+
+def _write_xla_cache(tmp: pathlib.Path, platforms, cache_sharding) -> dict | None:
+    """Compile every module written under tmp/modules for this machine and keep the
+    executables under tmp/xla; the manifest record (None: this machine's platform is not
+    exported, or several processes share the run)."""
+    from jax import export
+
+    from pallax.runtime import artifact_compile as ac
+
+    here = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+    if here not in platforms or jax.process_count() > 1:
+        return None
+    mesh = None if cache_sharding is None else cache_sharding.mesh
+    (tmp / ac.CACHE_DIR).mkdir()
+    for file in sorted((tmp / "modules").iterdir()):
+        module = export.deserialize(bytearray(file.read_bytes()))
+        compiled = ac.lower(module, 1, mesh).compile()  # every step donates argument 1
+        (tmp / ac.CACHE_DIR / f"{file.stem}.bin").write_bytes(ac.serialize(compiled))
+    return {"key": ac.host_key(mesh)}
+
+
+def _lowering_flags() -> dict:
+    """The jax flags that change how modules and their kernels were lowered."""
+    names = ("jax_export_calling_convention_version", "jax_export_ignore_forward_compatibility",
+             "jax_pallas_use_mosaic_gpu", "jax_mosaic_allow_hlo")  # fmt: skip
+    return {n: jax.config.values[n] for n in names if n in jax.config.values}
 
 
 def _json_record(record: dict) -> dict:

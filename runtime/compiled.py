@@ -267,12 +267,15 @@ class CompiledModel(Generator):
         checkpoint.save_checkpoint(self, path, overwrite=overwrite)
 
     def export(self, path, *, platforms=("cpu",), batch_sizes=(1,), prefill_sizes=(16, 128, 512),
-               cache_sizes=None, score_chunk=128, portable=False, overwrite=False):  # fmt: skip
+               cache_sizes=None, score_chunk=128, portable=False, overwrite=False,
+               xla_cache=True):  # fmt: skip
         """Write an ahead-of-time artifact of this model and pipeline to the directory
         `path`: `jax.export` modules of every step for the given shape buckets (cache_sizes
         default: 256, 1024, 4096 and the context length), the weights after the passes
         and the tokenizer. `pallax.load_artifact(path)` runs it without the model code.
-        `portable=True` leaves pallax's C++ CPU kernels out of the CPU modules."""
+        `portable=True` leaves pallax's C++ CPU kernels out of the CPU modules.
+        `xla_cache=True` also keeps every module compiled for this machine, which a loader
+        on the same platform, versions and CPU uses instead of compiling."""
         from pallax.runtime.artifact_export import export_artifact
 
         self._check_has_values("export")
@@ -280,7 +283,7 @@ class CompiledModel(Generator):
         return export_artifact(
             self, path, platforms=platforms, batch_sizes=batch_sizes,
             prefill_sizes=prefill_sizes, cache_sizes=cache_sizes, score_chunk=score_chunk,
-            portable=portable, overwrite=overwrite,
+            portable=portable, overwrite=overwrite, xla_cache=xla_cache,
         )  # fmt: skip
 
     def _timed(self, key, build):

@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--prefill-sizes", default="16,128,512", help="prompt chunk lengths")
     e.add_argument("--portable", action="store_true", help="CPU modules without C++ kernels")
     e.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+    e.add_argument(
+        "--no-xla-cache",
+        action="store_true",
+        help="do not keep the modules compiled for this machine (smaller, slower to start)",
+    )
 
     r = sub.add_parser("run", help="stream a continuation from an exported artifact")
     r.add_argument("dir", help="the artifact directory")
@@ -242,7 +247,8 @@ def _export(args) -> None:
     passes = _passes(args.passes)
     compiled = pallax.compile(pallax.load(args.model), passes=list(passes))
     path = compiled.export(args.dir, platforms=platforms, portable=args.portable,
-                           overwrite=args.overwrite, **sizes)  # fmt: skip
+                           overwrite=args.overwrite, xla_cache=not args.no_xla_cache,
+                           **sizes)  # fmt: skip
     print(f"pallax: wrote {path}")
 
 

@@ -17,7 +17,7 @@ import pytest
 import pallax
 from pallax.runtime import artifact
 
-SMALL = dict(cache_sizes=(256,), prefill_sizes=(16, 64), score_chunk=16)
+SMALL = dict(cache_sizes=(256,), prefill_sizes=(16, 64), score_chunk=16, xla_cache=False)
 PROMPTS = ["The capital of France is", "def fib(n):"]
 
 # Runs in a fresh process: importing pallax.model or pallax.passes raises.
@@ -40,7 +40,8 @@ FRESH = textwrap.dedent(
         streamed = "".join(art.stream(json.loads(sys.argv[1])[0], max_new_tokens=12,
                                       ignore_eos=True))
         score = art.score("The capital of France is Paris.").tolist() if "fp32" in path else None
-        out[path] = {"texts": [r.text for r in res], "stream": streamed, "score": score}
+        out[path] = {"texts": [r.text for r in res], "stream": streamed, "score": score,
+                     "xla_cache": art.xla_cache, "hits": art.xla_cache_hits}
     print(json.dumps(out))
     """
 )
@@ -58,7 +59,7 @@ def _fresh(paths):
 @pytest.fixture(scope="module")
 def fp32_artifact(compiled_fp32, tmp_path_factory):
     path = tmp_path_factory.mktemp("art") / "fp32"
-    compiled_fp32.export(path, batch_sizes=(1, 2), **SMALL)
+    compiled_fp32.export(path, batch_sizes=(1, 2), **{**SMALL, "xla_cache": True})
     return path
 
 
@@ -74,7 +75,9 @@ def test_fresh_process_generates_what_the_compiled_model_does(
     fp32_artifact, compiled_fp32, smollm2, smollm2_gguf_path, tmp_path
 ):
     """fp32, int8, int4 GPTQ, the GGUF's own blocks and KIVI-2: greedy text equal, in a
-    process that never imports pallax.model or the passes."""
+    process that never imports pallax.model or the passes. fp32, int8 and the GGUF blocks
+    run the executables compiled at export (their C++ kernels included), the others
+    compile their modules."""
     configs = {
         "int8": pallax.compile(smollm2, ["int8"]),
         "int4-gptq": pallax.compile(smollm2, ["int4-gptq"]),
@@ -85,7 +88,8 @@ def test_fresh_process_generates_what_the_compiled_model_does(
     expected = {"fp32": _expected(compiled_fp32, score=True)}  # scoring: one config is enough
     for name, compiled in configs.items():
         paths[name] = tmp_path / name
-        compiled.export(paths[name], batch_sizes=(2,), **SMALL)
+        cached = name in ("int8", "gguf")
+        compiled.export(paths[name], batch_sizes=(2,), **{**SMALL, "xla_cache": cached})
         expected[name] = _expected(compiled)
     got = _fresh(paths.values())
     for name, path in paths.items():
@@ -94,6 +98,12 @@ def test_fresh_process_generates_what_the_compiled_model_does(
         assert got[str(path)]["stream"] == texts[0], name
         if score is not None:
             np.testing.assert_allclose(got[str(path)]["score"], score, atol=1e-4, err_msg=name)
+        if name in ("fp32", "int8", "gguf"):
+            assert got[str(path)]["xla_cache"] == "used", name
+            assert "decode-b2-s256" in got[str(path)]["hits"], name
+        else:
+            assert got[str(path)]["xla_cache"].startswith("absent"), name
+            assert got[str(path)]["hits"] == [], name
 
 
 def test_manifest_and_files(fp32_artifact, compiled_fp32):
@@ -105,6 +115,8 @@ def test_manifest_and_files(fp32_artifact, compiled_fp32):
     }  # fmt: skip
     assert manifest["config"] == compiled_fp32.config.to_dict()
     assert set(manifest["versions"]) == {"pallax", "jax", "jaxlib"}
+    assert manifest["lowering"]["jax_export_ignore_forward_compatibility"] is False
+    assert set(manifest["xla_cache"]["key"]) >= {"platform", "jax", "jaxlib", "host", "devices"}
     modules = sorted(n for n in manifest["files"] if n.startswith("modules/"))
     assert modules == [
         "modules/decode-b1-s256.jax", "modules/decode-b2-s256.jax",
@@ -113,6 +125,50 @@ def test_manifest_and_files(fp32_artifact, compiled_fp32):
         "modules/score-t16-s256.jax",
     ]  # fmt: skip
     assert "tokenizer/tokenizer.json" in manifest["files"]
+    executables = sorted(n for n in manifest["files"] if n.startswith("xla/"))
+    assert executables == [m.replace("modules/", "xla/").replace(".jax", ".bin") for m in modules]
+
+
+def test_xla_cache_is_used_only_where_it_matches(fp32_artifact, compiled_fp32, tmp_path):
+    """The executables compiled at export run where the machine is the same; another jax or
+    CPU compiles the modules instead, and an executable that fails to load is a warning and
+    a compile, never a wrong answer."""
+    want = [r.text for r in compiled_fp32.generate(PROMPTS[:1], max_new_tokens=6,
+                                                    ignore_eos=True)]  # fmt: skip
+
+    def run(path):
+        art = pallax.load_artifact(path)
+        got = [r.text for r in art.generate(PROMPTS[:1], max_new_tokens=6, ignore_eos=True)]
+        assert got == want, art.xla_cache
+        return art
+
+    art = run(fp32_artifact)
+    assert art.xla_cache == "used"
+    assert art.xla_cache_hits == ["prefill-b1-t16-s256", "decode-b1-s256"]
+
+    def key(**change):
+        return lambda m: m["xla_cache"]["key"].update(change)
+
+    other_jax = _copy(fp32_artifact, tmp_path / "jax")
+    _resign(other_jax, key(jax="0.0.1"))
+    art = run(other_jax)
+    assert re.fullmatch(r"not used: jax differs \(exported with '0\.0\.1', here '.+'\)",
+                        art.xla_cache), art.xla_cache  # fmt: skip
+    assert art.xla_cache_hits == []
+    other_cpu = _copy(fp32_artifact, tmp_path / "cpu")
+    _resign(other_cpu, key(host="0" * 64))
+    art = run(other_cpu)
+    assert art.xla_cache == "not used: the CPU model or feature flags differ"
+    assert art.xla_cache_hits == []
+
+    broken = _copy(fp32_artifact, tmp_path / "broken")
+    f = broken / "xla" / "decode-b1-s256.bin"
+    f.write_bytes(b"not an executable")
+    _resign(broken, lambda m: m["files"].update({"xla/decode-b1-s256.bin": artifact._sha256(f)}))
+    with pytest.warns(UserWarning, match=r"xla/decode-b1-s256.bin could not be loaded .*"
+                      "compiling the module instead"):  # fmt: skip
+        art = run(broken)
+    assert art.xla_cache_hits == ["prefill-b1-t16-s256"]
 
 
 def test_in_process_load_matches_and_refuses_what_it_was_not_exported_for(
@@ -145,7 +201,7 @@ def test_kernels_in_the_modules(compiled_fp32, smollm2, tmp_path):
 
     int8 = pallax.compile(smollm2, ["int8"])
     multi, portable = tmp_path / "multi", tmp_path / "portable"
-    int8.export(multi, platforms=("cpu", "cuda", "tpu"), **SMALL)
+    int8.export(multi, platforms=("cpu", "cuda", "tpu"), **SMALL)  # SMALL: no xla_cache
     int8.export(portable, portable=True, **SMALL)
 
     def targets(module_text):
@@ -159,6 +215,61 @@ def test_kernels_in_the_modules(compiled_fp32, smollm2, tmp_path):
     assert not any(t.startswith("pallax_") for t in targets(text(portable, "decode-b1-s256")))
     manifest = json.loads((portable / artifact.MANIFEST).read_text())
     assert manifest["cpu_kernel_targets"] == [] and manifest["portable"] is True
+
+    # The kernels by name, as a loader that cannot compile a module reports them.
+    from pallax.runtime.artifact_compile import kernels_in
+
+    named = kernels_in(text(multi, "decode-b1-s256"))
+    assert "rms_norm" in named["tpu_custom_call"], named
+    assert "qmatmul" in named["__gpu$xla.gpu.triton"], named
+    assert any("rms_norm" in named[t] for t in named if t.startswith("mosaic_gpu")), named
+    assert named["pallax_qmatmul"] == ["pallax_qmatmul"], named
+    # What a tpu or cuda loader says when XLA refuses the module (this machine has neither).
+    from pallax.runtime.artifact_compile import compile_failure
+
+    module = text(multi, "decode-b1-s256")
+    said = compile_failure("modules/decode-b1-s256.jax", "tpu", module,
+                           RuntimeError("Mosaic failed to compile rms_norm: bad layout"))  # fmt: skip
+    assert said.startswith("cannot compile modules/decode-b1-s256.jax for tpu: its kernel "
+                           "rms_norm failed. The compiler said: Mosaic failed"), said  # fmt: skip
+    assert "jax-ml/jax#34936" in said
+    said = compile_failure("modules/decode-b1-s256.jax", "cuda", module,
+                           RuntimeError("INTERNAL: ptxas exited with 1"))  # fmt: skip
+    assert "its kernels are __gpu$xla.gpu.triton: " in said and "qmatmul" in said, said
+    assert "tpu_custom_call" not in said and "pallax_qmatmul" not in said, said
+
+
+# Runs in a fresh process whose C++ kernels claim to be registered but are not: XLA cannot
+# compile a module that calls them, the way an accelerator refuses a kernel it cannot build.
+UNREGISTERED = textwrap.dedent(
+    """
+    import sys
+    import pallax
+    from pallax.cpu_kernels import build
+
+    build.ensure_registered = lambda: True
+    art = pallax.load_artifact(sys.argv[1])
+    try:
+        art.generate(["hello"], max_new_tokens=2)
+    except pallax.ArtifactError as e:
+        print("ERROR", e)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_module_that_does_not_compile_is_reported_with_its_kernels(smollm2, tmp_path):
+    path = tmp_path / "int8"
+    pallax.compile(smollm2, ["int8"]).export(path, **SMALL)
+    proc = subprocess.run([sys.executable, "-c", UNREGISTERED, str(path)], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    error = proc.stdout.split("ERROR ", 1)[-1]
+    assert error.startswith(
+        f"pallax artifact {str(path)!r}: cannot compile "
+        "modules/prefill-b1-t16-s256.jax for cpu: its kernel"
+    ), error
+    assert "pallax_qmatmul" in error and "portable=True" in error, error
 
 
 def _copy(src, dst):
@@ -234,7 +345,8 @@ def test_bad_artifacts_are_refused_naming_the_file(fp32_artifact, tmp_path, dama
         (dict(batch_sizes=(True,)), "batch_sizes: True must be an integer"),
         (dict(cache_sizes=(10**6,)), "cache_sizes: 1000000 is larger than 8192"),
         (dict(prefill_sizes=(512,), cache_sizes=(256,)), "all longer than the largest cache 256"),
-        (dict(portable="yes"), "portable='yes' and overwrite=False must be booleans"),
+        (dict(portable="yes"), "portable='yes' must be a boolean"),
+        (dict(xla_cache=1), "xla_cache=1 must be a boolean"),
     ],
 )
 def test_bad_export_arguments_fail_before_tracing(compiled_fp32, tmp_path, kwargs, match):

@@ -331,10 +331,12 @@ class Artifact(Generator):
         return "used" if why is None else f"not used: {why}"
 
     def _call(self, name: str, donate: int):
+        """The module `name` as a function, compiled (or read from xla/) on its first call:
+        a generation of one token never compiles the decode loop."""
         key = ("call", name)
         fn = self._fns.get(key)
         if fn is None:
-            fn = self._fns[key] = self._compile(name, donate)
+            fn = self._fns[key] = _OnFirstCall(lambda: self._compile(name, donate))
         return fn
 
     def _compile(self, name: str, donate: int):
@@ -393,6 +395,18 @@ class Artifact(Generator):
     def _score_fns(self, t: int, s: int):
         name = f"score-t{t}-s{s}"
         return self._alloc(name, 1), self._call(name, 1)
+
+
+class _OnFirstCall:
+    """A function built by `build()` when first called."""
+
+    def __init__(self, build):
+        self._build, self._fn = build, None
+
+    def __call__(self, *args):
+        if self._fn is None:
+            self._fn = self._build()
+        return self._fn(*args)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,8 @@
 prints the collectives of its compiled decode step.
 
 `--cold-start` times a new process to its first token instead: load + compile against an
-exported artifact (`pallax.load_artifact`), for each config.
+exported artifact (`pallax.load_artifact`), with and without the XLA executables kept in
+it for this machine (`xla_cache`), for each config.
 
 Every engine gets the same weights file and the same prompts (seeded random token
 ids) and generates exactly --new-tokens tokens greedily (EOS ignored). After a warm-up
@@ -227,7 +228,8 @@ print(time.perf_counter() - t0)
 def cold_start(path, configs, repeats) -> int:
     """Seconds from a new process to the first generated token: the compile path (load,
     passes, trace, XLA compile) against an artifact exported from it (load_artifact and
-    the modules' XLA compile), medians of `repeats` runs each, in turns."""
+    the modules' XLA compile) and the same artifact with its executables compiled at
+    export (`xla_cache`), medians of `repeats` runs each, in turns."""
     import subprocess
     import tempfile
 
@@ -243,17 +245,18 @@ def cold_start(path, configs, repeats) -> int:
             mode = "gguf" if cfg == "gguf" else "compile"
             passes = "" if cfg in ("fp32", "gguf") else cfg
             model = pallax.load(path, keep_quantized=mode == "gguf")
-            art = f"{tmp}/{cfg}"
-            pallax.compile(model, passes=passes.split(",") if passes else []).export(
-                art, cache_sizes=(256,), prefill_sizes=(16,)
-            )
-            times = {"compile path": [], "artifact": []}
+            compiled = pallax.compile(model, passes=passes.split(",") if passes else [])
+            for cached in (False, True):
+                compiled.export(f"{tmp}/{cfg}-{cached}", cache_sizes=(256,), prefill_sizes=(16,),
+                                xla_cache=cached)  # fmt: skip
+            times = {"compile path": [], "artifact": [], "artifact+xla": []}
             for _ in range(repeats):
                 times["compile path"].append(run(mode, str(path), passes))
-                times["artifact"].append(run("artifact", art, ""))
-            a, c = (statistics.median(times[k]) for k in ("artifact", "compile path"))
+                times["artifact"].append(run("artifact", f"{tmp}/{cfg}-False", ""))
+                times["artifact+xla"].append(run("artifact", f"{tmp}/{cfg}-True", ""))
+            c, a, x = (statistics.median(v) for v in times.values())
             print(f"cold start | pallax {cfg:12s} | compile path {c:6.1f}s | artifact {a:6.1f}s "
-                  f"| artifact / compile {a / c:5.2f}")  # fmt: skip
+                  f"({a / c:4.2f}x) | artifact + xla_cache {x:6.1f}s ({x / c:4.2f}x)")  # fmt: skip
             sys.stdout.flush()
     return 0
 

@@ -156,6 +156,7 @@ def test_cli_export_then_run(smollm2_gguf_path, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == f"pallax: wrote {art}"
+    assert (art / "xla").is_dir()  # the executables for this machine, which `run` uses
     args = ["The capital of France is", "--max-new-tokens", "6"]
     run = subprocess.run([*_pallax_command(), "run", str(art), *args],
                          capture_output=True, text=True, timeout=600)  # fmt: skip

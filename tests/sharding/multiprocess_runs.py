@@ -1,7 +1,8 @@
 """One process of a multi-process run (started by test_multiprocess.py, N copies on
 loopback, 4 virtual CPU devices each): joins the run, generates the unsharded reference
 on its own first device, then the same prompts on meshes spanning every process, and
-prints one JSON line."""
+prints one JSON line. With model "artifact", loads the sharded artifact at the path given
+in place of the meshes and generates from it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ from pallax import sharding
 def main(address: str, n: int, i: int, model: str, meshes: str) -> None:
     sharding.initialize(address, n, i, local_cpu_devices=4)
     import jax
+
+    if model == "artifact":  # meshes: the path of a sharded artifact
+        art = pallax.load_artifact(meshes)
+        texts = [o.text for o in art.generate(PROMPTS[:4], max_new_tokens=8)]
+        wq = art.weights["layers.0.wq"]
+        out = {"process": jax.process_index(), "texts": texts,
+               "stream": "".join(art.stream(PROMPTS[0], max_new_tokens=8)),
+               "score": art.score(TEXT, chunk_size=16).tolist(), "xla_cache": art.xla_cache,
+               "wq_local_rows": [s.data.shape[0] for s in wq.addressable_shards]}  # fmt: skip
+        print(json.dumps(out), flush=True)
+        return
 
     m = pallax.load(model)
     base = pallax.compile(m, passes=[])

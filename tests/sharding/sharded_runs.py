@@ -96,7 +96,8 @@ def artifact(path: str) -> dict:
     c.export(path, batch_sizes=(4,), prefill_sizes=(16,), cache_sizes=(256,), score_chunk=16)
     a = pallax.load_artifact(path)
     got = [o.text for o in a.generate(PROMPTS[:4], max_new_tokens=8)]
-    delta = np.abs(a.score(TEXT, chunk_size=16) - c.score(TEXT, chunk_size=16)).max()
+    score = c.score(TEXT, chunk_size=16)
+    delta = np.abs(a.score(TEXT, chunk_size=16) - score).max()
     manifest = json_.loads((__import__("pathlib").Path(path) / "manifest.json").read_text())
     try:
         c.export(path + "-odd", batch_sizes=(3,), prefill_sizes=(16,), cache_sizes=(256,))
@@ -104,6 +105,7 @@ def artifact(path: str) -> dict:
     except ValueError as e:
         odd = str(e)
     return {"equal": got == want, "texts": got, "max_dlogprob": float(delta),
+            "score": score.tolist(), "xla_cache": a.xla_cache, "xla_cache_hits": a.xla_cache_hits,
             "mesh": {k: manifest["mesh"][k] for k in ("data", "tensor", "devices")},
             "format_version": manifest["format_version"], "odd_batch": odd,
             "wq_rows": [a.weights["layers.0.wq"].shape[0],

@@ -6,50 +6,22 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import pytest
+from processes import free_port, run_all  # this directory
 
 SCRIPT = pathlib.Path(__file__).with_name("multiprocess_runs.py")
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_all(cmds: list[list[str]], tmp: pathlib.Path, timeout: float) -> list[tuple[str, str]]:
-    """Start every command at once (a process waits for its peers in collectives), output
-    to files (an undrained pipe could stall one process and its peers with it); their
-    (stdout, stderr), each checked for exit status 0."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    files = [(tmp / f"{i}.out", tmp / f"{i}.err") for i in range(len(cmds))]
-    procs = []
-    try:
-        for cmd, (out, err) in zip(cmds, files, strict=True):
-            with open(out, "w") as o, open(err, "w") as e:
-                procs.append(subprocess.Popen(cmd, stdout=o, stderr=e, text=True, env=env))
-        for p in procs:
-            p.wait(timeout=timeout)
-    finally:
-        for p in procs:
-            p.kill()
-    texts = [(out.read_text(), err.read_text()) for out, err in files]
-    for p, (_, err) in zip(procs, texts, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    return texts
-
-
 def _launch(n: int, model: str, meshes: str, tmp: pathlib.Path) -> list[dict]:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     cmds = [[sys.executable, str(SCRIPT), address, str(n), str(i), model, meshes]
             for i in range(n)]  # fmt: skip
     results = []
-    for out, err in _run_all(cmds, tmp, timeout=900):
+    for out, err in run_all(cmds, tmp, timeout=900):
         lines = [ln for ln in out.splitlines() if ln.startswith("{")]
         assert lines, (out[-2000:], err[-2000:])
         results.append(json.loads(lines[-1]))
@@ -72,18 +44,18 @@ def test_two_processes_give_one_process_text(tmp_path):
 
 def test_cli_two_processes_print_the_same_text(tmp_path):
     """`pallax generate --shard tensor=4,data=2 --coordinator ...` in two processes."""
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "pallax.scripts.cli", "generate", "The capital of France is",
            "--max-new-tokens", "6", "--shard", "tensor=4,data=2", "--coordinator", address,
            "--num-processes", "2", "--local-devices", "4", "--process-id"]  # fmt: skip
-    outs = _run_all([[*cmd, str(i)] for i in range(2)], tmp_path, timeout=600)
+    outs = run_all([[*cmd, str(i)] for i in range(2)], tmp_path, timeout=600)
     texts = [[ln for ln in out.splitlines() if ln.startswith("The capital")] for out, _ in outs]
     assert texts[0] == texts[1] == [texts[0][0]] and texts[0][0].startswith(
         "The capital of France is Paris"
     ), outs
     # the mesh must span both processes: tensor=2 on process 0's devices alone is refused
     cmd[cmd.index("tensor=4,data=2")] = "tensor=2"
-    cmd[cmd.index(address)] = f"127.0.0.1:{_free_port()}"
+    cmd[cmd.index(address)] = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([*cmd, str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, env=env) for i in range(2)]  # fmt: skip

@@ -11,7 +11,9 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from processes import free_port, run_all  # this directory
 
 SCRIPT = pathlib.Path(__file__).with_name("sharded_runs.py")
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -91,11 +93,16 @@ def test_bad_input_is_refused_by_name():
 @pytest.mark.slow
 def test_sharded_artifact_records_its_mesh(tmp_path):
     """An artifact of a sharded model (tensor=4 x data=2, KIVI-2 cache) runs from its
-    modules with the same text; on 4 devices it is refused, naming both counts."""
+    modules with the same text, from the executables compiled at export; on 4 devices it
+    is refused, naming both counts; two processes of 4 devices each run it (compiling its
+    modules: the executables are for one process) with the same text."""
     path = str(tmp_path / "sharded")
     result = _run("artifact", path)
     assert result["equal"], result
     assert result["max_dlogprob"] < 1e-4, result
+    assert result["xla_cache"] == "used", result
+    assert result["xla_cache_hits"] == ["prefill-b4-t16-s256", "decode-b4-s256",
+                                        "score-t16-s256"], result  # fmt: skip
     assert result["mesh"] == {"data": 2, "tensor": 4, "devices": 8}
     assert result["format_version"] == 2
     whole, local = result["wq_rows"]
@@ -103,3 +110,15 @@ def test_sharded_artifact_records_its_mesh(tmp_path):
     assert "batch_sizes [3] do not split over the mesh's data=2" in result["odd_batch"]
     refused = _run("artifact", path, devices=4)["error"]
     assert "tensor=4 x data=2 (8 devices); this run has 4 cpu devices" in refused, refused
+
+    address = f"127.0.0.1:{free_port()}"
+    script = str(SCRIPT.with_name("multiprocess_runs.py"))
+    outs = run_all([[sys.executable, script, address, "2", str(i), "artifact", path]
+                    for i in range(2)], tmp_path, timeout=900)  # fmt: skip
+    for i, (out, _) in enumerate(outs):
+        got = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+        assert got["process"] == i
+        assert got["texts"] == result["texts"] and got["stream"] == result["texts"][0], got
+        np.testing.assert_allclose(got["score"], result["score"], atol=1e-4)
+        assert got["xla_cache"].startswith("not used: processes differs"), got["xla_cache"]
+        assert got["wq_local_rows"] == [whole // 4] * 4  # this process's 4 devices' slices

@@ -252,6 +252,16 @@ class Artifact(Generator):
                     f"cannot read module modules/{name}.jax (exported with jax "
                     f"{v.get('jax')}, this is jax {jax.__version__}): {e}"
                 ) from None
+            low = export.minimum_supported_calling_convention_version
+            high = export.maximum_supported_calling_convention_version
+            version = mod.calling_convention_version
+            if not low <= version <= high:
+                v = self.manifest["versions"]
+                raise self._fail(
+                    f"module modules/{name}.jax uses jax.export calling convention {version}; "
+                    f"this jax {jax.__version__} runs {low} to {high} (it was exported with "
+                    f"jax {v.get('jax')}): export it again with a jax in that window"
+                )
             self._modules[name] = mod
         return mod
 

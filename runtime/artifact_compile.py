@@ -56,7 +56,8 @@ def host_key(mesh=None) -> dict:
 def key_mismatch(recorded: dict, here: dict) -> str | None:
     """None when the executables recorded under `recorded` can run here; else which part of
     the key differs, with both values."""
-    for k in sorted(set(recorded) | set(here)):
+    order = ("platform", "jax", "jaxlib", "processes", "devices", "device_kind", "host")
+    for k in [*order, *sorted((set(recorded) | set(here)) - set(order))]:
         a, b = recorded.get(k), here.get(k)
         if a != b:
             if k == "host":

@@ -228,8 +228,8 @@ def test_kernels_in_the_modules(compiled_fp32, smollm2, tmp_path):
     from pallax.runtime.artifact_compile import compile_failure
 
     module = text(multi, "decode-b1-s256")
-    said = compile_failure("modules/decode-b1-s256.jax", "tpu", module,
-                           RuntimeError("Mosaic failed to compile rms_norm: bad layout"))  # fmt: skip
+    refused = RuntimeError("Mosaic failed to compile rms_norm: bad layout")
+    said = compile_failure("modules/decode-b1-s256.jax", "tpu", module, refused)
     assert said.startswith("cannot compile modules/decode-b1-s256.jax for tpu: its kernel "
                            "rms_norm failed. The compiler said: Mosaic failed"), said  # fmt: skip
     assert "jax-ml/jax#34936" in said
@@ -334,6 +334,22 @@ def test_bad_artifacts_are_refused_naming_the_file(fp32_artifact, tmp_path, dama
         art = pallax.load_artifact(path)
         art.generate(["hi"], max_new_tokens=2)  # a bad module that loads lazily
     assert str(path) in str(info.value)
+
+
+def test_a_jax_outside_the_modules_compatibility_window_is_refused(fp32_artifact, monkeypatch):
+    """Before any weight reaches a device: a module whose calling convention this jax does
+    not run (simulated by narrowing this jax's window past the module's version)."""
+    from jax import export
+
+    version = export.maximum_supported_calling_convention_version
+    monkeypatch.setattr(export, "minimum_supported_calling_convention_version", version + 1)
+    monkeypatch.setattr(export, "maximum_supported_calling_convention_version", version + 2)
+    restored = []
+    monkeypatch.setattr(artifact.Artifact, "_restore_weights", lambda self, a: restored.append(1))
+    with pytest.raises(artifact.ArtifactError, match=rf"uses jax.export calling convention "
+                       rf"{version}; this jax .* runs {version + 1} to {version + 2}"):  # fmt: skip
+        pallax.load_artifact(fp32_artifact)
+    assert restored == []
 
 
 @pytest.mark.parametrize(

@@ -19,17 +19,19 @@ import pallax  # noqa: E402
 
 
 def greedy(model: str, plan: str) -> dict:
-    """Batch 8, prompts of different lengths: under each pipeline ("fp32" for none) and
-    mesh of `plan` ("fp32=1x8,2x4;kivi2=2x4"), the greedy tokens against the unsharded
-    run's (and, for int8, the scores)."""
+    """Batch 8, prompts of different lengths: under each pipeline ("fp32" for none, "gguf"
+    for the file's own blocks; last in `plan`) and mesh of `plan` ("fp32=1x8,2x4;kivi2=2x4"),
+    the greedy tokens against the unsharded run's (and, quantized, the scores)."""
     m = pallax.load(model)
     out = {}
     for item in plan.split(";"):
         name, _, meshes = item.rpartition("=")
-        passes = [] if name == "fp32" else [name]
+        passes = [] if name in ("fp32", "gguf") else [name]
+        if name == "gguf":  # the GGUF file's own blocks (keep_quantized)
+            m = pallax.load(model, keep_quantized=True)
         base = pallax.compile(m, passes=passes)
+        ref = base.score(TEXT, chunk_size=16) if name in ("int8", "gguf") else None
         want = [o.token_ids for o in base.generate(PROMPTS, max_new_tokens=8)]
-        ref = base.score(TEXT, chunk_size=16) if name == "int8" else None
         for mesh in meshes.split(","):
             t, d = map(int, mesh.split("x"))
             c = pallax.compile(m, passes=[*passes, f"shard:tensor={t}:data={d}"])

@@ -159,7 +159,12 @@ _LAYER_NAMES = {
 
 
 def weights_from_gguf(
-    reader, cfg: ModelConfig, origin: str = "GGUF", *, keep_quantized: bool = False
+    reader,
+    cfg: ModelConfig,
+    origin: str = "GGUF",
+    *,
+    keep_quantized: bool = False,
+    lazy: bool = False,
 ) -> dict:
     """pallax weight names -> float32 arrays; linear weights as [out, in].
 
@@ -169,6 +174,8 @@ def weights_from_gguf(
     keep_quantized: every 2-D quantized tensor (the linears and the embedding table)
     becomes a `QuantizedWeight` copied from the file's blocks without a float round
     trip (model/gguf_quant.py); norms and float tensors stay float32.
+
+    lazy: every tensor a `ir.lazy.LazyWeight` over the mapped file, read where placed.
     """
     weights: dict[str, np.ndarray] = {}
     unknown = []
@@ -197,11 +204,19 @@ def weights_from_gguf(
             except ValueError as e:
                 msg = f"{origin}: tensor {t.name!r} cannot be kept quantized: {e}"
                 raise ValueError(msg) from None
+        if arr is None and lazy:
+            from pallax.ir import lazy as lazy_weights
+
+            arr = lazy_weights.from_gguf(reader, t, key)
         if arr is None:
             arr = reader.dequantize(t)
         heads = {".wq": cfg.n_heads, ".wk": cfg.n_kv_heads}.get(key[-3:])
         if cfg.arch == "llama" and heads is not None:
-            arr = _unpermute_rows(arr, heads)
+            if lazy:  # the same row order, read as placed
+                order = _unpermute(np.arange(arr.shape[0]), heads)
+                arr = arr.gather(order, 0, 1)
+            else:
+                arr = _unpermute_rows(arr, heads)
         weights[key] = arr
     if unknown:
         raise ValueError(

@@ -80,8 +80,9 @@ _HEAD_NAMES = {
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 
 
-def load_hf_directory(path: pathlib.Path) -> Model:
-    """The model saved in a Hugging Face checkpoint directory, with float32 weights."""
+def load_hf_directory(path: pathlib.Path, *, lazy: bool = False) -> Model:
+    """The model saved in a Hugging Face checkpoint directory, with float32 weights
+    (lazy: `ir.lazy.LazyWeight`s over the mapped files, read where placed)."""
     path = pathlib.Path(path)
     raw = _read_json(path / CONFIG_FILE)
     config = config_from_hf(raw, origin=str(path / CONFIG_FILE), name=path.name)
@@ -91,8 +92,16 @@ def load_hf_directory(path: pathlib.Path) -> Model:
     tokenizer = load_hf_tokenizer(path)
     weights = {}
     for key, name in names.items():
+        gemma_norm = config.arch == "gemma3" and key.endswith("norm")
+        if lazy:
+            from pallax.ir import lazy as lazy_weights
+
+            t = tensors[name]
+            arr = lazy_weights.from_safetensors(t.file, _DTYPES[t.dtype], t.offset, t.shape, key)
+            weights[key] = arr.map(lambda a: a + 1.0) if gemma_norm else arr
+            continue
         arr = _read_tensor(tensors[name])
-        if config.arch == "gemma3" and key.endswith("norm"):
+        if gemma_norm:
             arr += 1.0
         weights[key] = jax.device_put(arr)
     return Model(config=config, weights=weights, tokenizer=tokenizer, source=str(path))

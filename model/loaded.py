@@ -41,7 +41,7 @@ class Model:
         )
 
 
-def load_gguf(path: pathlib.Path, *, keep_quantized: bool = False) -> Model:
+def load_gguf(path: pathlib.Path, *, keep_quantized: bool = False, lazy: bool = False) -> Model:
     from pallax.model import gguf_loader
     from pallax.model.tokenizer_gguf import tokenizer_from_gguf
 
@@ -49,7 +49,7 @@ def load_gguf(path: pathlib.Path, *, keep_quantized: bool = False) -> Model:
     config = gguf_loader.config_from_gguf(reader)
     tokenizer = tokenizer_from_gguf(reader)
     arrays = gguf_loader.weights_from_gguf(
-        reader, config, origin=str(path), keep_quantized=keep_quantized
+        reader, config, origin=str(path), keep_quantized=keep_quantized, lazy=lazy
     )
-    weights = {k: jax.device_put(v) for k, v in arrays.items()}
+    weights = arrays if lazy else {k: jax.device_put(v) for k, v in arrays.items()}
     return Model(config=config, weights=weights, tokenizer=tokenizer, source=str(path))

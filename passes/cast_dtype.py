@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from pallax.ir import primitives
 from pallax.ir.graph import Graph
+from pallax.ir.lazy import LazyWeight
 from pallax.ir.manager import map_weights
 from pallax.ir.qformat import QuantizedWeight
 from pallax.ir.rewrite import rewrite
@@ -36,6 +37,8 @@ class Cast:
 
         def convert(weights):
             def one(w):
+                if isinstance(w, LazyWeight):  # converted as it is read
+                    return w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w
                 if isinstance(w, jax.ShapeDtypeStruct):  # an abstract weight (no values)
                     float_ = jnp.issubdtype(w.dtype, jnp.floating)
                     return jax.ShapeDtypeStruct(w.shape, dtype if float_ else w.dtype)

@@ -30,6 +30,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from pallax.ir import primitives as ops
 from pallax.ir.graph import Graph
+from pallax.ir.lazy import LazyWeight
 from pallax.ir.manager import map_weights
 from pallax.ir.qformat import QuantizedWeight
 from pallax.ir.rewrite import rewrite
@@ -199,6 +200,8 @@ def place(a, sharding):
     abstract weight (or mesh) stays abstract, with the sharding attached."""
     if isinstance(a, jax.ShapeDtypeStruct) or isinstance(sharding.mesh, AbstractMesh):
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # planned, not placed
+    if isinstance(a, LazyWeight):  # each device's slice read from the file
+        return jax.make_array_from_callback(a.shape, sharding, a.read)
     if isinstance(a, jax.Array) and a.sharding == sharding:
         return a
     if sharding.is_fully_addressable:

@@ -20,6 +20,7 @@ def load(
     *,
     keep_quantized: bool = False,
     abstract: bool = False,
+    lazy: bool = False,
 ) -> Model:
     """Load a model by name (see `pallax.model.configs.KNOWN_MODELS`) or from a path:
     a .gguf file, a Hugging Face checkpoint directory (config.json + *.safetensors)
@@ -34,15 +35,26 @@ def load(
     weights (jax.ShapeDtypeStruct) to compile, shard onto any mesh, size with
     `memory_report()` and lower for tpu / cuda (`CompiledModel.lower`) without the
     weights; it cannot generate.
+
+    lazy=True (GGUF files and HF safetensors): weights are read from the memory-mapped
+    file only where they are placed. With the shard pass (after casts, if any) each device
+    reads only its slice, and each process only its devices' slices; any other pipeline
+    reads them whole at compile time (`pallax.ir.lazy`).
     """
     from pallax.model import sources
 
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"model must be a model name or a path, got {name_or_path!r}")
-    for flag, value in (("keep_quantized", keep_quantized), ("abstract", abstract)):
+    for flag, value in (("keep_quantized", keep_quantized), ("abstract", abstract),
+                        ("lazy", lazy)):  # fmt: skip
         if not isinstance(value, bool):
             raise ValueError(f"{flag}={value!r} must be True or False")
     shape = KNOWN_SHAPES.get(str(name_or_path).lower())
+    if lazy and (keep_quantized or abstract):
+        raise ValueError(
+            f"lazy=True reads float weights where they are placed; it does not combine with "
+            f"{'keep_quantized' if keep_quantized else 'abstract'}=True"
+        )
     if shape is not None or str(name_or_path).endswith(".json") or abstract:
         from pallax.model import abstract as abstract_models
 
@@ -67,12 +79,17 @@ def load(
         from pallax.runtime import checkpoint
 
         if checkpoint.is_checkpoint(path):
+            if lazy:
+                raise ValueError(
+                    f"lazy=True reads GGUF files and HF safetensors; {str(path)!r} is a "
+                    "pallax checkpoint (orbax restores it whole)"
+                )
             return checkpoint.load_checkpoint(path)
         if (path / "config.json").is_file():
-            return hf_checkpoint.load_hf_directory(path)
+            return hf_checkpoint.load_hf_directory(path, lazy=lazy)
         raise ValueError(
             f"directory {str(path)!r} has no config.json (a Hugging Face checkpoint) and no "
             f"{checkpoint.MANIFEST} (a pallax checkpoint); pallax loads those, .gguf files "
             f"and the known models {sorted(KNOWN_MODELS)}"
         )
-    return load_gguf(path, keep_quantized=keep_quantized)
+    return load_gguf(path, keep_quantized=keep_quantized, lazy=lazy)

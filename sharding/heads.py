@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallax.ir.lazy import LazyWeight
 from pallax.ir.qformat import QuantizedWeight
 
 
@@ -88,6 +89,8 @@ def _gather(a, index: tuple[int, ...], axis: int, unit: int):
     """Blocks of `unit` along `axis` picked by `index` (-1: a block of zeros)."""
     if isinstance(a, jax.ShapeDtypeStruct):  # an abstract weight: its new shape
         return jax.eval_shape(lambda x: _gather(x, index, axis, unit), a)
+    if isinstance(a, LazyWeight):  # gathered as it is read
+        return a.gather(index, axis, unit)
     a = jnp.asarray(a)
     n = a.shape[axis] // unit
     shape = a.shape[:axis] + (n, unit) + a.shape[axis + 1 :]

@@ -133,6 +133,9 @@ def test_gemma3_directory_is_the_gguf_model(gemma3_hf_dir, gemma3, compiled_gemm
     assert json.loads((gemma3_hf_dir / "config.json").read_text())["model_type"] == "gemma3_text"
     # transformers stores Gemma norm weights as w (multiplier 1 + w); pallax adds the 1 back.
     _assert_same_model(loaded, gemma3, atol=1e-6)
+    lazy = pallax.load(gemma3_hf_dir, lazy=True)  # the 1 added as each slice is read
+    for name, w in loaded.weights.items():
+        np.testing.assert_array_equal(lazy.weights[name].read(), w, err_msg=name)
     assert _greedy_ids(pallax.compile(loaded, passes=[])) == _greedy_ids(compiled_gemma3)
 
 
@@ -333,6 +336,9 @@ def test_float_dtypes_load_as_float32(dtype, tmp_path):
         tensors["model.layers.0.self_attn.q_proj.weight"].astype(np.float32),
     )
     assert all(w.dtype == jnp.float32 for w in model.weights.values())
+    lazy = pallax.load(tmp_path, lazy=True)  # read from the mapped file where placed
+    for name, w in model.weights.items():
+        np.testing.assert_array_equal(lazy.weights[name].read(), w, err_msg=name)
 
 
 def test_tied_head_is_skipped_and_untied_head_required(tmp_path):

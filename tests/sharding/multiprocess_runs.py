@@ -1,8 +1,9 @@
 """One process of a multi-process run (started by test_multiprocess.py, N copies on
 loopback, 4 virtual CPU devices each): joins the run, generates the unsharded reference
 on its own first device, then the same prompts on meshes spanning every process, and
-prints one JSON line. With model "artifact", loads the sharded artifact at the path given
-in place of the meshes and generates from it."""
+prints one JSON line. A mesh "lazyTxD" loads the model lazily (each process reads only
+its devices' slices) and reports what it read. With model "artifact", loads the sharded
+artifact at the path given in place of the meshes and generates from it."""
 
 from __future__ import annotations
 
@@ -36,14 +37,18 @@ def main(address: str, n: int, i: int, model: str, meshes: str) -> None:
     out = {"process": jax.process_index(), "devices": len(jax.devices()),
            "local_devices": len(jax.local_devices()), "reference": want}  # fmt: skip
     for mesh in meshes.split(","):
-        t, d = map(int, mesh.split("x"))
-        c = pallax.compile(m, passes=[f"shard:tensor={t}:data={d}"])
+        t, d = map(int, mesh.removeprefix("lazy").split("x"))
+        source = pallax.load(model, lazy=True) if mesh.startswith("lazy") else m
+        c = pallax.compile(source, passes=[f"shard:tensor={t}:data={d}"])
         got = [o.text for o in c.generate(PROMPTS, max_new_tokens=8)]
         streamed = "".join(c.stream(PROMPTS[0], max_new_tokens=8))
         scores = c.score(TEXT, chunk_size=16)
         ref_scores = base.score(TEXT, chunk_size=16)
         out[mesh] = {"texts": got, "stream": streamed,
                      "max_dlogprob": float(abs(scores - ref_scores).max())}  # fmt: skip
+        if source is not m:  # what this process read of split weights, as a fraction
+            out[mesh]["read"] = {k: source.weights[k].reads[0] / source.weights[k].size
+                                 for k in ("embed", "layers.0.w_down")}  # fmt: skip
     print(json.dumps(out), flush=True)
 
 

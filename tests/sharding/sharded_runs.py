@@ -47,6 +47,29 @@ def greedy(model: str, plan: str) -> dict:
     return out
 
 
+def lazy(model: str) -> dict:
+    """A lazily loaded model placed on meshes: its text against the eagerly loaded model's,
+    and what each placement read of a split weight (every device reads its own slice)."""
+    eager = pallax.load(model)
+    want = [o.text for o in pallax.compile(eager, ["shard:tensor=4:data=2"]).generate(
+        PROMPTS, max_new_tokens=8)]  # fmt: skip
+    out = {}
+    for passes in (["shard:tensor=4:data=2"], ["shard:tensor=8"],
+                   ["cast:bfloat16", "shard:tensor=2:data=4"]):  # fmt: skip
+        m = pallax.load(model, lazy=True)
+        c = pallax.compile(m, passes)
+        got = [o.text for o in c.generate(PROMPTS, max_new_tokens=8)]
+        reads = {name: [m.weights[name].reads[0] / m.weights[name].size,
+                        m.weights[name].reads[1] / m.weights[name].size]
+                 for name in ("embed", "layers.0.wq", "layers.0.w_down")}  # fmt: skip
+        out[",".join(passes)] = {"equal": got == want, "reads": reads,
+                                 "placed": type(c.weights["embed"]).__name__}  # fmt: skip
+        if passes[-1].endswith("data=4"):  # bf16: its own greedy text, allowed to differ
+            out[",".join(passes)]["equal"] = None
+        _release(c)
+    return out
+
+
 def _release(compiled) -> None:
     """Free a compiled model's device arrays: a 1x8 mesh holds 8 copies of the weights,
     and the memo of weight transforms would keep every mesh's (this machine: 24 GiB)."""
@@ -152,6 +175,8 @@ if __name__ == "__main__":
         result = collectives(rest[0])
     elif kind == "artifact":
         result = artifact(rest[0])
+    elif kind == "lazy":
+        result = lazy(rest[0])
     else:
         result = errors()
     print("RESULT " + json.dumps(result))

@@ -29,7 +29,9 @@ def _launch(n: int, model: str, meshes: str, tmp: pathlib.Path) -> list[dict]:
 
 
 def test_two_processes_give_one_process_text(tmp_path):
-    meshes = ("4x2", "8x1")  # data split across the processes; tensor across them
+    # data split across the processes; tensor across them; tensor across them from a lazy
+    # load, each process reading only its half of a tensor-split weight
+    meshes = ("4x2", "8x1", "lazy8x1")
     results = _launch(2, "smollm2-135m", ",".join(meshes), tmp_path)
     assert [r["process"] for r in results] == [0, 1]
     for r in results:
@@ -38,6 +40,7 @@ def test_two_processes_give_one_process_text(tmp_path):
             assert r[mesh]["texts"] == r["reference"], mesh
             assert r[mesh]["stream"] == r["reference"][0], mesh
             assert r[mesh]["max_dlogprob"] < 1e-4, (mesh, r[mesh]["max_dlogprob"])
+        assert r["lazy8x1"]["read"] == {"embed": 0.5, "layers.0.w_down": 0.5}, r["lazy8x1"]
     same = [{k: v for k, v in r.items() if k != "process"} for r in results]
     assert same[0] == same[1]
 

@@ -56,6 +56,26 @@ def test_smollm2_greedy_equals_unsharded():
 
 
 @pytest.mark.slow
+def test_a_lazy_model_is_read_slice_by_slice_into_the_mesh():
+    """pallax.load(..., lazy=True) + shard: the same text as the eager load, every device
+    reading only its slice from the GGUF file (each element read once per data replica,
+    no read larger than a shard: SmolLM2's 9 query heads padded to 3 per shard at tensor
+    4 and 8), through a bf16 cast too."""
+    result = _run("lazy", "smollm2-135m")
+    for passes, r in result.items():
+        assert r["placed"] == "ArrayImpl" and r["equal"] in (True, None), (passes, r)
+        data = int(passes.rpartition("data=")[2]) if "data=" in passes else 1
+        tensor = int(passes.split("tensor=")[1].split(":")[0])
+        for name, (total, largest) in r["reads"].items():
+            assert total == pytest.approx(data), (passes, name, total)
+            share = 3 / 9 if name.endswith("wq") and tensor > 2 else 1 / tensor
+            if name.endswith("wq") and tensor == 2:
+                share = 6 / 9
+            assert largest == pytest.approx(share), (passes, name, largest)
+    assert result["shard:tensor=4:data=2"]["equal"] and result["shard:tensor=8"]["equal"]
+
+
+@pytest.mark.slow
 def test_gemma3_greedy_equals_unsharded():
     """Gemma 3 (4 query / 1 KV head: the KV head replicated, query heads padded at
     tensor 8; sliding-window layers), float32 on every mesh and a KIVI-2 cache."""

@@ -62,12 +62,20 @@ class LazyWeight:
                 covering.append(slice(start, max(start, stop)))
                 picks.append(None)
             else:
-                arr = np.asarray(ix, np.int64).reshape(-1)
+                arr = np.asarray(ix, np.int64)
+                if arr.ndim != 1:
+                    raise ValueError(f"{self!r}: index arrays must be 1-D, got shape {arr.shape}")
+                if arr.size and (arr.min() < -n or arr.max() >= n):
+                    raise IndexError(f"{self!r}: index out of range for a dimension of {n}")
+                arr = arr % n if n else arr
                 lo = int(arr.min()) if arr.size else 0
                 hi = int(arr.max()) + 1 if arr.size else 0
                 covering.append(slice(lo, hi))
                 picks.append(arr - lo)
-        block = np.asarray(self._reader(tuple(covering)))
+        if any(c.stop == c.start for c in covering):  # nothing to read
+            block = np.zeros([c.stop - c.start for c in covering], self.dtype)
+        else:
+            block = np.asarray(self._reader(tuple(covering)))
         self.reads[0] += block.size
         self.reads[1] = max(self.reads[1], block.size)
         for axis, pick in enumerate(picks):

@@ -411,11 +411,15 @@ class _OnFirstCall:
     """A function built by `build()` when first called."""
 
     def __init__(self, build):
-        self._build, self._fn = build, None
+        import threading
+
+        self._build, self._fn, self._lock = build, None, threading.Lock()
 
     def __call__(self, *args):
         if self._fn is None:
-            self._fn = self._build()
+            with self._lock:
+                if self._fn is None:
+                    self._fn = self._build()
         return self._fn(*args)
 
 

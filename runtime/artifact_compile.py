@@ -46,11 +46,27 @@ def host_key(mesh=None) -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "mesh_devices": None if mesh is None else [int(d.id) for d in mesh.devices.flat],
     }
+    key["platform_version"] = devices[0].client.platform_version  # libtpu, CUDA builds
+    key["libtpu_init_args"] = os.environ.get("LIBTPU_INIT_ARGS", "")
     if key["platform"] == "cpu":
-        from pallax.cpu_kernels.build import _cpu_fingerprint
-
-        key["host"] = hashlib.sha256(_cpu_fingerprint().encode()).hexdigest()
+        fingerprint = _cpu_features()
+        # An unknown CPU never matches: an executable must not run where its instructions
+        # might be missing.
+        key["host"] = hashlib.sha256(fingerprint.encode()).hexdigest() if fingerprint else None
     return key
+
+
+def _cpu_features() -> str:
+    """The CPU's model and feature lines of /proc/cpuinfo (x86: model name, flags; ARM:
+    Features, CPU implementer / part / variant); "" where there are none (then the
+    executables are never reused)."""
+    keys = ("flags", "model name", "Features", "CPU implementer", "CPU part", "CPU variant")
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = {ln.strip() for ln in f if ln.startswith(keys)}
+    except OSError:
+        return ""
+    return "\n".join(sorted(lines))
 
 
 def key_mismatch(recorded: dict, here: dict) -> str | None:
@@ -59,6 +75,8 @@ def key_mismatch(recorded: dict, here: dict) -> str | None:
     order = ("platform", "jax", "jaxlib", "processes", "devices", "device_kind", "host")
     for k in [*order, *sorted((set(recorded) | set(here)) - set(order))]:
         a, b = recorded.get(k), here.get(k)
+        if k == "host" and (a is None or b is None):
+            return "the CPU's features are unknown (no /proc/cpuinfo model or feature lines)"
         if a != b:
             if k == "host":
                 return "the CPU model or feature flags differ"
@@ -95,7 +113,9 @@ def deserialize(data: bytes, lowered, mesh=None):
     or on the mesh's devices in the mesh's order, as `lower` placed it."""
     from jax.experimental import serialize_executable
 
-    devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+    default = jax.config.jax_default_device
+    default = default if isinstance(default, jax.Device) else jax.devices()[0]
+    devices = [default] if mesh is None else list(mesh.devices.flat)
     return serialize_executable.deserialize_and_load(
         data, jax.tree.structure(lowered.args_info), lowered.out_tree, execution_devices=devices
     )
@@ -137,7 +157,7 @@ def compile_failure(module_file: str, platform: str, module_text: str, error: Ex
     prefixes = _PLATFORM_TARGETS.get(platform, ("",))
     kernels = {t: ns for t, ns in kernels_in(module_text).items() if t.startswith(prefixes)}
     names = sorted({n for ns in kernels.values() for n in ns})
-    named = [n for n in names if n != "?" and n in str(error)]
+    named = [n for n in names if n != "?" and re.search(rf"\b{re.escape(n)}\b", str(error))]
     if named:
         which = f"its kernel {', '.join(named)} failed"
     elif names:
@@ -145,7 +165,9 @@ def compile_failure(module_file: str, platform: str, module_text: str, error: Ex
         which = f"its kernels are {listing}"
     else:
         which = "it holds no Pallas or pallax kernel (an XLA error)"
-    if platform == "cpu":
+    if platform == "cpu" and not names:
+        hint = "XLA:CPU refused it; the module was exported by another jax or machine"
+    elif platform == "cpu":
         hint = ("pallax's C++ kernels are registered by the loader; an artifact exported with "
                 "portable=True has none")  # fmt: skip
     else:

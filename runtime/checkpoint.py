@@ -65,8 +65,10 @@ def save_checkpoint(compiled_or_model, path: str | os.PathLike, *, overwrite: bo
         model, passes = compiled_or_model.model, compiled_or_model.passes
         weights = compiled_or_model.weights  # after the pass pipeline
     elif isinstance(compiled_or_model, Model):
+        from pallax.ir import lazy
+
         model = compiled_or_model
-        passes, weights = model.passes, model.weights
+        passes, weights = model.passes, lazy.materialize(model.weights)  # lazy: read whole
     else:
         raise TypeError(
             f"expected a CompiledModel or Model, got {type(compiled_or_model).__name__}"

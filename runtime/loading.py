@@ -50,6 +50,11 @@ def load(
         if not isinstance(value, bool):
             raise ValueError(f"{flag}={value!r} must be True or False")
     shape = KNOWN_SHAPES.get(str(name_or_path).lower())
+    if lazy and (shape is not None or str(name_or_path).endswith(".json")):
+        raise ValueError(
+            f"lazy=True reads weights from a file; {str(name_or_path)!r} is a config alone "
+            "(abstract weights)"
+        )
     if lazy and (keep_quantized or abstract):
         raise ValueError(
             f"lazy=True reads float weights where they are placed; it does not combine with "

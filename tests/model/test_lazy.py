@@ -73,3 +73,16 @@ def test_lazy_refuses_what_it_cannot_read(smollm2_gguf_path):
         pallax.load(smollm2_gguf_path, lazy=True, abstract=True)
     with pytest.raises(ValueError, match="lazy='yes' must be True or False"):
         pallax.load(smollm2_gguf_path, lazy="yes")
+
+
+def test_edge_reads_and_saving_a_lazy_model(lazy_smollm2, smollm2, tmp_path):
+    w, want = lazy_smollm2.weights["layers.0.w_up"], np.asarray(smollm2.weights["layers.0.w_up"])
+    assert w.read((slice(3, 3), slice(32, 32))).shape == (0, 0)  # empty, at a block edge
+    np.testing.assert_array_equal(w.read((np.array([-1, 0]), slice(0, 64))), want[[-1, 0], :64])
+    with pytest.raises(IndexError, match="out of range"):
+        w.read((np.array([w.shape[0]]), slice(None)))
+    from pallax.runtime.checkpoint import save_checkpoint
+
+    save_checkpoint(lazy_smollm2, tmp_path / "ckpt")  # read whole to be saved
+    loaded = pallax.load(tmp_path / "ckpt")
+    np.testing.assert_array_equal(np.asarray(loaded.weights["layers.0.w_up"]), want)

@@ -160,6 +160,10 @@ def test_xla_cache_is_used_only_where_it_matches(fp32_artifact, compiled_fp32, t
     art = run(other_cpu)
     assert art.xla_cache == "not used: the CPU model or feature flags differ"
     assert art.xla_cache_hits == []
+    unknown_cpu = _copy(fp32_artifact, tmp_path / "unknown")
+    _resign(unknown_cpu, key(host=None))  # exported where /proc/cpuinfo said nothing
+    art = run(unknown_cpu)
+    assert art.xla_cache.startswith("not used: the CPU's features are unknown"), art.xla_cache
 
     broken = _copy(fp32_artifact, tmp_path / "broken")
     f = broken / "xla" / "decode-b1-s256.bin"

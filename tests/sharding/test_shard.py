@@ -60,10 +60,10 @@ def test_a_lazy_model_is_read_slice_by_slice_into_the_mesh():
     """pallax.load(..., lazy=True) + shard: the same text as the eager load, every device
     reading only its slice from the GGUF file (each element read once per data replica,
     no read larger than a shard: SmolLM2's 9 query heads padded to 3 per shard at tensor
-    4 and 8), through a bf16 cast too."""
+    4 and 8), through a bf16 cast too (equal to the eager load's bf16 run)."""
     result = _run("lazy", "smollm2-135m")
     for passes, r in result.items():
-        assert r["placed"] == "ArrayImpl" and r["equal"] in (True, None), (passes, r)
+        assert r["placed"] == "ArrayImpl" and r["equal"], (passes, r)
         data = int(passes.rpartition("data=")[2]) if "data=" in passes else 1
         tensor = int(passes.split("tensor=")[1].split(":")[0])
         for name, (total, largest) in r["reads"].items():
@@ -72,7 +72,6 @@ def test_a_lazy_model_is_read_slice_by_slice_into_the_mesh():
             if name.endswith("wq") and tensor == 2:
                 share = 6 / 9
             assert largest == pytest.approx(share), (passes, name, largest)
-    assert result["shard:tensor=4:data=2"]["equal"] and result["shard:tensor=8"]["equal"]
 
 
 @pytest.mark.slow

@@ -136,6 +136,21 @@ def is_lazy(tree) -> bool:
     return any(isinstance(v, LazyWeight) for v in tree.values())
 
 
+# Passes that keep lazy weights lazy: a cast converts each slice as it is read; the KV
+# passes do not touch weights; the shard pass reads each device's slice as it places it.
+LAZY_PASSES = ("cast", "compress_kv", "evict_kv")
+
+
+def places_lazily(pipeline) -> bool:
+    """Whether lazy weights stay lazy until the shard pass places them (`compile` reads
+    them whole otherwise)."""
+    return (
+        bool(pipeline)
+        and pipeline[-1].name == "shard"
+        and all(p.name in LAZY_PASSES for p in pipeline[:-1])
+    )
+
+
 def materialize(weights: dict) -> dict:
     """Every lazy weight read whole and put on the default device."""
     import jax

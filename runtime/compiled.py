@@ -441,20 +441,6 @@ def compile(model, passes=None) -> CompiledModel:  # noqa: A001 - the public API
             )
     from pallax.ir import lazy
 
-    if lazy.is_lazy(model.weights) and not _places_lazily(pipeline):
+    if lazy.is_lazy(model.weights) and not lazy.places_lazily(pipeline):
         model = dataclasses.replace(model, weights=lazy.materialize(model.weights))
     return CompiledModel(model, pipeline)
-
-
-# Passes that keep lazy weights lazy: a cast converts each slice as it is read; the KV
-# passes do not touch weights; the shard pass reads each device's slice as it places it.
-_LAZY_PASSES = ("cast", "compress_kv", "evict_kv")
-
-
-def _places_lazily(pipeline) -> bool:
-    """Whether lazy weights stay lazy until the shard pass places them."""
-    return (
-        bool(pipeline)
-        and pipeline[-1].name == "shard"
-        and all(p.name in _LAZY_PASSES for p in pipeline[:-1])
-    )

@@ -56,6 +56,7 @@ class Shard:
     devices: tuple | None = None
     rules: tuple = ()
     abstract: bool = False
+    exact: bool = True
     name: str = dataclasses.field(default="shard", init=False, repr=False)
     provides = frozenset({SHARDED})
 
@@ -66,8 +67,9 @@ class Shard:
                 raise ValueError(f"shard: {name}={value!r} must be a positive integer")
         object.__setattr__(self, "rules", tuple(tuple(r) for r in self.rules))
         check_rules(self.rules)
-        if not isinstance(self.abstract, bool):
-            raise ValueError(f"shard: abstract={self.abstract!r} must be True or False")
+        for name in ("abstract", "exact"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"shard: {name}={getattr(self, name)!r} must be True or False")
         if self.abstract and self.devices is not None:
             raise ValueError("shard: abstract=True plans without devices; devices= was given")
         if self.devices is not None:
@@ -98,9 +100,10 @@ class Shard:
         heads_split = rules["q_heads"] == T and self.tensor > 1
         layout = head_layout(n, kv, h, self.tensor if heads_split else 1)
         where = "abstract" if self.abstract else tuple(d.id for d in mesh.devices.flat)
-        key = ("shard", self.tensor, self.data, self.rules, where)
-        weights, specs = map_weights(
-            key, graph.weights, lambda w: _place(w, axes, rules, layout, mesh, self.tensor),
+        key = ("shard", self.tensor, self.data, self.rules, where, self.exact)
+        weights, specs, gathered = map_weights(
+            key, graph.weights,
+            lambda w: _place(w, axes, rules, layout, mesh, self.tensor, self.exact),
             family="shard",
         )  # fmt: skip
         per_leaf = {}
@@ -121,7 +124,7 @@ class Shard:
                 for leaf in jax.tree.leaves(value):
                     names[id(leaf)] = name
 
-        lowering = _Rules(mesh, specs, per_leaf, names, heads_split, cache_spec)
+        lowering = _Rules(mesh, specs, per_leaf, names, heads_split, cache_spec, gathered)
         out = rewrite(graph, lowering.rules(not layout.identity), weights=weights, cache=cache,
                       on_weights=remember)  # fmt: skip
         return out.replace(meta={
@@ -130,23 +133,46 @@ class Shard:
         })  # fmt: skip
 
 
-def _place(weights, axes, rules, layout, mesh, tensor):
+def _place(weights, axes, rules, layout, mesh, tensor, exact):
     """Heads in the padded layout, each weight's PartitionSpec checked against its shape
-    and quantization groups, and the arrays put on the mesh. -> (weights, specs)."""
-    out, specs = {}, {}
+    and quantization groups, and the arrays put on the mesh. -> (weights, specs,
+    gathered: {name: the real input columns of its gathered input, or None})."""
+    out, specs, gathered = {}, {}, {}
+    maps = {"q_heads": layout.q_map, "kv_heads": layout.kv_map}
     for name, w in sorted(weights.items()):
         ax = axes.get(name)
         if ax is None:
             raise ValueError(f"shard: weight {name!r} has no logical axes")
-        if not layout.identity:
-            for axis_name, index in (("q_heads", layout.q_map), ("kv_heads", layout.kv_map)):
+        spec = spec_for(ax, rules)
+        if exact and _splits_inputs_only(w, spec, tensor):
+            # split by output rows instead, over the gathered input: see _Rules.qlinear
+            spec = P(T)
+            cols = None
+            if not layout.identity and ax[1] in maps:
+                cols = _real_columns(maps[ax[1]], layout.head_dim)
+            gathered[name] = cols
+        elif not layout.identity:
+            for axis_name, index in maps.items():
                 if axis_name in ax:
                     w = place_heads(name, w, index, ax.index(axis_name), layout.head_dim)
-        spec = spec_for(ax, rules)
         _check_divides(name, w, spec, mesh)
         specs[name] = spec
         out[name] = _put(w, spec, mesh)
-    return out, specs
+    return out, specs, gathered
+
+
+def _splits_inputs_only(w, spec, tensor) -> bool:
+    """A packed weight that Megatron splits by input rows (o, down) and whose outputs
+    divide `tensor`: `exact` splits it by outputs instead."""
+    return (isinstance(w, QuantizedWeight) and tensor > 1 and tuple(spec)[:2] == (None, T)
+            and w.shape[0] % tensor == 0)  # fmt: skip
+
+
+def _real_columns(index, head_dim: int) -> np.ndarray:
+    """The columns of a padded head layout (`index`: padded head -> real head, -1 empty)
+    that hold the real heads, in the real heads' order."""
+    where = {h: p for p, h in enumerate(index) if h >= 0}
+    return np.concatenate([np.arange(head_dim) + where[h] * head_dim for h in sorted(where)])
 
 
 def _check_divides(name, w, spec, mesh):
@@ -223,9 +249,9 @@ def _batch(ndim: int, last=None, axis=None) -> PartitionSpec:
 class _Rules:
     """The per-op shard_map lowerings of one shard pass."""
 
-    def __init__(self, mesh, specs, leaf_specs, names, heads_split, cache_spec):
+    def __init__(self, mesh, specs, leaf_specs, names, heads_split, cache_spec, gathered):
         self.mesh, self.specs, self.leaf_specs, self.names = mesh, specs, leaf_specs, names
-        self.heads_split, self.cache_spec = heads_split, cache_spec
+        self.heads_split, self.cache_spec, self.gathered = heads_split, cache_spec, gathered
 
     def smap(self, f, in_specs, out_specs):
         return jax.shard_map(f, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
@@ -280,6 +306,9 @@ class _Rules:
         t = self.mesh.shape[T]
         # the lowerings pick their method by the whole op's rows, not a data shard's
         eqn = eqn.replace(params={**eqn.params, "rows": math.prod(x.shape[:-1])})
+        name = self.names[id(leaves[0])]
+        if name in self.gathered:
+            return self._gathered_rows(eqn, x, list(leaves), self.gathered[name])
         prm = eqn.params
         width = leaves[0].shape[1] * (2 if prm["bits"] == 4 else 1)
         if width != -(-prm["in_features"] // prm["group_size"]) * prm["group_size"]:
@@ -287,9 +316,10 @@ class _Rules:
             per_channel = prm["group_size"] >= prm["in_features"]
             group = width if per_channel else prm["group_size"]
             eqn = eqn.replace(params={**prm, "in_features": width, "group_size": group})
-        if eqn.params.get("outliers"):
-            if self.kind(leaves[0]) != "replicated":
-                raise ValueError("shard: LLM.int8 outliers with a split weight are not supported")
+        if eqn.params.get("outliers") and self.kind(leaves[0]) == "rows":
+            raise ValueError(
+                f"shard: {name} has LLM.int8 outliers and is split by its inputs (exact=False)"
+            )
 
         def local(prm):
             i = prm["in_features"] // t
@@ -300,6 +330,24 @@ class _Rules:
         if per_channel and self.kind(leaves[0]) == "rows":
             return self._row_parallel_w8a8(eqn, x, list(leaves), local(eqn.params))
         return self._project(eqn, x, list(leaves), local)
+
+    def _gathered_rows(self, eqn, x, leaves, cols):
+        """`exact`: a packed o / down projection split by output rows. Each shard gathers
+        the input (split by heads or mlp columns; the real heads' columns taken out of a
+        padded layout) and computes its outputs whole, with the unsharded op's row and
+        block order, so its activations quantize as the unsharded op's do; the outputs
+        are gathered. Two all-gathers in place of Megatron's one all-reduce."""
+        w_specs = tuple(self.leaf_specs[self.names[id(leaves[0])]])
+
+        def f(x, *w):
+            x = lax.all_gather(x, T, axis=x.ndim - 1, tiled=True)
+            if cols is not None:
+                x = jnp.take(x, jnp.asarray(cols), axis=-1)
+            y = eqn.primitive.bind(x, *w, **eqn.params)
+            return lax.all_gather(y, T, axis=y.ndim - 1, tiled=True)
+
+        f = self.smap(f, (_batch(x.ndim, last=T), *w_specs), _batch(x.ndim))
+        return f(x, *leaves)
 
     def _row_parallel_w8a8(self, eqn, x, leaves, params):
         """Per-channel int8 quantizes each activation row (W8A8): a row split over
@@ -372,7 +420,10 @@ def _reshape_heads(eqn, x):
     return eqn.primitive.bind(x, **{**eqn.params, "new_sizes": sizes})
 
 
-def shard(tensor: int = 1, data: int = 1, *, devices=None, rules=(), abstract=False) -> Shard:
+def shard(
+    tensor: int = 1, data: int = 1, *, devices=None, rules=(), abstract=False, exact=True
+) -> Shard:
     """Tensor x data parallelism; pass string "shard:tensor=4:data=2" (planning without
-    devices: "shard:tensor=8:abstract=true")."""
-    return Shard(tensor, data, devices, rules, abstract)
+    devices: "shard:tensor=8:abstract=true"; Megatron's all-reduce for packed o / down
+    projections: "shard:tensor=4:exact=false")."""
+    return Shard(tensor, data, devices, rules, abstract, exact)

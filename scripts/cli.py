@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         "--shard",
         default="",
         help="tensor and data parallelism over the devices of every process, e.g. "
-        "'tensor=4,data=2'",
+        "'tensor=4,data=2' (',exact=false': Megatron's all-reduce for packed o / down)",
     )
     m = g.add_argument_group("multi-process (every process runs the same command)")
     m.add_argument("--coordinator", default=None, metavar="HOST:PORT",
@@ -164,8 +164,14 @@ def _shard(spec: str) -> dict | None:
     sizes = {}
     for part in spec.split(","):
         key, eq, value = part.strip().partition("=")
+        if key == "exact" and value.strip().lower() in ("true", "false"):
+            sizes[key] = value.strip().lower() == "true"
+            continue
         if key not in ("tensor", "data") or not eq or not value.strip().isdigit():
-            raise ValueError(f"--shard={spec!r}: expected 'tensor=T,data=D' with positive integers")
+            raise ValueError(
+                f"--shard={spec!r}: expected 'tensor=T,data=D' with positive integers "
+                "(and optionally exact=true|false)"
+            )
         sizes[key] = int(value)
         if sizes[key] < 1:
             raise ValueError(f"--shard={spec!r}: {key}={value} must be a positive integer")

@@ -106,12 +106,13 @@ def place_heads(name: str, w, index: tuple[int, ...], axis: int, head_dim: int):
     """A projection's heads along `axis` (0: outputs, 1: inputs) in the padded order."""
     if not isinstance(w, QuantizedWeight):
         return _gather(w, index, axis, head_dim)
-    if w.outlier_idx is not None:
-        raise ValueError(f"shard: {name} has LLM.int8 outliers; their heads cannot be moved")
-    if axis == 0:
-        leaves = {f: _gather(getattr(w, f), index, 0, head_dim) for f in ("data", "scale", "offset")
-                  if getattr(w, f) is not None}  # fmt: skip
+    if axis == 0:  # output rows: with their scales and LLM.int8 outlier columns' weights
+        fields = ("data", "scale", "offset", "outlier_w")
+        leaves = {f: _gather(getattr(w, f), index, 0, head_dim)
+                  for f in fields if getattr(w, f) is not None}  # fmt: skip
         return dataclasses.replace(w, **leaves)
+    if w.outlier_idx is not None:
+        raise ValueError(f"shard: {name} has LLM.int8 outliers; their input heads cannot be moved")
     g = w.group_size
     if w.groups == 1 and w.bits == 8:  # per output channel: the row's scale stays
         data = _gather(w.data, index, 1, head_dim)

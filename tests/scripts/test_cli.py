@@ -49,6 +49,7 @@ def test_cli_inspect_prints_before_and_after(smollm2_gguf_path, capsys):
         (["generate", "hi", "--max-new-tokens", "0"], "max-new-tokens=0"),
         (["generate", "hi", "--shard", "tensor=0"], "tensor=0 must be a positive integer"),
         (["generate", "hi", "--shard", "tensor=2,pipe=2"], "expected 'tensor=T,data=D'"),
+        (["generate", "hi", "--shard", "tensor=2,exact=maybe"], "exact=true|false"),
         (
             ["generate", "hi", "--coordinator", "127.0.0.1:1234"],
             "--coordinator needs --num-processes, --process-id as well",

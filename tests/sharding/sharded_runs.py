@@ -30,7 +30,7 @@ def greedy(model: str, plan: str) -> dict:
         if name == "gguf":  # the GGUF file's own blocks (keep_quantized)
             m = pallax.load(model, keep_quantized=True)
         base = pallax.compile(m, passes=passes)
-        ref = base.score(TEXT, chunk_size=16) if name in ("int8", "gguf") else None
+        ref = base.score(TEXT, chunk_size=16) if name.startswith(("int", "quantize", "gguf")) else None
         want = [o.token_ids for o in base.generate(PROMPTS, max_new_tokens=8)]
         for mesh in meshes.split(","):
             t, d = map(int, mesh.split("x"))
@@ -105,6 +105,12 @@ def collectives(model: str) -> dict:
         "report": {k: v for k, v in rep.items() if k != "mesh"},
         "graph_has_psum": "psum[axes=('tensor',)]" in c.graph("decode"),
         "graph_has_specs": "layers.0.wq P('tensor')" in c.graph("decode"),
+        "int8": {
+            exact: pallax.compile(
+                m, passes=["int8", f"shard:tensor=4:data=2:exact={exact}"]
+            ).collectives("decode")
+            for exact in ("true", "false")
+        },  # fmt: skip
     }
 
 
@@ -155,9 +161,13 @@ def errors() -> dict:
         "bad_mesh_axis": lambda: pallax.passes.shard(2, rules=[("mlp", "model")]),
         "not_last": lambda: pallax.compile(m, passes=["shard:tensor=2", "int8"]),
         "straddle": lambda: pallax.compile(
-            m, passes=["quantize_weights:4:group_size=128", "shard:tensor=2"]
+            m, passes=["quantize_weights:4:group_size=128", "shard:tensor=2:exact=false"]
         ).graph(),
         "zero": lambda: pallax.passes.shard(0),
+        "exact": lambda: pallax.passes.shard(2, exact="yes"),
+        "outliers_split_inputs": lambda: pallax.compile(
+            m, passes=["int8-outliers", "shard:tensor=2:exact=false"]
+        ).graph(),
         "save": lambda: pallax.compile(m, passes=["int8", "shard:tensor=2"]).save("/nonexistent/x"),
         "export": lambda: pallax.compile(pallax.load("llama-3-8b")).export("/nonexistent/y"),
         "abstract_devices": lambda: pallax.passes.shard(2, devices=jax.devices(), abstract=True),

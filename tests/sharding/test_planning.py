@@ -37,13 +37,21 @@ def test_llama3_70b_int8_kivi2_tensor8_reports_and_lowers():
         exported = c.lower("decode", (platform,))
         assert exported.nr_devices == 8 and exported.platforms == (platform,)
         text = exported.mlir_module()
-        # per layer: o and down are row-parallel W8A8 (one pmax of the activation row's
-        # absolute maximum and one psum each); one psum for the vocabulary-parallel embedding
-        assert _count(text, "all_reduce") == 4 * 80 + 1, platform
-        assert _count(text, "all_gather") == 0 and _count(text, "all_to_all") == 0
+        # per layer: o and down split by outputs over their gathered inputs (the exact
+        # layout: 2 all-gathers each); one psum for the vocabulary-parallel embedding
+        assert _count(text, "all_gather") == 4 * 80, platform
+        assert _count(text, "all_reduce") == 1 and _count(text, "all_to_all") == 0
         assert text.count(kernel) > 0, platform
-        # the kernels see local shapes: wq's 1024 of 8192 rows, w_down's 3584 of 28672 inputs
-        assert "tensor<1024x8192xi8>" in text and "tensor<8192x3584xi8>" in text, platform
+        # the kernels see local shapes: wq's and w_down's 1024 of 8192 rows
+        assert "tensor<1024x8192xi8>" in text and "tensor<1024x28672xi8>" in text, platform
+    # Megatron's layout: o and down split by inputs, W8A8 (a pmax of the activation row's
+    # absolute maximum and a psum each)
+    megatron = pallax.compile(
+        m, passes=["int8", "kivi2", "shard:tensor=8:abstract=true:exact=false"]
+    )
+    text = megatron.lower("decode", ("tpu",)).mlir_module()
+    assert _count(text, "all_reduce") == 4 * 80 + 1 and _count(text, "all_gather") == 0
+    assert "tensor<8192x3584xi8>" in text
 
 
 def test_config_json_fp32_collectives_and_refusals(tmp_path):

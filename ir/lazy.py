@@ -2,8 +2,10 @@
 weight, like `ir/qformat.py`: loaders in `model/` make them, passes and `sharding/` place
 them).
 
-`pallax.load(path, lazy=True)` gives a model whose float weights are `LazyWeight`s over
-the memory-mapped file (GGUF tensors, float or block-quantized, and safetensors). With
+`pallax.load(path, lazy=True)` gives a model whose weights are `LazyWeight`s over the
+memory-mapped file (GGUF tensors, float or block-quantized, and safetensors) or over a
+pallax checkpoint's arrays (orbax's zarr arrays through tensorstore, packed weights'
+arrays included). With
 the shard pass, each device's slice is read from the file as it is placed
 (`jax.make_array_from_callback`): across processes each process reads only the slices of
 its own devices, and no process holds the whole model in memory. A cast before the
@@ -132,8 +134,10 @@ def _index(index, shape) -> tuple:
 
 
 def is_lazy(tree) -> bool:
-    """Whether any weight of `tree` (a dict of weights) is lazy."""
-    return any(isinstance(v, LazyWeight) for v in tree.values())
+    """Whether any weight of `tree` (a dict of weights, packed ones included) is lazy."""
+    import jax
+
+    return any(isinstance(leaf, LazyWeight) for leaf in jax.tree.leaves(tree))
 
 
 # Passes that keep lazy weights lazy: a cast converts each slice as it is read; the KV
@@ -155,8 +159,8 @@ def materialize(weights: dict) -> dict:
     """Every lazy weight read whole and put on the default device."""
     import jax
 
-    return {k: jax.device_put(v.read()) if isinstance(v, LazyWeight) else v
-            for k, v in weights.items()}  # fmt: skip
+    return jax.tree.map(lambda v: jax.device_put(v.read()) if isinstance(v, LazyWeight) else v,
+                        weights)  # fmt: skip
 
 
 # ------------------------------------------------------------------------ readers
@@ -198,3 +202,18 @@ def from_safetensors(file, dtype, offset: int, shape, name: str) -> LazyWeight:
         return np.asarray(data[slices], np.float32)
 
     return LazyWeight(shape, np.float32, read, name=name)
+
+
+def from_tensorstore(spec: dict, shape, dtype, name: str) -> LazyWeight:
+    """An array of a tensorstore-backed checkpoint (orbax's zarr arrays; `spec` opens it),
+    read by slices: tensorstore reads only the chunks that cover a slice."""
+    handle = []
+
+    def read(slices):
+        import tensorstore as ts
+
+        if not handle:
+            handle.append(ts.open(spec, open=True, read=True).result())
+        return np.asarray(handle[0][slices].read().result())
+
+    return LazyWeight(shape, dtype, read, name=name)

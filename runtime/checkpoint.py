@@ -225,8 +225,10 @@ def _pass_record(p) -> dict:
     return {"name": p.name, **{f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.init}}
 
 
-def load_checkpoint(path: str | os.PathLike):
-    """The `Model` saved at `path`: weights as saved (dtypes kept) and the passes applied."""
+def load_checkpoint(path: str | os.PathLike, *, lazy: bool = False):
+    """The `Model` saved at `path`: weights as saved (dtypes kept) and the passes applied.
+    lazy=True: every array a `LazyWeight` read by slices where it is placed (the files'
+    checksums are still verified first, reading them as a stream)."""
     from pallax.model.loaded import Model
     from pallax.text.tokenizer import Tokenizer
 
@@ -267,7 +269,7 @@ def load_checkpoint(path: str | os.PathLike):
         if _sha256(path / name) != digest:
             raise ValueError(f"{origin}: the file {name} is corrupted (its sha256 differs)")
     tokenizer = Tokenizer.load(path / TOKENIZER_DIR)
-    weights = _restore_weights(path / WEIGHTS_DIR, abstract, origin)
+    weights = _restore_weights(path / WEIGHTS_DIR, abstract, origin, lazy=lazy)
     for name, e in manifest["weights"].items():
         if e["dtype"] == "packed":
             arrays = {f: weights[name].get(f) for f in PACKED_FIELDS}
@@ -338,9 +340,10 @@ def _rebuild_pass(entry, origin: str):
         raise ValueError(f"{origin}: cannot rebuild pass {entry!r} from {MANIFEST}: {e}") from None
 
 
-def _restore_weights(directory: pathlib.Path, abstract: dict, origin: str) -> dict:
+def _restore_weights(directory: pathlib.Path, abstract: dict, origin: str, lazy=False) -> dict:
     """Restore with the manifest's shapes and dtypes, after checking orbax's own metadata
-    agrees (orbax would otherwise convert a stored dtype to the requested one)."""
+    agrees (orbax would otherwise convert a stored dtype to the requested one); lazy:
+    LazyWeights over the stored arrays instead."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
@@ -367,12 +370,35 @@ def _restore_weights(directory: pathlib.Path, abstract: dict, origin: str) -> di
                         f"weight {name!r} is stored as {got[1].name}{list(got[0])} but "
                         f"{MANIFEST} says {a.dtype.name}{list(a.shape)}"
                     )
+            if lazy:
+                return _lazy_arrays(directory, abstract)
             return checkpointer.restore(directory, target)
     except Exception as e:  # orbax and tensorstore raise many types for unreadable files
         detail = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise ValueError(
             f"{origin}: cannot read the weights in {str(directory)!r}: {detail}"
         ) from e
+
+
+def _lazy_arrays(directory: pathlib.Path, abstract: dict) -> dict:
+    """`abstract`'s tree with a LazyWeight over each stored array: orbax keeps each as a
+    zarr array named by its tree path joined with ".", in an OCDBT store by default."""
+    from pallax.ir.lazy import from_tensorstore
+
+    meta = json.loads((directory / "_METADATA").read_text(encoding="utf-8"))
+    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+
+    def lazy(keys, a):
+        key = ".".join(keys)
+        if meta.get("use_ocdbt", True):
+            store = {"driver": "ocdbt", "base": directory.as_uri(), "path": key}
+        else:
+            store = {"driver": "file", "path": str(directory / key)}
+        return from_tensorstore({"driver": driver, "kvstore": store}, a.shape, a.dtype,
+                                "/".join(keys))  # fmt: skip
+
+    return {name: ({f: lazy((name, f), a) for f, a in v.items()} if isinstance(v, dict)
+                   else lazy((name,), v)) for name, v in abstract.items()}  # fmt: skip
 
 
 def _flat(tree: dict, prefix: str = ""):

@@ -36,8 +36,8 @@ def load(
     `memory_report()` and lower for tpu / cuda (`CompiledModel.lower`) without the
     weights; it cannot generate.
 
-    lazy=True (GGUF files and HF safetensors): weights are read from the memory-mapped
-    file only where they are placed. With the shard pass (after casts, if any) each device
+    lazy=True (GGUF files, HF safetensors and pallax checkpoints): weights are read from
+    the file only where they are placed. With the shard pass (after casts, if any) each device
     reads only its slice, and each process only its devices' slices; any other pipeline
     reads them whole at compile time (`pallax.ir.lazy`).
     """
@@ -84,12 +84,7 @@ def load(
         from pallax.runtime import checkpoint
 
         if checkpoint.is_checkpoint(path):
-            if lazy:
-                raise ValueError(
-                    f"lazy=True reads GGUF files and HF safetensors; {str(path)!r} is a "
-                    "pallax checkpoint (orbax restores it whole)"
-                )
-            return checkpoint.load_checkpoint(path)
+            return checkpoint.load_checkpoint(path, lazy=lazy)
         if (path / "config.json").is_file():
             return hf_checkpoint.load_hf_directory(path, lazy=lazy)
         raise ValueError(

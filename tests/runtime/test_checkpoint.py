@@ -55,6 +55,27 @@ def test_bf16_round_trip_is_bit_exact(bf16_checkpoint, bf16_loaded, compiled_bf1
     assert manifest["source"] == smollm2.source
 
 
+def test_lazy_load_reads_each_slice_bit_exact(bf16_checkpoint, bf16_loaded):
+    """lazy=True: LazyWeights over the stored arrays; a slice reads only itself."""
+    from pallax.ir.lazy import LazyWeight
+
+    lazy = pallax.load(bf16_checkpoint, lazy=True)
+    assert lazy.passes == bf16_loaded.passes and lazy.config == bf16_loaded.config
+    for name, w in bf16_loaded.weights.items():
+        got = lazy.weights[name]
+        assert isinstance(got, LazyWeight) and got.dtype == w.dtype and got.shape == w.shape
+        want = np.asarray(w).view(np.uint16)
+        np.testing.assert_array_equal(got.read().view(np.uint16), want, err_msg=name)
+        if w.ndim == 2:
+            part = got.read((slice(1, 3), slice(5, 9)))
+            np.testing.assert_array_equal(part.view(np.uint16), want[1:3, 5:9], err_msg=name)
+    wq = lazy.weights["layers.0.wq"]
+    assert wq.reads[1] == wq.size  # the largest read: the whole array, above
+    fresh = pallax.load(bf16_checkpoint, lazy=True).weights["layers.0.wq"]
+    fresh.read((slice(0, 2), slice(0, 4)))
+    assert fresh.reads == [8, 8]
+
+
 def test_bf16_round_trip_generates_the_same_tokens(bf16_loaded, compiled_bf16):
     reloaded = pallax.compile(bf16_loaded)
     assert reloaded.passes == compiled_bf16.passes
@@ -323,7 +344,18 @@ def test_packed_weights_round_trip(source, smollm2, smollm2_gguf_path, tmp_path)
     reloaded = pallax.compile(loaded)
     assert reloaded.graph("decode").count("qlinear[") >= 7 * smollm2.config.n_layers
     kw = dict(max_new_tokens=12, ignore_eos=True)
-    want = compiled.generate(PROMPTS[:2], **kw)
-    assert [r.token_ids for r in reloaded.generate(PROMPTS[:2], **kw)] == [
-        r.token_ids for r in want
-    ]
+    want = [r.token_ids for r in compiled.generate(PROMPTS[:2], **kw)]
+    assert [r.token_ids for r in reloaded.generate(PROMPTS[:2], **kw)] == want
+    # lazily: every packed array a LazyWeight reading the same values; compiled without
+    # the shard pass, they are read whole and generate the same tokens
+    from pallax.ir.lazy import LazyWeight
+
+    lazy = pallax.load(tmp_path / "q", lazy=True)
+    for name in packed:
+        a, b = loaded.weights[name], lazy.weights[name]
+        assert isinstance(b, QuantizedWeight) and b.bits == a.bits
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            assert isinstance(y, LazyWeight) and y.dtype == x.dtype
+            np.testing.assert_array_equal(y.read(), np.asarray(x), err_msg=name)
+    lazy = pallax.load(tmp_path / "q", lazy=True)
+    assert [r.token_ids for r in pallax.compile(lazy).generate(PROMPTS[:2], **kw)] == want

@@ -30,7 +30,8 @@ def greedy(model: str, plan: str) -> dict:
         if name == "gguf":  # the GGUF file's own blocks (keep_quantized)
             m = pallax.load(model, keep_quantized=True)
         base = pallax.compile(m, passes=passes)
-        ref = base.score(TEXT, chunk_size=16) if name.startswith(("int", "quantize", "gguf")) else None
+        packed = name.startswith(("int", "quantize", "gguf"))
+        ref = base.score(TEXT, chunk_size=16) if packed else None
         want = [o.token_ids for o in base.generate(PROMPTS, max_new_tokens=8)]
         for mesh in meshes.split(","):
             t, d = map(int, mesh.split("x"))
@@ -48,8 +49,9 @@ def greedy(model: str, plan: str) -> dict:
 
 
 def lazy(model: str) -> dict:
-    """A lazily loaded model placed on meshes: its text against the eagerly loaded model's,
-    and what each placement read of a split weight (every device reads its own slice)."""
+    """A lazily loaded model (the GGUF file; a pallax checkpoint of int8 weights) placed
+    on meshes: its text against the eagerly loaded model's, and what each placement read
+    of a split weight (every device reads its own slice)."""
     eager = pallax.load(model)
     want = [o.text for o in pallax.compile(eager, ["shard:tensor=4:data=2"]).generate(
         PROMPTS, max_new_tokens=8)]  # fmt: skip
@@ -59,10 +61,7 @@ def lazy(model: str) -> dict:
         m = pallax.load(model, lazy=True)
         c = pallax.compile(m, passes)
         got = [o.text for o in c.generate(PROMPTS, max_new_tokens=8)]
-        reads = {name: [m.weights[name].reads[0] / m.weights[name].size,
-                        m.weights[name].reads[1] / m.weights[name].size]
-                 for name in ("embed", "layers.0.wq", "layers.0.w_down")}  # fmt: skip
-        out[",".join(passes)] = {"equal": got == want, "reads": reads,
+        out[",".join(passes)] = {"equal": got == want, "reads": _reads(m),
                                  "placed": type(c.weights["embed"]).__name__}  # fmt: skip
         if passes[0].startswith("cast"):  # bf16: against the eager load's bf16 run
             cast = pallax.compile(eager, passes)
@@ -71,6 +70,34 @@ def lazy(model: str) -> dict:
             ]
             _release(cast)
         _release(c)
+    # a pallax checkpoint of int8 weights: its packed arrays are read by slices too
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, passes = f"{tmp}/int8", ["shard:tensor=4:data=2"]
+        pallax.compile(eager, ["int8"]).save(path)
+        base = pallax.compile(pallax.load(path), passes)
+        want = [o.text for o in base.generate(PROMPTS, max_new_tokens=8)]
+        _release(base)
+        m = pallax.load(path, lazy=True)
+        c = pallax.compile(m, passes)
+        got = [o.text for o in c.generate(PROMPTS, max_new_tokens=8)]
+        placed = type(c.weights["embed"]).__name__
+        out["checkpoint-int8," + passes[0]] = {"equal": got == want, "reads": _reads(m),
+                                               "placed": placed}  # fmt: skip
+        _release(c)
+    return out
+
+
+def _reads(m) -> dict:
+    """What placing read of three weights (a packed one: its int8 data), as fractions of
+    the weight: [all reads, the largest read]."""
+    import jax
+
+    out = {}
+    for name in ("embed", "layers.0.wq", "layers.0.w_down"):
+        leaf = jax.tree.leaves(m.weights[name])[0]
+        out[name] = [leaf.reads[0] / leaf.size, leaf.reads[1] / leaf.size]
     return out
 
 

@@ -60,8 +60,9 @@ def test_smollm2_greedy_equals_unsharded():
 
 @pytest.mark.slow
 def test_a_lazy_model_is_read_slice_by_slice_into_the_mesh():
-    """pallax.load(..., lazy=True) + shard: the same text as the eager load, every device
-    reading only its slice from the GGUF file (each element read once per data replica,
+    """pallax.load(..., lazy=True) + shard: the same text as the eager load (a GGUF file; a
+    pallax checkpoint of int8 weights, packed arrays read by slices), every device
+    reading only its slice from the file (each element read once per data replica,
     no read larger than a shard: SmolLM2's 9 query heads padded to 3 per shard at tensor
     4 and 8), through a bf16 cast too (equal to the eager load's bf16 run)."""
     result = _run("lazy", "smollm2-135m")

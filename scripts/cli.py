@@ -221,20 +221,10 @@ def _generate(args) -> None:
         from pallax.passes import shard
 
         passes = (*passes, shard(**sizes))
-    # Sharded: weights are read from the file where they are placed, each process reading
-    # only its devices' slices (a pallax checkpoint is restored whole by orbax).
-    lazy = sizes is not None and not _is_checkpoint(args.model)
-    model = pallax.load(args.model, lazy=lazy)
+    # Sharded: weights are read from the file (GGUF, safetensors or pallax checkpoint)
+    # where they are placed, each process reading only its devices' slices.
+    model = pallax.load(args.model, lazy=sizes is not None)
     _stream_to_stdout(pallax.compile(model, passes=list(passes)), args)
-
-
-def _is_checkpoint(model: str) -> bool:
-    import pathlib
-
-    from pallax.runtime import checkpoint
-
-    path = pathlib.Path(model).expanduser()
-    return path.is_dir() and checkpoint.is_checkpoint(path)
 
 
 def _run(args) -> None:

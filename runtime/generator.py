@@ -22,7 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallax.runtime import generation as gen
-from pallax.runtime.requests import GenerationResult, Request, build_requests, finish
+from pallax.runtime.requests import (
+    GenerationResult,
+    Request,
+    build_requests,
+    check_sampling_kwargs,
+    finish,
+)
 from pallax.runtime.sampling import pack
 from pallax.sharding.distributed import to_host
 
@@ -58,6 +64,7 @@ class Generator:
         Sampling arguments (temperature, top_k, top_p, min_p, seed, stop,
         stop_token_ids, ignore_eos, max_new_tokens) are scalars or one per prompt.
         """
+        check_sampling_kwargs("generate", kwargs)
         self._check_runnable()
         reqs = build_requests(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
         t0 = time.perf_counter()
@@ -74,6 +81,7 @@ class Generator:
 
     def stream(self, prompt, max_new_tokens: int = 64, **kwargs) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece as tokens are decoded."""
+        check_sampling_kwargs("stream", kwargs)
         self._check_runnable()
         if not isinstance(prompt, (str, list, tuple)):
             raise ValueError(f"stream takes one prompt (a string or token ids), got {type(prompt)}")

@@ -78,6 +78,30 @@ def _per_prompt(name, value, n):
     return [value] * n
 
 
+SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
+                 "stop_token_ids", "ignore_eos")  # fmt: skip
+
+
+class UnknownArgumentError(TypeError, ValueError):
+    """A keyword a public method does not take (a TypeError, as Python raises for one, and a
+    ValueError, as pallax raises for bad input)."""
+
+
+def check_sampling_kwargs(method: str, kwargs: dict) -> None:
+    """Refuse a keyword that is not a sampling argument, naming the method, the keyword
+    and the closest allowed one."""
+    import difflib
+
+    for key in kwargs:
+        if key not in SAMPLING_ARGS:
+            close = difflib.get_close_matches(str(key), SAMPLING_ARGS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UnknownArgumentError(
+                f"{method}() got an unknown keyword argument {key!r}; {hint}"
+                f"its sampling arguments are {', '.join(SAMPLING_ARGS)}"
+            )
+
+
 def build_requests(
     compiled,
     prompts,
@@ -150,6 +174,8 @@ def _stop_strings(stop) -> tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
         raise ValueError(f"stop={stop!r} must be a non-empty string or a list of them")
+    for j, s in enumerate(stop):
+        check_text(s, f"stop string {j}")
     return tuple(stop)
 
 

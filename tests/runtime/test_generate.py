@@ -151,6 +151,14 @@ def test_score_is_independent_of_chunk_size(compiled_fp32):
         (["hi"], dict(top_k=np.int64(2**40)), ValueError, "top_k=.*1099511627776"),
         (["hi"], dict(ignore_eos="no"), ValueError, "ignore_eos='no' must be True or False"),
         (["hi"], dict(ignore_eos=1), ValueError, "ignore_eos=1 must be True or False"),
+        (
+            ["hi"],
+            dict(temprature=0.5),
+            ValueError,
+            "generate\\(\\) got an unknown keyword argument 'temprature'; did you mean "
+            "'temperature'\\?",
+        ),
+        (["hi"], dict(stop=["ok", "\ud800"]), ValueError, "stop string 1 is not valid Unicode"),
     ],
 )
 def test_bad_generate_input(compiled_fp32, prompts, kwargs, exc, match):
@@ -158,6 +166,15 @@ def test_bad_generate_input(compiled_fp32, prompts, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         compiled_fp32.generate(prompts, **kwargs)
     assert len(compiled_fp32._fns) == n  # nothing compiled
+
+
+def test_unknown_keywords_name_the_method_and_the_closest_argument(compiled_fp32):
+    """A misspelt keyword is both a TypeError (as Python raises) and a ValueError."""
+    with pytest.raises(TypeError, match=r"stream\(\) got an unknown keyword argument 'topk'; "
+                       r"did you mean 'top_k'\?"):  # fmt: skip
+        compiled_fp32.stream("hi", topk=3)
+    with pytest.raises(ValueError, match="'colour'; its sampling arguments are max_new_tokens,"):
+        compiled_fp32.generate("hi", colour="red")
 
 
 def test_numpy_scalars_are_accepted(compiled_fp32):

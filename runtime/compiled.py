@@ -32,7 +32,6 @@ del _cpu_kernels, _pallas_kernels
 PREFILL_CHUNK = 512
 MIN_PREFILL = 16
 CACHE_ROUND = 256
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 def _pow2(n: int) -> int:
@@ -116,56 +115,16 @@ class CompiledModel(Generator):
 
     def memory_report(self, budget_bytes: int | None = None, context: int | None = None) -> dict:
         """Weight bytes, KV bytes per token (all layers, one sequence) and fixed KV bytes
-        per sequence (a KIVI residual window, a fixed-size cache), after the passes.
+        per sequence (a KIVI residual window, a fixed-size cache), after the passes;
+        sharded, also what one device holds (`..._per_device`).
 
         With `budget_bytes` (the device memory for weights + KV cache), also the
         largest batch at `context` tokens (default: the model's context length) and the
         largest batch x context (tokens in flight) that fit; activations are not counted.
         """
-        g = self.pipeline_graph()
-        report = {
-            "weight_bytes": g.weight_bytes(),
-            "kv_bytes_per_token": g.cache.bytes_per_token(),
-            "kv_fixed_bytes_per_sequence": g.cache.fixed_bytes(),
-            "kv_layout": g.cache.kind,
-        }
-        mesh = g.meta.get("mesh")
-        data = 1
-        if mesh is not None:  # sharded: what one device holds
-            data = mesh.shape["data"]
-            heads = mesh.shape["tensor"] if "tensor" in tuple(g.meta["cache_spec"]) else 1
-            report.update(
-                mesh=dict(mesh.shape),
-                weight_bytes_per_device=_bytes_per_device(g.weights, g.meta["weight_specs"], mesh),
-                kv_bytes_per_token_per_device=report["kv_bytes_per_token"] / heads,
-                kv_fixed_bytes_per_sequence_per_device=report["kv_fixed_bytes_per_sequence"]
-                / heads,
-            )
-        if budget_bytes is None:
-            if context is not None:
-                raise ValueError("memory_report: context= needs budget_bytes=")
-            return report
-        for name, value in (("budget_bytes", budget_bytes), ("context", context)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"memory_report: {name}={value!r} must be a positive integer")
-        context = self.config.context_length if context is None else context
-        # budget_bytes is one device's memory; a sharded model fills `data` replicas
-        suffix = "_per_device" if mesh is not None else ""
-        free = budget_bytes - report["weight_bytes" + suffix]
-        per_seq = (
-            context * report["kv_bytes_per_token" + suffix]
-            + report["kv_fixed_bytes_per_sequence" + suffix]
-        )
-        batch = data * max(0, int(free // per_seq)) if free > 0 else 0
-        report.update(
-            budget_bytes=budget_bytes,
-            context=context,
-            max_batch=batch,
-            max_batch_x_context=batch * context,
-        )
-        return report
+        from pallax.runtime.cost import memory_report
+
+        return memory_report(self, budget_bytes, context)
 
     @property
     def abstract(self) -> bool:
@@ -200,13 +159,14 @@ class CompiledModel(Generator):
                 f"(passes {rest}) and add shard when compiling what you load"
             )
 
-    def _step(self, step: str, batch: int | None, cache: int | None):
-        """(the jitted step, its abstract arguments) at a shape bucket."""
+    def _step_graph(self, step: str, batch: int | None, cache: int | None, tokens=None):
+        """(the graph of `step` at a shape bucket, batch, tokens, cache length)."""
         if step not in ("prefill", "decode"):
             raise ValueError(f"step={step!r} must be 'prefill' or 'decode'")
         b = self.data_parallel if batch is None else batch
         s = min(CACHE_ROUND, self.config.context_length) if cache is None else cache
-        for name, value in (("batch", b), ("cache", s)):
+        t = tokens if tokens is not None else 1 if step == "decode" else min(MIN_PREFILL, s)
+        for name, value in (("batch", b), ("cache", s), ("tokens", t)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if b % self.data_parallel:
@@ -214,8 +174,13 @@ class CompiledModel(Generator):
         ctx = self.config.context_length
         if s > ctx and not self.unbounded_context:
             raise ValueError(f"cache={s} is longer than the context length {ctx}")
-        t = 1 if step == "decode" else min(MIN_PREFILL, s)
-        graph = self._capture([StepSpec(step, b, t, s)])
+        if t > s or (step == "decode" and t != 1):
+            raise ValueError(f"tokens={t} must be at most cache={s} (1 for decode)")
+        return self._capture([StepSpec(step, b, t, s)]), b, t, s
+
+    def _step(self, step: str, batch: int | None, cache: int | None):
+        """(the jitted step, its abstract arguments) at a shape bucket."""
+        graph, b, t, s = self._step_graph(step, batch, cache)
         fn = jax.jit(lambda w, cache, *rest: graph.run(step, w, cache, *rest))
         rows = jax.ShapeDtypeStruct((b,), jnp.int32)
         rest = [jax.ShapeDtypeStruct((b, t), jnp.int32), rows]  # tokens, positions
@@ -243,16 +208,19 @@ class CompiledModel(Generator):
         """How many of each cross-device collective one `step` ("prefill" or "decode")
         runs: counted in XLA's compiled module on this machine, or with `platform` (and
         always for abstract weights) in the StableHLO lowered for it. 0s unsharded."""
-        import re
+        from pallax.runtime.cost import collectives
 
-        if platform is None and not self.abstract:
-            fn, args = self._step(step, None, None)
-            hlo = fn.lower(*args).compile().as_text()
-            # "%x = f32[..] all-reduce(" or, combined, "= (f32[..], f32[..]) all-reduce-start("
-            return {op: len(re.findall(rf"\s{op}(-start)?\(", hlo)) for op in COLLECTIVES}
-        text = self.lower(step, (platform or "tpu",)).mlir_module()
-        return {op: len(re.findall(rf"stablehlo\.{op.replace('-', '_')}\b", text))
-                for op in COLLECTIVES}  # fmt: skip
+        return collectives(self, step, platform)
+
+    def cost(self, step="decode", platform="cpu", *, batch=None, cache=None, tokens=None,
+             targets=None):  # fmt: skip
+        """Flops and bytes moved per op of one `step` ("prefill" or "decode") at `batch`,
+        `cache` length and prefill `tokens` (defaults as `lower`), and its roofline time
+        on `targets` (`runtime.cost.TARGETS`; default the platform's: "cpu" this machine
+        measured, "cuda" an H100, "tpu" a TPU v5e): a `runtime.cost.CostReport`."""
+        from pallax.runtime.cost import step_cost
+
+        return step_cost(self, step, platform, (batch, cache, tokens), targets)
 
     @property
     def weights(self):
@@ -363,24 +331,6 @@ class CompiledModel(Generator):
             return functools.partial(_allocate, graph, rows, s), chunk
 
         return self._timed(("score", t, s), build)
-
-
-def _bytes_per_device(weights, specs, mesh) -> int:
-    """Bytes of the weights one device holds: each array divided by its split."""
-    from jax.sharding import PartitionSpec
-
-    from pallax.passes.shard import leaf_specs
-
-    total = 0
-    for name, w in weights.items():
-        tree = leaf_specs(w, specs[name])
-        leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
-        for leaf, spec in zip(jax.tree.leaves(w), leaves, strict=True):
-            split = 1
-            for axis in spec:
-                split *= mesh.shape[axis] if axis is not None else 1
-            total += int(leaf.size) * leaf.dtype.itemsize // split
-    return total
 
 
 def _allocate(graph: Graph, batch: int, seq: int, abstract: bool = False):

@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--lower", default="",
                     help="also lower the decode step for these platforms (cpu,cuda,tpu) and "
                          "print its collectives")  # fmt: skip
+    pl.add_argument("--cost", default="",
+                    help="print the decode step's flops, bytes and roofline time per op on "
+                         "these targets (cpu,h100,tpu-v5e), at --batch and --context")  # fmt: skip
+    pl.add_argument("--batch", type=int, default=None, help="the batch for --cost")
 
     i = sub.add_parser("inspect", help="print the graph before and after each pass")
     _add_model_args(i)
@@ -277,16 +281,23 @@ def _plan(args) -> None:
         if not (math.isfinite(args.budget_gib) and args.budget_gib > 0):
             raise ValueError(f"--budget-gib={args.budget_gib} must be positive")
         budget = int(args.budget_gib * 2**30)
-    if args.context is not None and budget is None:
-        raise ValueError("--context needs --budget-gib")
+    targets = [t.strip() for t in args.cost.split(",") if t.strip()]
+    from pallax.runtime.cost import TARGETS
+
+    if any(t not in TARGETS for t in targets):
+        raise ValueError(f"--cost={args.cost!r}: unknown cost target; known: {list(TARGETS)}")
+    if args.context is not None and budget is None and not targets:
+        raise ValueError("--context needs --budget-gib or --cost")
     compiled = pallax.compile(pallax.load(args.model, abstract=True), passes=passes)
-    report = compiled.memory_report(budget_bytes=budget, context=args.context)
+    report = compiled.memory_report(budget_bytes=budget, context=budget and args.context)
     for key, value in report.items():
         print(f"{key:40s} {value}")
     for platform in lower:
         counts = compiled.collectives("decode", platform=platform)
         print(f"{'decode collectives on ' + platform:40s} "
               + ", ".join(f"{k} {v}" for k, v in counts.items() if v))  # fmt: skip
+    if targets:
+        print(compiled.cost("decode", batch=args.batch, cache=args.context, targets=targets))
 
 
 def _inspect(args) -> None:

@@ -82,7 +82,8 @@ def test_cli_inspect_prints_before_and_after(smollm2_gguf_path, capsys):
         ),
         (["generate", "hi", "--local-devices", "4"], "--local-devices applies to a multi-process"),
         (["plan", "llama-3-8b", "--budget-gib", "inf"], "--budget-gib=inf must be positive"),
-        (["plan", "llama-3-8b", "--context", "4096"], "--context needs --budget-gib"),
+        (["plan", "llama-3-8b", "--context", "4096"], "--context needs --budget-gib or --cost"),
+        (["plan", "llama-3-8b", "--cost", "a100"], "--cost='a100': unknown cost target"),
         (["plan", "llama-3-8b", "--lower", "gpu"], "platforms are cpu, cuda, tpu"),
     ],
 )
@@ -192,7 +193,18 @@ def test_cli_plan_reports_memory_per_device(capsys):
     rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert rows["mesh"] == "{'data': 1, 'tensor': 8}"
     whole, per_device = int(rows["weight_bytes"]), int(rows["weight_bytes_per_device"])
-    # norms and the per-row scales of row-parallel int8 weights are replicated
+    # the norms are replicated
     assert per_device == pytest.approx(whole / 8, rel=2e-3)
     assert float(rows["kv_bytes_per_token_per_device"]) * 8 == float(rows["kv_bytes_per_token"])
     assert int(rows["max_batch"]) > 0
+
+
+def test_cli_plan_prints_the_roofline_cost(capsys):
+    argv = ["plan", "llama-3-8b", "--passes", "int8", "--shard", "tensor=8", "--cost",
+            "h100,tpu-v5e", "--batch", "8", "--context", "4096"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "decode: batch 8 x 1 tokens, cache 4096 (per device)" in out
+    total = next(line for line in out.splitlines() if line.startswith("total")).split()
+    h100, v5e = float(total[-2]), float(total[-1])
+    assert 0 < h100 < v5e  # microseconds per step; the H100 has 4x the bandwidth

@@ -391,7 +391,8 @@ def _lazy_arrays(directory: pathlib.Path, abstract: dict) -> dict:
     def lazy(keys, a):
         key = ".".join(keys)
         if meta.get("use_ocdbt", True):
-            store = {"driver": "ocdbt", "base": directory.as_uri(), "path": key}
+            base = {"driver": "file", "path": f"{directory}/"}
+            store = {"driver": "ocdbt", "base": base, "path": key}
         else:
             store = {"driver": "file", "path": str(directory / key)}
         return from_tensorstore({"driver": driver, "kvstore": store}, a.shape, a.dtype,

@@ -81,10 +81,18 @@ def test_a_lazy_model_is_read_slice_by_slice_into_the_mesh():
 @pytest.mark.slow
 def test_gemma3_greedy_equals_unsharded():
     """Gemma 3 (4 query / 1 KV head: the KV head replicated, query heads padded at
-    tensor 8; sliding-window layers), float32 on every mesh and a KIVI-2 cache."""
-    result = _run("greedy", "gemma-3-270m", f"fp32={EVERY};kivi2=4x2")
+    tensor 8; sliding-window layers), float32 on every mesh and a KIVI-2 cache.
+
+    int8 drifts here even in the exact layout: XLA fuses Gemma's float glue differently
+    around shard_map (float32 scores differ by ~5e-6 on a one-device mesh already) and
+    Gemma's large activations carry that across int8 rounding steps (measured: mean
+    |dlogprob| 0.025 at 2x4, 0.029 at 8x1; 8 and 6 of 8 greedy rows equal)."""
+    result = _run("greedy", "gemma-3-270m", f"fp32={EVERY};kivi2=4x2;int8=8x1")
     for key, r in result.items():
-        assert r["equal"], (key, r)
+        if key.startswith("int8"):
+            assert r["mean_dlogprob"] < 0.05 and r["rows_equal"] >= 5, (key, r)
+        else:
+            assert r["equal"], (key, r)
 
 
 @pytest.mark.slow

@@ -185,6 +185,10 @@ def main(argv=None) -> int:
     for c, passes in pipelines.items():  # bad pass names fail here, before any timing
         pallax.compile(kept if c.split(" ")[0] == "gguf" else model, passes=passes)
     n = args.new_tokens
+    from pallax.runtime.cost import measured_cpu
+
+    bandwidth = measured_cpu().bandwidth  # measured in this run, before any timing
+    print(f"memory bandwidth (a streaming read through XLA, this run): {bandwidth / 1e9:.1f} GB/s")
     for b in args.batch:
         prompts = _prompts(b, args.prompt_len, model.config.vocab_size)
         engines, compile_s = {}, {}
@@ -201,7 +205,11 @@ def main(argv=None) -> int:
         base = result.get("transformers fp32", (None,))[0]
         peer = result.get("llama.cpp (gguf)", (None,))[0]
         for name, (decode, e2e) in result.items():
-            _print_row(b, name, decode, e2e, compile_s.get(name), base, peer)
+            moved = None
+            if name in compile_s:  # a pallax pipeline: its weights are read once per step
+                weights = engines[name].compiled.memory_report()["weight_bytes"]
+                moved = (weights * decode / b, bandwidth)
+            _print_row(b, name, decode, e2e, compile_s.get(name), base, peer, moved)
         for name, gen in engines.items():
             if "+shard" in name and b == args.batch[0]:
                 counts = gen.compiled.collectives("decode")
@@ -270,12 +278,17 @@ def _virtual_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
-def _print_row(b, name, decode, e2e, comp, base, peer):
+def _print_row(b, name, decode, e2e, comp, base, peer, moved=None):
+    """One result; `moved`: (weight bytes per second at the decode rate, the measured
+    bandwidth), printed as GB/s and the fraction of that bandwidth."""
     vs_hf = f"{decode / base:5.2f}x" if base else "   - "
     vs_lc = f" | vs llama.cpp {decode / peer:5.2f}x" if peer else ""
     comp_s = f"{comp:6.1f}s" if comp is not None else "     -"
+    bw = ""
+    if moved:
+        bw = f" | weights {moved[0] / 1e9:6.1f} GB/s ({moved[0] / moved[1]:4.0%} of bandwidth)"
     print(f"batch {b:2d} | {name:30s} | decode {decode:7.1f} tok/s | end-to-end {e2e:7.1f} tok/s "
-          f"| vs transformers {vs_hf}{vs_lc} | compile {comp_s}")  # fmt: skip
+          f"| vs transformers {vs_hf}{vs_lc} | compile {comp_s}{bw}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -289,7 +289,8 @@ def _plan(args) -> None:
     if args.context is not None and budget is None and not targets:
         raise ValueError("--context needs --budget-gib or --cost")
     compiled = pallax.compile(pallax.load(args.model, abstract=True), passes=passes)
-    report = compiled.memory_report(budget_bytes=budget, context=budget and args.context)
+    context = args.context if budget is not None else None  # --context alone: for --cost
+    report = compiled.memory_report(budget_bytes=budget, context=context)
     for key, value in report.items():
         print(f"{key:40s} {value}")
     for platform in lower:

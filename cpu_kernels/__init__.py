@@ -1,6 +1,6 @@
 """C++ kernels for XLA:CPU, called through `jax.ffi`: the quantized matmul (qmatmul.cc),
-the bfloat16-weight matmul (bf16_matmul.cc, decode-sized `linear` / `lm_head`) and
-single-token attention that writes the KV cache in place (attention.cc).
+the float-weight matmuls (bf16_matmul.cc: bfloat16 and float32 weights, decode-step
+`linear` / `lm_head`) and single-token attention that writes the KV cache in place (attention.cc).
 
 XLA:CPU has no fused dequantize-matmul: int4 weights are widened to float32 inside the
 step and int8 ones run as an int8 x int8 dot. `qmatmul_cpu` instead multiplies the
@@ -12,10 +12,13 @@ threads (parallel.h; `PALLAX_CPU_THREADS` caps them). They are compiled on first
 (build.py); `PALLAX_CPU_KERNELS=0` disables them.
 
 `register()` (run on import) makes the kernel the CPU lowering of the `qlinear` op for
-decode-sized inputs, up to `MAX_ROWS` rows; larger ones (prefill) and layouts the kernel
-does not cover keep the XLA lowering (`primitives.qmatmul_xla`). The two differ by the
-kernel's activation quantization: per 32-block here, per row (per-channel int8) or none
-(groups) in XLA. `attention` lowers to the attention kernel for T = 1 over float32 or
+every row count (batch-invariant, the default: `primitives.base.BATCH_INVARIANT`; at 512
+rows it is within 10% of XLA's dequantize-and-GEMM on the development machine, faster
+below 128), or, batch-variant, for decode-sized inputs up to `MAX_ROWS` rows; layouts the
+kernel does not cover keep the XLA lowering (`primitives.qmatmul_xla`). The two differ by
+the kernel's activation quantization: per 32-block here, per row (per-channel int8) or
+none (groups) in XLA. Float `linear` / `lm_head` run decode steps in the float kernels
+(batch-variant: bfloat16 weights up to `BF16_MAX_ROWS` rows) and prefill in XLA's GEMM. `attention` lowers to the attention kernel for T = 1 over float32 or
 bfloat16 caches (`use_attention_kernel`).
 
 `jax.export` refuses the kernels' custom calls (they have no compatibility guarantee):
@@ -129,20 +132,24 @@ MAX_ROWS = {"int4": 64, "int8_groups": 64, "int8_channel": 64}
 
 
 def use_kernel(rows: int, bits: int, group_size: int, groups: int) -> bool:
-    """Whether qlinear's CPU lowering multiplies `rows` rows in the kernel."""
+    """Whether qlinear's CPU lowering multiplies `rows` rows in the kernel (any row count
+    when batch-invariant: its rows do not depend on each other)."""
     kind = "int4" if bits == 4 else ("int8_channel" if groups == 1 else "int8_groups")
-    return rows <= MAX_ROWS[kind] and supported(bits, group_size, groups) and available()
+    fits = ops.base.BATCH_INVARIANT or rows <= MAX_ROWS[kind]
+    return fits and supported(bits, group_size, groups) and available()
 
 
 def _qlinear_cpu_rule(x, data, scale, *rest, **params):
     rows = math.prod(x.shape[:-1])
 
-    def matmul(x2, data, scale, off, *, bits, group_size, absmax=None, total_rows=None):
+    def matmul(x2, data, scale, off, *, bits, group_size, absmax=None, total_rows=None,
+               per_token=True):  # fmt: skip
         whole = rows if total_rows is None else total_rows  # a data shard decides as the op
         if use_kernel(whole, bits, group_size, scale.shape[1]):  # activations per 32-block
             return _qmatmul_ffi(x2, data, scale, off, bits=bits, group_size=group_size)
         return ops.qmatmul_xla(x2, data, scale, off, bits=bits, group_size=group_size,
-                               absmax=absmax, total_rows=total_rows)  # fmt: skip
+                               absmax=absmax, total_rows=total_rows,
+                               per_token=per_token)  # fmt: skip
 
     return ops.qlinear_frame(matmul, x, data, scale, *rest, **params)
 
@@ -163,40 +170,64 @@ def bf16_matmul(x, w) -> jax.Array:
         )
     if not available():
         return ops._dot_rows(x.astype(jnp.float32), ops.widen(w), x.shape[0])
-    return _bf16_ffi(x, w)
+    return _float_ffi(x, w)
 
 
-def _bf16_ffi(x, w, suffix=""):
+TARGET_F32 = "pallax_f32_matmul"
+
+
+def f32_matmul(x, w) -> jax.Array:
+    """x [R, I] @ w.T for a float32 weight w [O, I] -> float32 [R, O], each row reduced in
+    one order whatever the rows beside it: the FFI kernel when `available()`, else XLA's
+    GEMM (rows padded to two)."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or w.dtype != jnp.float32:
+        raise ValueError(
+            f"f32_matmul: x {x.shape} and w {w.dtype}{w.shape}: need [R, I], float32 [O, I]"
+        )
+    if not available():
+        return ops._dot_rows(x.astype(jnp.float32), w, x.shape[0])
+    return _float_ffi(x, w)
+
+
+def _float_ffi(x, w, suffix=""):
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET_BF16 + suffix, out)(x.astype(jnp.float32), w)
+    target = TARGET_BF16 if w.dtype == jnp.bfloat16 else TARGET_F32
+    return jax.ffi.ffi_call(target + suffix, out)(x.astype(jnp.float32), w)
 
 
-# Rows up to which bf16 linear / lm_head use the kernel. SmolLM2 decode, 2 cores: batch 1
+# Batch-variant only: rows up to which bf16 linear / lm_head use the kernel. SmolLM2 decode, 2 cores: batch 1
 # 37.8 -> 62.8 tok/s with it (fp32 40.2); at batch 8 XLA's widened dot does better than
 # the kernel (175 against 158 tok/s; fp32 ~195), where the 30 x 7 small matmuls are
 # compute-bound and XLA's GEMM is the better-tuned one.
 BF16_MAX_ROWS = 4
 
 
-def use_bf16_kernel(rows: int, w) -> bool:
-    """Whether a linear / lm_head of `rows` rows against weight `w` runs in the kernel:
-    bfloat16 weights, decode at small batch (XLA serves larger batches and prefill)."""
-    return w.dtype == jnp.bfloat16 and 1 <= rows <= BF16_MAX_ROWS and available()
+def use_float_kernel(x, w) -> bool:
+    """Whether a linear / lm_head of x [..., D] against weight `w` runs in a float kernel.
+    Batch-invariant: a decode step's rows (`per_token`, any batch) of bfloat16 or float32
+    weights; prefill runs XLA's GEMM. Batch-variant: bfloat16 weights up to BF16_MAX_ROWS
+    rows (XLA serves larger batches and prefill)."""
+    rows = math.prod(x.shape[:-1])
+    if ops.base.BATCH_INVARIANT:
+        ok = w.dtype in (jnp.bfloat16, jnp.float32) and ops.base.per_token(x) and rows >= 1
+    else:
+        ok = w.dtype == jnp.bfloat16 and 1 <= rows <= BF16_MAX_ROWS
+    return ok and available()
 
 
 def _linear_cpu_rule(x, w):
-    rows = math.prod(x.shape[:-1])
-    if not use_bf16_kernel(rows, w):
+    if not use_float_kernel(x, w):
         return ops.linear_reference(x, w)
-    y = _bf16_ffi(x.reshape(rows, x.shape[-1]), w)
+    rows = math.prod(x.shape[:-1])
+    y = _float_ffi(x.reshape(rows, x.shape[-1]), w)
     return y.reshape(*x.shape[:-1], w.shape[0]).astype(x.dtype)
 
 
 def _lm_head_cpu_rule(x, table, *, softcap):
-    rows = math.prod(x.shape[:-1])
-    if not use_bf16_kernel(rows, table):
+    if not use_float_kernel(x, table):
         return ops.lm_head_reference(x, table, softcap=softcap)
-    logits = _bf16_ffi(x.reshape(rows, x.shape[-1]), table).reshape(*x.shape[:-1], -1)
+    rows = math.prod(x.shape[:-1])
+    logits = _float_ffi(x.reshape(rows, x.shape[-1]), table).reshape(*x.shape[:-1], -1)
     return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
 
 
@@ -280,6 +311,7 @@ def register() -> None:
 register()
 
 __all__ = [
-    "BF16_MAX_ROWS", "MAX_ROWS", "available", "bf16_matmul", "decode_attention_cpu", "qmatmul_cpu",
-    "register", "supported", "use_attention_kernel", "use_bf16_kernel", "use_kernel",
+    "BF16_MAX_ROWS", "MAX_ROWS", "available", "bf16_matmul", "decode_attention_cpu",
+    "f32_matmul", "qmatmul_cpu", "register", "supported", "use_attention_kernel",
+    "use_float_kernel", "use_kernel",
 ]  # fmt: skip

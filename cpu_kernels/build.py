@@ -35,6 +35,7 @@ TARGETS = {
     "pallax_qmatmul": "PallaxQMatmul",
     "pallax_qmatmul_offset": "PallaxQMatmulOffset",
     "pallax_bf16_matmul": "PallaxBf16Matmul",
+    "pallax_f32_matmul": "PallaxF32Matmul",
     "pallax_decode_attention": "PallaxDecodeAttention",
 }
 COMPILE_TIMEOUT_S = 300

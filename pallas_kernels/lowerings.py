@@ -131,8 +131,10 @@ def _qlinear_rule(x, data, scale, *rest, platform, **params):
     first, and the kernel multiplies their (exact, float32) dequantized values.
     """
 
-    def matmul(x2, data, scale, off, *, bits, group_size, absmax=None, total_rows=None):
-        del total_rows  # the kernel's method does not depend on the row count
+    def matmul(
+        x2, data, scale, off, *, bits, group_size, absmax=None, total_rows=None, per_token=True
+    ):
+        del total_rows, per_token  # the kernel's method does not depend on the rows
         if bits == 8 and off is None and scale.shape[1] == 1:
             xq, xs = ops.quantize_rows(x2, absmax)
             x2 = xq.astype(jnp.float32) * xs

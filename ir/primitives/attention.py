@@ -13,6 +13,7 @@ from jax.core import ShapedArray
 from pallax.ir.kvcache import core
 from pallax.ir.kvcache.dense import DENSE, Dense
 from pallax.ir.kvcache.full import FULL, Full
+from pallax.ir.primitives import base
 from pallax.ir.primitives.base import F32, _define
 
 
@@ -39,6 +40,9 @@ def attention_core(q, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
     kv, s = k_cache.shape[1], k_cache.shape[2]
     if t == 1:
         return _decode_attention_core(q, k_cache, v_cache, pos, scale, sliding_window, softcap)
+    if base.BATCH_INVARIANT:
+        return tiled_attention(q, k_cache, v_cache, pos, scale=scale,
+                               sliding_window=sliding_window, softcap=softcap)  # fmt: skip
     qg = q.astype(F32).reshape(b, t, kv, n // kv, h) * scale
     logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k_cache.astype(F32), preferred_element_type=F32)
     if softcap is not None:
@@ -48,6 +52,67 @@ def attention_core(q, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_cache.astype(F32), preferred_element_type=F32)
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+# Tiles of the batch-invariant prefill attention: queries by TILE_Q, keys by TILE_K.
+TILE_Q, TILE_K = 16, 128
+
+
+def tiled_attention(q, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
+    """`attention_core` for T > 1 as FlashAttention tiles it: the keys in blocks of TILE_K
+    at fixed cache positions, visited in order with an online softmax, and the queries in
+    tiles of TILE_Q, so that every dot and every sum has one shape whatever B, T and S are.
+
+    XLA:CPU picks a dot's algorithm (and so its summation order) by the dot's shape: the
+    one-shot form gives a query different bits in a 16-token chunk than in a 128-token
+    one, or over a longer cache. Here a query row's result depends on its own tokens,
+    its position modulo TILE_Q and the cache up to it: key blocks past it are fully
+    masked and leave the running max, sum and output exactly as they were. The loop
+    stops at the last block any query of the call can see.
+    """
+    b, t, n, h = q.shape
+    kv, s = k_cache.shape[1], k_cache.shape[2]
+    g = n // kv
+    tp, sp = -(-t // TILE_Q) * TILE_Q, -(-s // TILE_K) * TILE_K
+    tb, rows = tp // TILE_Q, TILE_Q * g
+    qf = jnp.pad(q.astype(F32), ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+    # [B, K, Tb, TILE_Q * G, H]: a tile's rows ordered (query, group)
+    qg = qf.reshape(b, tb, TILE_Q, kv, g, h).transpose(0, 3, 1, 2, 4, 5).reshape(
+        b, kv, tb, rows, h) * scale  # fmt: skip
+    kc = jnp.pad(k_cache.astype(F32), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
+    vc = jnp.pad(v_cache.astype(F32), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
+    q_pos = pos[:, None] + jnp.arange(tp, dtype=jnp.int32)[None, :]  # [B, Tp]
+    q_pos = jnp.repeat(q_pos.reshape(b, 1, tb, TILE_Q), g, axis=-1)[..., None]  # [B,1,Tb,R,1]
+    offsets = jnp.arange(TILE_K, dtype=jnp.int32)
+
+    def block(j, carry):
+        m, l, acc = carry  # running max, sum [B, K, Tb, R]; output [B, K, Tb, R, H]
+        kb, vb = (jnp.broadcast_to(lax.dynamic_slice_in_dim(c, j * TILE_K, TILE_K, axis=2)[
+            :, :, None], (b, kv, tb, TILE_K, h)) for c in (kc, vc))  # fmt: skip
+        logits = jnp.einsum("BKTRH,BKTSH->BKTRS", qg, kb, preferred_element_type=F32)
+        if softcap is not None:
+            logits = softcap * jnp.tanh(logits / softcap)
+        k_pos = j * TILE_K + offsets
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        logits = jnp.where(mask, logits, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row that saw no key yet
+        corr = jnp.exp(m - m_safe)
+        p = jnp.exp(logits - m_safe[..., None])
+        l = l * corr + base.row_sum(p)
+        pv = jnp.einsum("BKTRS,BKTSH->BKTRH", p, vb, preferred_element_type=F32)
+        return m_new, l, acc * corr[..., None] + pv
+
+    init = (jnp.full((b, kv, tb, rows), -jnp.inf, F32), jnp.zeros((b, kv, tb, rows), F32),
+            jnp.zeros((b, kv, tb, rows, h), F32))  # fmt: skip
+    last = jnp.max(pos) + tp  # keys past every query's position are never seen
+    blocks = jnp.minimum((last + TILE_K - 1) // TILE_K, sp // TILE_K)
+    _, l, acc = lax.fori_loop(0, blocks, block, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    out = out.reshape(b, kv, tb, TILE_Q, g, h).transpose(0, 2, 3, 1, 4, 5).reshape(b, tp, n, h)
+    return out[:, :t].astype(q.dtype)
 
 
 def _decode_attention_core(q, k_cache, v_cache, pos, scale, sliding_window, softcap):

@@ -26,7 +26,48 @@ from jax.interpreters import mlir
 
 F32 = jnp.float32
 MLP_KINDS = ("swiglu", "geglu_tanh")
-SKINNY_ROWS = 64  # up to this many rows, linear/lm_head use the transposed dot (_dot_rows)
+SKINNY_ROWS = 64  # batch-variant: up to this many rows, _dot_rows uses the transposed dot
+
+# Batch invariance (on by default): every matmul reduces each row in an order fixed by the
+# row alone, so a request's tokens never depend on what else is in its batch. The method
+# of a matmul is chosen by the role of its rows (`per_token`: a decode step's one token per
+# sequence, or a prefill chunk's tokens), never by how many rows there are. Each method is
+# row-invariant: XLA:CPU's float GEMM from two rows up (one row would take its
+# matrix-vector product, which sums in another order: it is padded to two), the C++
+# kernels of pallax.cpu_kernels, integer dots. False restores the row-count thresholds
+# (SKINNY_ROWS here; MAX_ROWS, BF16_MAX_ROWS in cpu_kernels), a little faster at some batch
+# sizes and not invariant. Read when a step is traced: set it before compiling.
+BATCH_INVARIANT = True
+
+
+def batch_invariant() -> bool:
+    return BATCH_INVARIANT
+
+
+def row_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis, batch-invariant: in lanes of 16 (more past 1,024 elements)
+    added chunk by chunk in order, then the lanes halved pairwise. Elementwise adds, which
+    XLA does not reorder, so the order is fixed by the row's length alone; `jnp.sum` lets
+    XLA:CPU vectorize a reduction differently for one row than for eight."""
+    if not BATCH_INVARIANT:
+        return jnp.sum(x, axis=-1)
+    d, lanes = x.shape[-1], 16
+    while d > 64 * lanes:
+        lanes *= 2
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -d % lanes)])
+    acc = x[..., :lanes]
+    for c in range(1, x.shape[-1] // lanes):
+        acc = acc + x[..., c * lanes : (c + 1) * lanes]
+    while lanes > 1:
+        lanes //= 2
+        acc = acc[..., :lanes] + acc[..., lanes:]
+    return acc[..., 0]
+
+
+def per_token(x) -> bool:
+    """Whether x [..., T, D] is a decode step's rows: one token per sequence (T = 1, or a
+    2-D [R, D] of independent rows), rather than a prefill chunk's tokens."""
+    return x.ndim < 3 or x.shape[-2] == 1
 
 
 def widen(w: jax.Array) -> jax.Array:
@@ -64,9 +105,16 @@ def _dot_rows(x, w, rows):
     One row is a GEMV over contiguous weight rows. From 2 to a few dozen rows,
     computing w @ x.T ([O, R]) and transposing afterwards is 1.3-2x faster than
     x @ w.T, but only if XLA is kept from fusing the transpose back into the dot
-    (it then picks the slow kernel again): hence the optimization barrier.
+    (it then picks the slow kernel again): hence the optimization barrier. That is the
+    batch-variant form; under BATCH_INVARIANT every row count runs the GEMM.
     `scripts/bench_matvec.py` measures both forms.
     """
+    if BATCH_INVARIANT:  # XLA's GEMM, whose rows do not depend on each other; one row padded
+        x2 = x.reshape(rows, x.shape[-1])
+        if rows == 1:
+            x2 = jnp.concatenate([x2, jnp.zeros_like(x2)])
+        y = jnp.einsum("ri,oi->ro", x2, w, preferred_element_type=F32)[:rows]
+        return y.reshape(*x.shape[:-1], w.shape[0])
     if rows < 2 or rows > SKINNY_ROWS:
         return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=F32)
     x2 = x.reshape(rows, x.shape[-1])

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.core import ShapedArray
 
+from pallax.ir.primitives import base
 from pallax.ir.primitives.base import F32, MLP_KINDS, SKINNY_ROWS, _define, _dot_rows, widen
 
 
@@ -19,9 +20,10 @@ def linear_reference(x, w):
     product of two contiguous rows, which XLA:CPU runs ~20% faster at batch 1.
     """
     rows = math.prod(x.shape[:-1])
-    if w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16 and rows > SKINNY_ROWS:
-        # Prefill-sized: XLA:CPU's native bf16 GEMM. Decode-sized (up to SKINNY_ROWS
-        # rows): the widened float32 dot of _dot_rows reads the weights faster.
+    native = not base.per_token(x) if base.BATCH_INVARIANT else rows > SKINNY_ROWS
+    if w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16 and native:
+        # Prefill (batch-variant: over SKINNY_ROWS rows): XLA:CPU's native bf16 GEMM.
+        # Decode: the widened float32 dot of _dot_rows reads the weights faster.
         y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=F32)
     else:
         y = _dot_rows(x.astype(F32), widen(w), rows)

@@ -6,14 +6,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.core import ShapedArray
 
-from pallax.ir.primitives.base import F32, _define, widen
+from pallax.ir.primitives.base import F32, _define, row_sum, widen
 
 
 # ------------------------------------------------------------------------ rms_norm
 def rms_norm_reference(x, w, *, eps):
     """x [..., D], w [D] -> x.dtype; statistics in float32."""
     x32 = x.astype(F32)
-    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    var = row_sum(x32 * x32)[..., None] / x.shape[-1]  # batch-invariant (base.row_sum)
     return (x32 * lax.rsqrt(var + eps) * widen(w)).astype(x.dtype)
 
 

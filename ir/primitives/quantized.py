@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.core import ShapedArray
 
+from pallax.ir.primitives import base
 from pallax.ir.primitives.base import F32, SKINNY_ROWS, _define, _dot_rows
 
 # ------------------------------------------------------------------------- qlinear
@@ -88,7 +89,9 @@ def qlinear_frame(
     on as `matmul(..., absmax=)` for per-row activation quantization. `rows`, when set,
     is the row count of the whole op that x is a data-parallel shard of: the lowerings
     choose their method (which changes how activations are quantized) by it, so a shard
-    computes what the whole op would (`matmul(..., total_rows=)`).
+    computes what the whole op would (`matmul(..., total_rows=)`). `matmul(..., per_token=)`
+    says whether x is a decode step's rows (`base.per_token`): under batch invariance the
+    lowerings choose by that instead.
     """
     rest = list(rest)
     absmax = rest.pop() if row_absmax else None
@@ -104,7 +107,9 @@ def qlinear_frame(
     padded = scale.shape[1] * group_size
     if padded > d_in:
         x2 = jnp.pad(x2, ((0, 0), (0, padded - d_in)))
-    kw = {} if absmax is None else {"absmax": absmax.reshape(rows_here, 1)}
+    kw = {"per_token": base.per_token(x)}
+    if absmax is not None:
+        kw["absmax"] = absmax.reshape(rows_here, 1)
     if rows is not None:
         kw["total_rows"] = rows
     y = matmul(x2, data, scale, off, bits=bits, group_size=group_size, **kw)
@@ -113,7 +118,9 @@ def qlinear_frame(
     return y.reshape(*lead, data.shape[0]).astype(out_dtype or x.dtype)
 
 
-def qmatmul_xla(x2, data, scale, off, *, bits, group_size, absmax=None, total_rows=None):
+def qmatmul_xla(
+    x2, data, scale, off, *, bits, group_size, absmax=None, total_rows=None, per_token=True
+):
     """x2 [R, G * g] float32 against a packed weight -> [R, O] float32, in XLA ops.
 
     Per-output-channel int8 (LLM.int8()'s vector-wise scheme) runs as W8A8 up to
@@ -125,10 +132,13 @@ def qmatmul_xla(x2, data, scale, off, *, bits, group_size, absmax=None, total_ro
     activations costs SmolLM2 +4.0% perplexity against +0.6% through the CPU kernel's
     per-32 blocks (scripts/eval_ppl.py, --chunk-size 128 vs 64). Group-wise weights
     (int4, or int8 kept from a GGUF file) are unpacked and dequantized inside the
-    step, in a fusion that reads the packed bytes, and multiplied in float32.
+    step, in a fusion that reads the packed bytes, and multiplied in float32. Under
+    batch invariance (`base.BATCH_INVARIANT`) W8A8 serves decode steps (`per_token`) and
+    the weight-only product prefill, at any row count: both are row-invariant.
     """
     rows = x2.shape[0] if total_rows is None else total_rows
-    if bits == 8 and off is None and scale.shape[1] == 1 and rows <= SKINNY_ROWS:
+    w8a8 = per_token if base.BATCH_INVARIANT else rows <= SKINNY_ROWS
+    if bits == 8 and off is None and scale.shape[1] == 1 and w8a8:
         return _w8a8(x2, data, scale, absmax)
     w = dequantize_groups(
         data, scale, off, bits=bits, group_size=group_size, in_features=x2.shape[1], padded=True

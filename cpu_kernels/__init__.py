@@ -18,8 +18,9 @@ below 128), or, batch-variant, for decode-sized inputs up to `MAX_ROWS` rows; la
 kernel does not cover keep the XLA lowering (`primitives.qmatmul_xla`). The two differ by
 the kernel's activation quantization: per 32-block here, per row (per-channel int8) or
 none (groups) in XLA. Float `linear` / `lm_head` run decode steps in the float kernels
-(batch-variant: bfloat16 weights up to `BF16_MAX_ROWS` rows) and prefill in XLA's GEMM. `attention` lowers to the attention kernel for T = 1 over float32 or
-bfloat16 caches (`use_attention_kernel`).
+(batch-variant: bfloat16 weights up to `BF16_MAX_ROWS` rows) and prefill in XLA's GEMM.
+`attention` lowers to the attention kernel for T = 1 over float32 or bfloat16 caches
+(`use_attention_kernel`).
 
 `jax.export` refuses the kernels' custom calls (they have no compatibility guarantee):
 export a CPU module with `PALLAX_CPU_KERNELS=0` set while lowering, or pass
@@ -195,10 +196,10 @@ def _float_ffi(x, w, suffix=""):
     return jax.ffi.ffi_call(target + suffix, out)(x.astype(jnp.float32), w)
 
 
-# Batch-variant only: rows up to which bf16 linear / lm_head use the kernel. SmolLM2 decode, 2 cores: batch 1
-# 37.8 -> 62.8 tok/s with it (fp32 40.2); at batch 8 XLA's widened dot does better than
-# the kernel (175 against 158 tok/s; fp32 ~195), where the 30 x 7 small matmuls are
-# compute-bound and XLA's GEMM is the better-tuned one.
+# Batch-variant only: rows up to which bf16 linear / lm_head use the kernel. SmolLM2
+# decode, 2 cores: batch 1 37.8 -> 62.8 tok/s with it (fp32 40.2); at batch 8 XLA's
+# widened dot does better than the kernel (175 against 158 tok/s; fp32 ~195), where the
+# 30 x 7 small matmuls are compute-bound and XLA's GEMM is the better-tuned one.
 BF16_MAX_ROWS = 4
 
 

@@ -37,10 +37,13 @@ def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [rng.integers(100, min(vocab, 30000), size=length).tolist() for _ in range(batch)]
 
 
-def pallax_engine(model, passes, prompts, new_tokens):
+def pallax_engine(model, passes, prompts, new_tokens, invariant=True):
     """gen(n) for a compiled pipeline, and its compile seconds: the first runs of both
-    lengths timed (each may compile its own cache size) minus warm ones."""
+    lengths timed (each may compile its own cache size) minus warm ones. `invariant`
+    False traces it batch-variant (the row-count thresholds; read when steps are traced,
+    which the first runs do)."""
     import pallax
+    from pallax.ir.primitives import base
 
     compiled = pallax.compile(model, passes=passes)
 
@@ -54,7 +57,11 @@ def pallax_engine(model, passes, prompts, new_tokens):
         gen(1)
         return time.perf_counter() - t0
 
-    first = both()
+    saved, base.BATCH_INVARIANT = base.BATCH_INVARIANT, invariant
+    try:
+        first = both()
+    finally:
+        base.BATCH_INVARIANT = saved
     gen.compiled = compiled
     return gen, max(0.0, first - both())
 
@@ -151,6 +158,9 @@ def main(argv=None) -> int:
                         help="also run each config under the shard pass, e.g. 'tensor=2' or "
                              "'tensor=2,data=2' (on CPU: that many virtual devices), and print "
                              "the collectives of its decode step")  # fmt: skip
+    parser.add_argument("--batch-variant", action="store_true",
+                        help="also run each config batch-variant (kernel and GEMM forms "
+                             "chosen by row count, as before): its cost")  # fmt: skip
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error(f"--new-tokens {args.new_tokens}: must be at least 2 (decode is timed)")
@@ -182,6 +192,8 @@ def main(argv=None) -> int:
     if sizes is not None:
         shard = "shard:" + ":".join(f"{k}={v}" for k, v in sizes.items())
         pipelines.update({f"{c} +{shard}": [*p, shard] for c, p in list(pipelines.items())})
+    if args.batch_variant:
+        pipelines.update({f"{c} batch-variant": p for c, p in list(pipelines.items())})
     for c, passes in pipelines.items():  # bad pass names fail here, before any timing
         pallax.compile(kept if c.split(" ")[0] == "gguf" else model, passes=passes)
     n = args.new_tokens
@@ -197,7 +209,9 @@ def main(argv=None) -> int:
         for cfg in pipelines:
             m = kept if cfg.split(" ")[0] == "gguf" else model
             name = f"pallax {cfg}"
-            engines[name], compile_s[name] = pallax_engine(m, pipelines[cfg], prompts, n)
+            engines[name], compile_s[name] = pallax_engine(
+                m, pipelines[cfg], prompts, n, invariant="batch-variant" not in cfg
+            )
         lc = llama_cpp_engine(path, prompts, n)
         if lc is not None:
             engines["llama.cpp (gguf)"] = lc

@@ -86,7 +86,7 @@ def tiled_attention(q, k_cache, v_cache, pos, *, scale, sliding_window, softcap)
     offsets = jnp.arange(TILE_K, dtype=jnp.int32)
 
     def block(j, carry):
-        m, l, acc = carry  # running max, sum [B, K, Tb, R]; output [B, K, Tb, R, H]
+        m, total, acc = carry  # running max, sum [B, K, Tb, R]; output [B, K, Tb, R, H]
         kb, vb = (jnp.broadcast_to(lax.dynamic_slice_in_dim(c, j * TILE_K, TILE_K, axis=2)[
             :, :, None], (b, kv, tb, TILE_K, h)) for c in (kc, vc))  # fmt: skip
         logits = jnp.einsum("BKTRH,BKTSH->BKTRS", qg, kb, preferred_element_type=F32)
@@ -101,16 +101,16 @@ def tiled_attention(q, k_cache, v_cache, pos, *, scale, sliding_window, softcap)
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row that saw no key yet
         corr = jnp.exp(m - m_safe)
         p = jnp.exp(logits - m_safe[..., None])
-        l = l * corr + base.row_sum(p)
+        total = total * corr + base.row_sum(p)
         pv = jnp.einsum("BKTRS,BKTSH->BKTRH", p, vb, preferred_element_type=F32)
-        return m_new, l, acc * corr[..., None] + pv
+        return m_new, total, acc * corr[..., None] + pv
 
     init = (jnp.full((b, kv, tb, rows), -jnp.inf, F32), jnp.zeros((b, kv, tb, rows), F32),
             jnp.zeros((b, kv, tb, rows, h), F32))  # fmt: skip
     last = jnp.max(pos) + tp  # keys past every query's position are never seen
     blocks = jnp.minimum((last + TILE_K - 1) // TILE_K, sp // TILE_K)
-    _, l, acc = lax.fori_loop(0, blocks, block, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    _, total, acc = lax.fori_loop(0, blocks, block, init)
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]
     out = out.reshape(b, kv, tb, TILE_Q, g, h).transpose(0, 2, 3, 1, 4, 5).reshape(b, tp, n, h)
     return out[:, :t].astype(q.dtype)
 

@@ -1,6 +1,7 @@
-"""The bfloat16-weight matmul kernel (cpu_kernels/bf16_matmul.cc) and the linear /
-lm_head CPU lowerings that use it: exact against a float64 product of the widened
-weights, the kernel in the HLO for decode-sized rows only, XLA for the rest."""
+"""The float-weight matmul kernels (cpu_kernels/bf16_matmul.cc: bfloat16 and float32
+weights) and the linear / lm_head CPU lowerings that use them: exact against a float64
+product of the widened weights, every row's bits the same whatever rows share the call,
+the kernel in the HLO for decode steps (one token per sequence) only, XLA for prefill."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pallax import cpu_kernels
 from pallax.ir import primitives as ops
 
 pytestmark = pytest.mark.usefixtures("kernel")
+F32 = jnp.float32
 
 
 def _inputs(rows, d_in, d_out, seed=0):
@@ -33,20 +35,23 @@ def _exact(x, w):
     [(1, 576, 1536), (1, 37, 10), (2, 64, 3), (3, 200, 7), (5, 576, 64), (8, 1536, 577),
      (13, 9, 5), (64, 96, 11)],
 )  # fmt: skip
-def test_kernel_matches_the_widened_product(rows, d_in, d_out):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_kernel_matches_the_widened_product(rows, d_in, d_out, dtype):
     x, w = _inputs(rows, d_in, d_out, seed=rows + d_in)
-    got = np.asarray(jax.jit(cpu_kernels.bf16_matmul)(x, w))
+    fn = cpu_kernels.bf16_matmul if dtype == "bfloat16" else cpu_kernels.f32_matmul
+    w = w.astype(dtype)
+    got = np.asarray(jax.jit(fn)(x, w))
     want = _exact(x, w)
     # float32 accumulation over d_in terms (tokamax-style bound: 5e-7 * sqrt(K) * scale)
     scale = np.abs(np.asarray(x)).max() * np.abs(np.asarray(w, np.float32)).max() * np.sqrt(d_in)
     np.testing.assert_allclose(got, want, atol=5e-7 * np.sqrt(d_in) * scale)
 
 
-def _hlo(fn, *args):
-    return jax.jit(fn).lower(*args).as_text()
+def _hlo(fn, *args):  # a new function each time: jit's cache would keep an old lowering
+    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
 
 
-@pytest.mark.parametrize("lead", [(1, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize("lead", [(1, 1), (4, 1), (9, 1)])
 def test_decode_sized_linear_and_lm_head_run_the_kernel(lead):
     x, w = _inputs(int(np.prod(lead)), 64, 48)
     x = x.reshape(*lead, 64)
@@ -62,12 +67,32 @@ def test_decode_sized_linear_and_lm_head_run_the_kernel(lead):
     assert jax.jit(ops.linear)(xb, w).dtype == jnp.bfloat16
 
 
-def test_prefill_rows_float32_weights_and_the_switch_keep_xla(monkeypatch):
-    x, w = _inputs(cpu_kernels.BF16_MAX_ROWS + 1, 64, 48)
-    assert "pallax_bf16_matmul" not in _hlo(ops.linear, x, w)
-    assert "pallax_bf16_matmul" not in _hlo(ops.linear, x[:4], w.astype(jnp.float32))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_every_row_has_the_same_bits_whatever_its_batch(dtype):
+    """Batch invariance: a row alone, at every tile position and with every remainder of
+    rows beside it, comes out bit for bit the same (one reduction order per output)."""
+    x, w = _inputs(70, 200, 29, seed=3)
+    w = w.astype(dtype)
+    fn = jax.jit(cpu_kernels.bf16_matmul if dtype == "bfloat16" else cpu_kernels.f32_matmul)
+    alone = np.concatenate([np.asarray(fn(x[i : i + 1], w)) for i in range(70)])
+    for rows in (2, 3, 4, 5, 7, 8, 13, 64, 70):
+        np.testing.assert_array_equal(np.asarray(fn(x[:rows], w)), alone[:rows])
+
+
+def test_prefill_keeps_xla_and_decode_runs_the_kernel(monkeypatch):
+    x, w = _inputs(64, 64, 48)
+    prefill = x.reshape(4, 16, 64)  # one prompt chunk of 16 tokens per sequence
+    assert "pallax_bf16_matmul" not in _hlo(ops.linear, prefill, w)
+    assert "pallax_f32_matmul" not in _hlo(ops.linear, prefill, w.astype(jnp.float32))
+    decode = x.reshape(64, 1, 64)  # a decode step at batch 64
+    assert "pallax_bf16_matmul" in _hlo(ops.linear, decode, w)
+    assert "pallax_f32_matmul" in _hlo(ops.linear, decode, w.astype(jnp.float32))
+    monkeypatch.setattr(ops.base, "BATCH_INVARIANT", False)  # the old row-count rule
+    assert "pallax_bf16_matmul" not in _hlo(ops.linear, x[:5].reshape(5, 1, 64), w)
+    assert "pallax_f32_matmul" not in _hlo(ops.linear, x[:1].reshape(1, 1, 64), w.astype(F32))
     monkeypatch.setenv("PALLAX_CPU_KERNELS", "0")
-    assert "pallax_bf16_matmul" not in _hlo(ops.linear, x[:4], w)
+    monkeypatch.setattr(ops.base, "BATCH_INVARIANT", True)
+    assert "pallax_bf16_matmul" not in _hlo(ops.linear, x[:4].reshape(4, 1, 64), w)
 
 
 def test_bad_shapes_are_named():

@@ -79,10 +79,14 @@ def test_decode_rows_run_the_kernel(kind, lead):
     _assert_close(out, _reference(x, qw))
 
 
-def test_prefill_rows_keep_xla():
+def test_prefill_rows_run_the_kernel_and_batch_variant_keeps_xla(monkeypatch):
+    """Batch-invariant (the default) every row count runs the kernel, whose rows do not
+    depend on each other; batch-variant, prefill past MAX_ROWS keeps XLA."""
     qw = _qweight("int4")
     rows = cpu_kernels.MAX_ROWS["int4"] + 1
     x = jnp.ones((1, rows, qw.in_features), jnp.float32)
+    assert "pallax_qmatmul" in _hlo(x, qw)
+    monkeypatch.setattr(ops.base, "BATCH_INVARIANT", False)
     assert "pallax_qmatmul" not in _hlo(x, qw)
 
 

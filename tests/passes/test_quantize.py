@@ -22,16 +22,30 @@ def _w8a8(x, qw):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 64, 100])
-def test_qlinear_per_channel_is_w8a8(rows):
-    """Every decode-sized row-count path (padded GEMV, plain, transposed) computes the same
-    W8A8 math; prefill-sized inputs (> 64 rows) multiply the dequantized weight."""
+@pytest.mark.parametrize("invariant", [True, False])
+def _reference(x, qw):
+    return ops.qlinear_reference(
+        jnp.asarray(x), qw.data, qw.scale, bits=qw.bits, group_size=qw.group_size,
+        in_features=qw.in_features, offset=False, outliers=False,
+    )  # fmt: skip
+
+
+def test_qlinear_per_channel_is_w8a8(rows, invariant, monkeypatch):
+    """In XLA ops: decode steps' rows (one token per sequence) compute W8A8 at every row
+    count (padded GEMV, plain, transposed: the same math), prefill chunks multiply the
+    dequantized weight. Batch-variant, the row count decides instead (> 64: dequantized)."""
+    monkeypatch.setattr(ops.base, "BATCH_INVARIANT", invariant)
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 64)).astype(np.float32) * 3
     w = rng.standard_normal((48, 64)).astype(np.float32)
     qw = qformat.quantize_rtn(w, 8)
-    got = np.asarray(ops.qlinear(jnp.asarray(x), qw))
     deq = np.asarray(qformat.dequantize(qw))
-    want = _w8a8(x, qw) if rows <= ops.SKINNY_ROWS else x @ deq.T
+    if invariant:  # the same rows as one prompt's chunk: weight-only
+        chunk = np.asarray(_reference(x[None], qw))[0]
+        want = x @ deq.T if rows > 1 else _w8a8(x, qw)
+        np.testing.assert_allclose(chunk, want, rtol=1e-5, atol=1e-4)
+    got = np.asarray(_reference(x, qw))
+    want = _w8a8(x, qw) if invariant or rows <= ops.SKINNY_ROWS else x @ deq.T
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got, x @ w.T, atol=0.05 * np.abs(x @ w.T).max())
 
@@ -183,8 +197,10 @@ def test_outliers_bring_int8_back_to_fp32(smollm2, compiled_fp32, monkeypatch):
     Checked on the vector-wise W8A8 path (XLA, decode-sized 32-row chunks, CPU kernel off).
     Measured: mean |delta logprob| 0.186 without, 0.117 with (this test's texts). The CPU
     kernel's per-32 activation blocks already localize outliers (0.070 / 0.058), and prefill
-    (> 64 rows) multiplies the dequantized weight (0.048 / 0.041)."""
+    (> 64 rows) multiplies the dequantized weight (0.048 / 0.041). Batch-variant, where a
+    32-token chunk takes the W8A8 path (batch-invariant it is a prefill chunk: weight-only)."""
     monkeypatch.setenv("PALLAX_CPU_KERNELS", "0")
+    monkeypatch.setattr(ops.base, "BATCH_INVARIANT", False)
     text = _eval_text()
     plain = pallax.compile(smollm2, passes=["int8"])
     p = pallax.passes.quantize_weights(8, outlier_threshold=6.0, calibration=_calibration())

@@ -21,8 +21,6 @@ def _w8a8(x, qw):
     return (xq @ np.asarray(qw.data, np.float64).T) * xs * np.asarray(qw.scale)[:, 0]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 64, 100])
-@pytest.mark.parametrize("invariant", [True, False])
 def _reference(x, qw):
     return ops.qlinear_reference(
         jnp.asarray(x), qw.data, qw.scale, bits=qw.bits, group_size=qw.group_size,
@@ -30,6 +28,8 @@ def _reference(x, qw):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 64, 100])
+@pytest.mark.parametrize("invariant", [True, False])
 def test_qlinear_per_channel_is_w8a8(rows, invariant, monkeypatch):
     """In XLA ops: decode steps' rows (one token per sequence) compute W8A8 at every row
     count (padded GEMV, plain, transposed: the same math), prefill chunks multiply the

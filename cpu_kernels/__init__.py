@@ -152,7 +152,10 @@ def _qlinear_cpu_rule(x, data, scale, *rest, **params):
                                absmax=absmax, total_rows=total_rows,
                                per_token=per_token)  # fmt: skip
 
-    return ops.qlinear_frame(matmul, x, data, scale, *rest, **params)
+    # The outlier features (LLM.int8()) in the float32 kernel: its outputs do not depend on
+    # the rows or the other outputs of the call (a tensor-parallel split keeps their bits).
+    dense = _float_ffi if ops.base.BATCH_INVARIANT and available() else None
+    return ops.qlinear_frame(matmul, x, data, scale, *rest, dense=dense, **params)
 
 
 # ------------------------------------------------------------------ bfloat16 weights

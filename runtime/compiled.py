@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from pallax import cpu_kernels as _cpu_kernels  # registers the CPU kernel lowerings
 from pallax import pallas_kernels as _pallas_kernels  # registers the tpu / cuda lowerings
 from pallax.ir.graph import Graph, StepSpec, capture
+from pallax.ir.primitives import base as ops_base
 from pallax.ir.manager import run_passes
 from pallax.ir.printer import format_graph
 from pallax.ir.qformat import QuantizedWeight
@@ -59,6 +60,11 @@ class CompiledModel(Generator):
         self._graphs: dict = {}
         self._fns: dict = {}
         self.capture_seconds = 0.0  # tracing + passes; XLA compiles lazily on first call
+        # Batch-invariant (read now, as the steps' lowering reads it when traced): one
+        # request runs in a batch bucket of two, beside a padding row. XLA:CPU drops a
+        # batch axis of size 1 and fuses the rest of the step differently (Gemma 3's
+        # decode logits moved by ~1e-5 between batch 1 and 2; 2, 3 and 8 are bit-equal).
+        self.min_batch = 2 if ops_base.BATCH_INVARIANT else 1
         self._display: Graph | None = None
 
     # ------------------------------------------------------------------ graphs
@@ -301,7 +307,7 @@ class CompiledModel(Generator):
         cache = _round_up(max(need, chunks * prefill), CACHE_ROUND)
         cache = cache if cap is None else min(cache, cap)
         cache = max(cache, chunks * prefill)
-        batch = _round_up(_pow2(len(reqs)), self.data_parallel)
+        batch = _round_up(_pow2(max(len(reqs), self.min_batch)), self.data_parallel)
         return Buckets(batch=batch, prefill=prefill, chunks=chunks, cache=cache)
 
     def _score_plan(self, n: int, chunk_size: int) -> tuple[int, int]:

@@ -45,7 +45,11 @@ def pallax_engine(model, passes, prompts, new_tokens, invariant=True):
     import pallax
     from pallax.ir.primitives import base
 
-    compiled = pallax.compile(model, passes=passes)
+    saved, base.BATCH_INVARIANT = base.BATCH_INVARIANT, invariant
+    try:
+        compiled = pallax.compile(model, passes=passes)
+    finally:
+        base.BATCH_INVARIANT = saved
 
     def gen(n):
         compiled.generate(prompts, max_new_tokens=n, ignore_eos=True)

@@ -76,6 +76,7 @@ def qlinear_frame(
     out_dtype=None,
     row_absmax=False,
     rows=None,
+    dense=None,
 ):
     """The parts of `qlinear` every lowering shares, around a `matmul` that multiplies.
 
@@ -91,7 +92,8 @@ def qlinear_frame(
     choose their method (which changes how activations are quantized) by it, so a shard
     computes what the whole op would (`matmul(..., total_rows=)`). `matmul(..., per_token=)`
     says whether x is a decode step's rows (`base.per_token`): under batch invariance the
-    lowerings choose by that instead.
+    lowerings choose by that instead. `dense(x, w)`, when given, multiplies the outlier
+    features (float32 [R, n] @ [O, n].T; default `_dot_rows`).
     """
     rest = list(rest)
     absmax = rest.pop() if row_absmax else None
@@ -114,7 +116,8 @@ def qlinear_frame(
         kw["total_rows"] = rows
     y = matmul(x2, data, scale, off, bits=bits, group_size=group_size, **kw)
     if idx is not None:
-        y = y + _dot_rows(x_out, w_out.astype(F32), rows_here)
+        w_out = w_out.astype(F32)
+        y = y + (dense(x_out, w_out) if dense else _dot_rows(x_out, w_out, rows_here))
     return y.reshape(*lead, data.shape[0]).astype(out_dtype or x.dtype)
 
 

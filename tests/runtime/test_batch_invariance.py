@@ -148,6 +148,19 @@ def test_a_prompt_gets_the_same_logits_and_text_alone_and_in_a_batch(
 
 
 @pytest.mark.slow
+def test_gemma3_int8_prompt_alone_and_in_a_batch(gemma3):
+    """Gemma 3 (sliding-window layers, q/k norms, post-norms): one request runs in a batch
+    bucket of two, since XLA:CPU fuses a one-row step differently."""
+    c = pallax.compile(gemma3, ["int8"])
+    assert c._buckets(build_requests(c, PROMPTS[:1], max_new_tokens=4)).batch == 2
+    together = _prefill_logits(c, PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        np.testing.assert_array_equal(_prefill_logits(c, [p])[0], together[i], err_msg=p)
+    batch = [o.token_ids for o in c.generate(PROMPTS, max_new_tokens=12)]
+    assert batch == [c.generate([p], max_new_tokens=12)[0].token_ids for p in PROMPTS]
+
+
+@pytest.mark.slow
 def test_the_kivi_cache_keeps_the_text_of_a_prompt_alone(smollm2):
     c = pallax.compile(smollm2, ["kivi2"])
     prompts = PROMPTS[:3]

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from pallax import cpu_kernels as _cpu_kernels  # registers the CPU kernel lowerings
 from pallax import pallas_kernels as _pallas_kernels  # registers the tpu / cuda lowerings
 from pallax.ir.graph import Graph, StepSpec, capture
-from pallax.ir.primitives import base as ops_base
 from pallax.ir.manager import run_passes
+from pallax.ir.primitives import base as ops_base
 from pallax.ir.printer import format_graph
 from pallax.ir.qformat import QuantizedWeight
 from pallax.model.architectures import module_for

@@ -19,7 +19,6 @@ from pallax import cpu_kernels as _cpu_kernels  # registers the CPU kernel lower
 from pallax import pallas_kernels as _pallas_kernels  # registers the tpu / cuda lowerings
 from pallax.ir.graph import Graph, StepSpec, capture
 from pallax.ir.manager import run_passes
-from pallax.ir.primitives import base as ops_base
 from pallax.ir.printer import format_graph
 from pallax.ir.qformat import QuantizedWeight
 from pallax.model.architectures import module_for
@@ -60,11 +59,12 @@ class CompiledModel(Generator):
         self._graphs: dict = {}
         self._fns: dict = {}
         self.capture_seconds = 0.0  # tracing + passes; XLA compiles lazily on first call
-        # Batch-invariant (read now, as the steps' lowering reads it when traced): one
-        # request runs in a batch bucket of two, beside a padding row. XLA:CPU drops a
-        # batch axis of size 1 and fuses the rest of the step differently (Gemma 3's
-        # decode logits moved by ~1e-5 between batch 1 and 2; 2, 3 and 8 are bit-equal).
-        self.min_batch = 2 if ops_base.BATCH_INVARIANT else 1
+        # The smallest batch bucket. XLA:CPU drops a batch axis of size 1 and fuses the rest
+        # of a step differently: Gemma 3's decode logits move by ~1e-5 between batch 1 and
+        # 2 (batches 2, 3 and 8 are bit-equal; SmolLM2's batch 1 is too). 2 runs a lone
+        # request beside a padding row, so it gets the bits it would get in any batch, at
+        # a fifth of batch-1 decode speed (docs/DESIGN.md, "Batch invariance").
+        self.min_batch = 1
         self._display: Graph | None = None
 
     # ------------------------------------------------------------------ graphs

@@ -51,7 +51,9 @@ def test_cli(capsys, smollm2_gguf_path):
 
 def test_kept_quantization_and_agreement(capsys, smollm2_gguf_path, tmp_path):
     """The GGUF's own Q4_1 blocks score like the float load of the same file, and greedy
-    agreement of a pipeline with itself is total."""
+    agreement of a pipeline with itself is total. The blocks multiply in the CPU kernel at
+    every row count (batch invariance), which quantizes activations per 32-block as
+    llama.cpp does: measured 2.2613 against 2.2652 here (0.17%), so within 1%."""
     text = tmp_path / "t.txt"
     text.write_text("The river bends twice before it reaches the sea. " * 12, encoding="utf-8")
     argv = ["--model", str(smollm2_gguf_path), "--file", str(text), "--window", "128",
@@ -59,7 +61,7 @@ def test_kept_quantization_and_agreement(capsys, smollm2_gguf_path, tmp_path):
     assert eval_ppl.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     ppl = [float(line.split("ppl")[1].split("|")[0]) for line in lines]
-    assert abs(ppl[1] / ppl[0] - 1) < 1e-4
+    assert abs(ppl[1] / ppl[0] - 1) < 0.01
     assert all("8/8 identical" in line for line in lines) or all(
         "1/1 identical" in line for line in lines
     )

@@ -40,10 +40,6 @@ SKINNY_ROWS = 64  # batch-variant: up to this many rows, _dot_rows uses the tran
 BATCH_INVARIANT = True
 
 
-def batch_invariant() -> bool:
-    return BATCH_INVARIANT
-
-
 def row_sum(x: jax.Array) -> jax.Array:
     """Sum over the last axis, batch-invariant: in lanes of 16 (more past 1,024 elements)
     added chunk by chunk in order, then the lanes halved pairwise. Elementwise adds, which

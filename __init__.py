@@ -27,6 +27,8 @@ _LAZY = {
     "Artifact": "pallax.runtime.artifact",
     "ArtifactError": "pallax.runtime.artifact",
     "load_artifact": "pallax.runtime.artifact",
+    "Engine": "pallax.runtime.engine",
+    "RequestHandle": "pallax.runtime.engine_handle",
 }
 
 __all__ = [*sorted(_LAZY), "passes"]

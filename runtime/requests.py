@@ -9,14 +9,14 @@ import numpy as np
 from pallax.runtime.sampling import SamplingParams
 from pallax.text.tokenizer import check_text
 
-FINISH_REASONS = ("stop", "length")
+FINISH_REASONS = ("stop", "length", "cancelled")  # cancelled: an engine request
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_token_ids: list[int]
 
 

@@ -77,8 +77,10 @@ def pack(params: list[SamplingParams], batch: int) -> dict[str, jax.Array]:
 
 
 def _sample_rows(logits, params, step):
-    """logits [B, V] float32 -> tokens [B] under per-row parameters."""
+    """logits [B, V] float32 -> tokens [B] under per-row parameters; `step` (a scalar or
+    one per row) is folded into each row's seed."""
     b, v = logits.shape
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,))
     temp = params["temperature"]
     scaled = logits / jnp.maximum(temp, 1e-6)[:, None]
     order = jnp.argsort(-scaled, axis=-1)  # [B, V] descending
@@ -94,11 +96,11 @@ def _sample_rows(logits, params, step):
     keep = keep.at[:, 0].set(True)
     masked = jnp.where(keep, vals, -jnp.inf)
 
-    def one(seed, row_logits):
-        key = jax.random.fold_in(jax.random.key(seed), step)
+    def one(seed, row_logits, row_step):
+        key = jax.random.fold_in(jax.random.key(seed), row_step)
         return jax.random.categorical(key, row_logits)
 
-    choice = jax.vmap(one)(params["seed"], masked)  # [B] index into sorted order
+    choice = jax.vmap(one)(params["seed"], masked, steps)  # [B] index into sorted order
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
     return jnp.where(temp > 0, sampled, greedy(logits)).astype(jnp.int32)
 
@@ -114,7 +116,8 @@ def greedy(logits):
 
 
 def sample(logits, params, step):
-    """Next tokens [B] int32; the sort runs only when some row samples."""
+    """Next tokens [B] int32 (`step`: the sampled token's index, a scalar or [B]); the
+    sort runs only when some row samples."""
     logits = logits.astype(jnp.float32)
     return lax.cond(
         jnp.any(params["temperature"] > 0),

@@ -1,0 +1,351 @@
+"""The serving engine: requests join and leave a running batch at every step.
+
+`Engine(compiled, max_batch=8, token_budget=256, max_len=1024)` keeps a KV cache of
+`max_batch` request slots of `max_len` tokens and runs a loop in its own thread. Every
+step (SARATHI's chunked prefill with decode piggybacking):
+
+1. cancelled requests leave; waiting requests take free slots, in arrival order;
+2. every decoding request takes one token of the step's `token_budget`;
+3. prompt chunks fill what is left, in arrival order (a long prompt is prefilled over
+   several steps, so it never stalls the running requests for a whole prefill);
+4. one decode step runs for every decoding slot.
+
+`submit(prompt, **sampling)` returns a `RequestHandle` that streams text (a sync iterator
+and `async for`), gives the final `GenerationResult` and can be cancelled. Every request
+has its own sampling parameters, seed, stop strings and length limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+
+import numpy as np
+
+from pallax.runtime.engine_handle import EngineClosed, RequestHandle
+from pallax.runtime.generator import _find_stop, _held_back
+from pallax.runtime.requests import Request, build_requests, check_sampling_kwargs, finish
+from pallax.runtime.sampling import pack
+
+MIN_CHUNK = 16  # a prompt chunk has T > 1, so its tokens take the prefill method
+MAX_CHUNK = 512
+CACHE_ROUND = 256
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _positive_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+    return int(value)
+
+
+@dataclasses.dataclass(eq=False)
+class _Live:
+    """A request inside the engine."""
+
+    req: Request
+    handle: RequestHandle
+    decoder: object
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens in the cache
+    ids: list = dataclasses.field(default_factory=list)  # generated tokens
+    text: str = ""  # decoded so far (stop tokens not included)
+    emitted: int = 0  # characters of `text` handed to the handle
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.req.prompt_ids)
+
+
+class Engine:
+    """Continuous batching over a compiled model (see the module docstring)."""
+
+    def __init__(self, compiled, *, max_batch: int = 8, token_budget: int = 256,
+                 max_len: int | None = None):  # fmt: skip
+        from pallax.runtime.compiled import CompiledModel
+
+        if not isinstance(compiled, CompiledModel):
+            raise TypeError(
+                f"Engine takes a CompiledModel (pallax.compile(...)), got {type(compiled).__name__}"
+            )
+        compiled._check_runnable()
+        dp, ctx = compiled.data_parallel, compiled.config.context_length
+        max_batch = _positive_int("max_batch", max_batch)
+        if max_batch % dp:
+            raise ValueError(f"max_batch={max_batch} must be a multiple of data={dp}")
+        token_budget = _positive_int("token_budget", token_budget)
+        if token_budget < max_batch + MIN_CHUNK:
+            raise ValueError(
+                f"token_budget={token_budget} must be at least max_batch + {MIN_CHUNK} = "
+                f"{max_batch + MIN_CHUNK}: every decoding request takes one token of a step "
+                f"and a prompt chunk at least {MIN_CHUNK}"
+            )
+        max_len = min(1024, ctx) if max_len is None else _positive_int("max_len", max_len, 2)
+        if max_len > ctx:
+            raise ValueError(f"max_len={max_len} is longer than the context length {ctx}")
+        self.compiled = compiled
+        self.max_batch, self.token_budget, self.max_len = max_batch, token_budget, max_len
+        self._rows = _round_up(max(max_batch, compiled.min_batch), dp)  # decode batch
+        self._chunk_rows = _round_up(max(1, compiled.min_batch), dp)  # prefill batch
+        self._cache_len = max(min(_round_up(max_len, CACHE_ROUND), ctx), max_len)
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Live] = collections.deque()
+        self._running: list[_Live] = []
+        self._free = list(range(max_batch))[::-1]
+        self._closing = False
+        self._error: BaseException | None = None
+        self._sampling = None  # packed per-slot parameters, rebuilt when slots change
+        self.metrics = collections.Counter()
+        self._cache = None
+        self._thread = threading.Thread(target=self._main, name="pallax-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+    def submit(self, prompt, max_new_tokens: int = 64, **sampling) -> RequestHandle:
+        """Queue one prompt (a string or token ids); returns its handle at once.
+
+        Sampling arguments as `generate` (temperature, top_k, top_p, min_p, seed, stop,
+        stop_token_ids, ignore_eos); a request without a seed gets one here."""
+        check_sampling_kwargs("submit", sampling)
+        if not isinstance(prompt, (str, list, tuple, np.ndarray)) or (
+            isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (str, list))
+        ):
+            raise ValueError(f"submit takes one prompt (a string or token ids), got {prompt!r:.80}")
+        (req,) = build_requests(self.compiled, [prompt], max_new_tokens=max_new_tokens, **sampling)
+        need = len(req.prompt_ids) + req.max_new_tokens
+        if need > self.max_len:
+            raise ValueError(
+                f"the prompt has {len(req.prompt_ids)} tokens and max_new_tokens="
+                f"{req.max_new_tokens}: {need} exceeds this engine's max_len={self.max_len}"
+            )
+        if req.sampling.seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2**31))
+            req = dataclasses.replace(
+                req, sampling=dataclasses.replace(req.sampling, seed=seed)
+            )
+        from pallax.text.tokenizer import StreamDecoder
+
+        handle = RequestHandle(self, req)
+        live = _Live(req, handle, StreamDecoder(self.compiled.tokenizer, skip_special_tokens=True))
+        with self._cv:
+            if self._closing or self._error is not None:
+                raise EngineClosed("the engine is closed" if self._error is None else
+                                   f"the engine stopped on an error: {self._error!r}")  # fmt: skip
+            self._waiting.append(live)
+            self.metrics["submitted"] += 1
+            self._cv.notify()
+        return handle
+
+    def stats(self) -> dict:
+        """Counters (submitted, finished, cancelled, steps, prompt_tokens, generated_tokens,
+        prefill_chunks) and the requests running and waiting now."""
+        with self._cv:
+            return {**self.metrics, "running": len(self._running), "waiting": len(self._waiting)}
+
+    def close(self) -> None:
+        """Stop the loop; requests still waiting or running end as "cancelled"."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    # -------------------------------------------------------------------- loop
+    def _main(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._closing or self._waiting or self._running):
+                        self._cv.wait()
+                    if self._closing:
+                        break
+                self._step()
+        except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
+            with self._cv:
+                self._error = e
+            for live in list(self._running) + list(self._waiting):
+                live.handle._fail(e)
+            self._running.clear()
+            self._waiting.clear()
+            return
+        for live in list(self._running) + list(self._waiting):
+            self._end(live, "cancelled")
+        self._waiting.clear()
+
+    def _step(self) -> None:
+        with self._cv:
+            for live in [x for x in self._waiting if x.handle.cancelled]:
+                self._waiting.remove(live)
+                self._end(live, "cancelled")
+            for live in [x for x in self._running if x.handle.cancelled]:
+                self._end(live, "cancelled")
+            while self._free and self._waiting:
+                live = self._waiting.popleft()
+                live.slot = self._free.pop()
+                self._running.append(live)
+                self._sampling = None
+        if not self._running:
+            return
+        if self._cache is None:
+            self._cache = self._fns()[0]()
+        self.metrics["steps"] += 1
+        decoding = [x for x in self._running if x.decoding]
+        left = self.token_budget - len(decoding)
+        for live in [x for x in self._running if not x.decoding]:
+            rest = len(live.req.prompt_ids) - live.prefilled
+            if left < min(rest, MIN_CHUNK):
+                break
+            left -= self._prefill(live, min(rest, left))
+        if decoding:
+            self._decode(decoding)
+
+    def _prefill(self, live: _Live, n: int) -> int:
+        """Prefill the next `n` (or fewer) prompt tokens of `live`; the tokens taken."""
+        start, prompt = live.prefilled, live.req.prompt_ids
+        t = min(max(MIN_CHUNK, _pow2(n)), MAX_CHUNK)
+        while start + t > self._cache_len:  # the chunk's padding stays inside the cache
+            t //= 2
+        n = min(n, t)
+        p = self._chunk_rows
+        tokens = np.zeros((p, t), np.int32)
+        tokens[0, :n] = prompt[start : start + n]
+        rows = np.full((p,), self._rows, np.int32)  # past the slots: padding
+        rows[0] = live.slot
+        last = np.full((p,), -1, np.int32)
+        last[0] = n - 1
+        pos = np.zeros((p,), np.int32)
+        pos[0] = start
+        fresh = np.ones((p,), bool)
+        fresh[0] = start == 0
+        fn = self._fns(t)[1]
+        tok, self._cache = fn(self.compiled.weights, self._cache, rows, fresh, tokens, pos,
+                              last, pack([live.req.sampling], p))  # fmt: skip
+        live.prefilled += n
+        self.metrics["prefill_chunks"] += 1
+        self.metrics["prompt_tokens"] += n
+        if live.decoding:
+            self._emit(live, int(np.asarray(tok)[0]))
+        return n
+
+    def _decode(self, decoding: list[_Live]) -> None:
+        b = self._rows
+        tokens, pos = np.zeros((b,), np.int32), np.zeros((b,), np.int32)
+        live, steps = np.zeros((b,), bool), np.zeros((b,), np.int32)
+        for x in self._running:  # a slot mid-prefill feeds its next prompt position
+            pos[x.slot] = x.prefilled
+        for x in decoding:
+            tokens[x.slot] = x.ids[-1]
+            pos[x.slot] = len(x.req.prompt_ids) + len(x.ids) - 1
+            live[x.slot] = True
+            steps[x.slot] = len(x.ids)
+        if self._sampling is None:
+            params = [None] * b
+            for x in self._running:
+                params[x.slot] = x.req.sampling
+            self._sampling = _pack_slots(params, b)
+        fn = self._fns()[2]
+        nxt, self._cache = fn(self.compiled.weights, self._cache, tokens, pos, live,
+                              self._sampling, steps)  # fmt: skip
+        nxt = np.asarray(nxt)
+        for x in decoding:
+            self._emit(x, int(nxt[x.slot]))
+
+    def _emit(self, live: _Live, tok: int) -> None:
+        """Hand one generated token to the request; end it on a stop or its length."""
+        req, handle = live.req, live.handle
+        live.ids.append(tok)
+        handle.token_times.append(time.perf_counter())
+        self.metrics["generated_tokens"] += 1
+        stopped = tok in req.stop_ids
+        if not stopped:
+            live.text += live.decoder.push(tok)
+        cut = _find_stop(live.text, req.stop, live.emitted)
+        if cut is not None:
+            self._send(live, cut)
+            self._end(live, "done")
+            return
+        if stopped or len(live.ids) >= req.max_new_tokens:
+            live.text += live.decoder.flush()
+            cut = _find_stop(live.text, req.stop, live.emitted)
+            self._send(live, len(live.text) if cut is None else cut)
+            self._end(live, "done")
+            return
+        self._send(live, len(live.text) - _held_back(live.text, req.stop))
+
+    def _send(self, live: _Live, upto: int) -> None:
+        if upto > live.emitted:
+            live.handle._push(live.text[live.emitted : upto])
+            live.emitted = upto
+
+    def _end(self, live: _Live, how: str) -> None:
+        if live in self._running:
+            self._running.remove(live)
+            self._free.append(live.slot)
+            self._sampling = None
+        if how == "cancelled":
+            self.metrics["cancelled"] += 1
+            result = finish(self.compiled.tokenizer, live.req, live.ids)
+            result = dataclasses.replace(result, finish_reason="cancelled")
+        else:
+            self.metrics["finished"] += 1
+            result = finish(self.compiled.tokenizer, live.req, live.ids)
+        live.handle._finish(result)
+
+    # ---------------------------------------------------------------- compiled
+    def _fns(self, chunk: int | None = None):
+        """(alloc, prefill at `chunk` tokens, decode) for this engine's shapes."""
+        from pallax.ir.graph import StepSpec
+        from pallax.runtime import engine_steps
+        from pallax.runtime.compiled import _allocate
+
+        c, s, b = self.compiled, self._cache_len, self._rows
+
+        def build_decode():
+            graph = c._capture([StepSpec("prefill", b, 1, s)])
+            _check_batch_axis(graph, s)
+            return graph, engine_steps.make_slot_decode(graph)
+
+        graph, decode = c._timed(("engine-decode", b, s), build_decode)
+        prefill = None
+        if chunk is not None:
+
+            def build_prefill():
+                g = c._capture([StepSpec("prefill", self._chunk_rows, chunk, s)])
+                return engine_steps.make_slot_prefill(g, b)
+
+            prefill = c._timed(("engine-prefill", self._chunk_rows, chunk, s, b),
+                               build_prefill)  # fmt: skip
+        return (lambda: _allocate(graph, b, s)), prefill, decode
+
+
+def _pack_slots(params, b):
+    from pallax.runtime.sampling import SamplingParams
+
+    return pack([p if p is not None else SamplingParams(seed=0) for p in params], b)
+
+
+def _check_batch_axis(graph, s: int) -> None:
+    """Slots are gathered and scattered along axis 0 of every cache array."""
+    one, two = graph.cache.shapes(1, s), graph.cache.shapes(2, s)
+    for name in one:
+        if one[name].shape[0] != 1 or two[name].shape[1:] != one[name].shape[1:]:
+            raise ValueError(f"cache array {name} {two[name].shape} is not batch-major")

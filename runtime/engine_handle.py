@@ -1,0 +1,87 @@
+"""A request's handle in the serving engine: streamed text, the result, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+
+from pallax.runtime.requests import GenerationResult
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed (or stopped on an error) and takes no more requests."""
+
+
+class RequestHandle:
+    """One submitted request. Iterate it (`for piece in handle`, or `async for`) for its
+    text as it is generated; `result()` waits for the `GenerationResult`; `cancel()` ends
+    it (finish reason "cancelled") and frees its slot. One consumer may iterate it.
+
+    `arrival` and `token_times` (`time.perf_counter()` seconds, one per generated token)
+    give time to first token and inter-token latency."""
+
+    def __init__(self, engine, request):
+        self._engine = engine
+        self.request = request
+        self.arrival = time.perf_counter()
+        self.token_times: list[float] = []
+        self._pieces: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self.cancelled = False
+
+    # engine side
+    def _push(self, text: str) -> None:
+        self._pieces.put(("text", text))
+
+    def _finish(self, result: GenerationResult) -> None:
+        self._result = result
+        self._done.set()
+        self._pieces.put(("end", None))
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+        self._pieces.put(("error", error))
+
+    # caller side
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """End the request at the engine's next step (no effect once it is done)."""
+        if not self.done:
+            self.cancelled = True
+            self._engine._wake()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """The final result (waits up to `timeout` seconds; TimeoutError past it)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the request did not finish within {timeout} s")
+        if self._error is not None:
+            raise RuntimeError(f"the engine stopped on an error: {self._error!r}") from self._error
+        return self._result
+
+    def _next(self, kind_value):
+        kind, value = kind_value
+        if kind == "error":
+            raise RuntimeError(f"the engine stopped on an error: {value!r}") from value
+        return kind, value
+
+    def __iter__(self):
+        while True:
+            kind, value = self._next(self._pieces.get())
+            if kind == "end":
+                return
+            yield value
+
+    async def __aiter__(self):
+        while True:
+            kind, value = self._next(await asyncio.to_thread(self._pieces.get))
+            if kind == "end":
+                return
+            yield value

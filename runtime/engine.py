@@ -212,6 +212,12 @@ class Engine:
         left = self.token_budget - len(decoding)
         for live in [x for x in self._running if not x.decoding]:
             rest = len(live.req.prompt_ids) - live.prefilled
+            if self._whole_chunks():  # H2O: generate's chunks, whatever the budget
+                if left <= 0 and left < self.token_budget - len(decoding):
+                    break
+                chunk = min(max(MIN_CHUNK, _pow2(len(live.req.prompt_ids))), MAX_CHUNK)
+                left -= self._prefill(live, min(rest, chunk))
+                continue
             if left < min(rest, MIN_CHUNK):
                 break
             left -= self._prefill(live, min(rest, left))
@@ -310,9 +316,17 @@ class Engine:
             result = finish(self.compiled.tokenizer, live.req, live.ids)
         live.handle._finish(result)
 
+    def _whole_chunks(self) -> bool:
+        """Whether prompts are prefilled in `generate`'s chunks rather than the budget's:
+        H2O evicts at the end of each call by the attention mass the call's queries
+        gave, so its choice depends on where chunks start (StreamingLLM's sinks and
+        window, and every storage format, do not)."""
+        graph = self._fns()[3]
+        return any(name.endswith("h2o.score") for name, _, _ in graph.cache.entries)
+
     # ---------------------------------------------------------------- compiled
     def _fns(self, chunk: int | None = None):
-        """(alloc, prefill at `chunk` tokens, decode) for this engine's shapes."""
+        """(alloc, prefill at `chunk` tokens, decode, decode graph) for this engine's shapes."""
         from pallax.ir.graph import StepSpec
         from pallax.runtime import engine_steps
         from pallax.runtime.compiled import _allocate
@@ -334,7 +348,7 @@ class Engine:
 
             prefill = c._timed(("engine-prefill", self._chunk_rows, chunk, s, b),
                                build_prefill)  # fmt: skip
-        return (lambda: _allocate(graph, b, s)), prefill, decode
+        return (lambda: _allocate(graph, b, s)), prefill, decode, graph
 
 
 def _pack_slots(params, b):

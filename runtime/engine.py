@@ -116,6 +116,7 @@ class Engine:
         Sampling arguments as `generate` (temperature, top_k, top_p, min_p, seed, stop,
         stop_token_ids, ignore_eos); a request without a seed gets one here."""
         check_sampling_kwargs("submit", sampling)
+        self._check_open()
         if not isinstance(prompt, (str, list, tuple, np.ndarray)) or (
             isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (str, list))
         ):
@@ -137,13 +138,17 @@ class Engine:
         handle = RequestHandle(self, req)
         live = _Live(req, handle, StreamDecoder(self.compiled.tokenizer, skip_special_tokens=True))
         with self._cv:
-            if self._closing or self._error is not None:
-                raise EngineClosed("the engine is closed" if self._error is None else
-                                   f"the engine stopped on an error: {self._error!r}")  # fmt: skip
+            self._check_open()
             self._waiting.append(live)
             self.metrics["submitted"] += 1
             self._cv.notify()
         return handle
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise EngineClosed(f"the engine stopped on an error: {self._error!r}")
+        if self._closing:
+            raise EngineClosed("the engine is closed; it takes no more requests")
 
     def stats(self) -> dict:
         """Counters (submitted, finished, cancelled, steps, prompt_tokens, generated_tokens,

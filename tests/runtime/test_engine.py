@@ -1,0 +1,182 @@
+"""The serving engine (issue 17): continuous batching with chunked prefill gives every
+request the tokens `generate` gives it alone, whatever runs beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+import pallax
+from pallax.runtime.engine_handle import EngineClosed
+
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "def fib(n):",
+    "Once upon a time, in a small village, there lived an old clockmaker who " * 4,
+    "List five fruits:\n1.",
+    "import numpy as np\n",
+]
+
+
+def _staggered(compiled, prompts, new=12, gap=0.2, **engine):
+    """Submit `prompts` one by one while the engine runs (4 slots for 6 prompts, so
+    requests also wait for a slot; a 40-token budget, so the long prompt is prefilled in
+    chunks between decode steps); their results and the engine's counters."""
+    kw = dict(max_batch=4, token_budget=40, max_len=256) | engine
+    with pallax.Engine(compiled, **kw) as eng:
+        handles = []
+        for p in prompts:
+            handles.append(eng.submit(p, max_new_tokens=new))
+            time.sleep(gap)
+        results = [h.result(timeout=900) for h in handles]
+        return results, eng.stats()
+
+
+def _check_equal_to_alone(compiled, prompts=PROMPTS, new=12):
+    results, stats = _staggered(compiled, prompts, new)
+    alone = [compiled.generate([p], max_new_tokens=new)[0] for p in prompts]
+    assert [r.token_ids for r in results] == [a.token_ids for a in alone]
+    assert [r.text for r in results] == [a.text for a in alone]
+    assert stats["finished"] == len(prompts) and stats["running"] == stats["waiting"] == 0
+    assert stats["prefill_chunks"] > len(prompts)  # the long prompt took several chunks
+    assert stats["prompt_tokens"] == sum(len(r.prompt_token_ids) for r in results)
+
+
+def test_engine_greedy_equals_generate_alone_fp32(compiled_fp32):
+    _check_equal_to_alone(compiled_fp32)
+
+
+@pytest.fixture(scope="module")
+def smollm2_blocks(smollm2_gguf_path):
+    return pallax.load(smollm2_gguf_path, keep_quantized=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "pipeline",
+    ["cast:bfloat16", "int8", "int4", "gguf", "kivi2", "int8kv",
+     "evict_kv:h2o:budget=48:recent=16", "evict_kv:sinks:sinks=4:window=28"],
+)  # fmt: skip
+def test_engine_greedy_equals_generate_alone(pipeline, smollm2, smollm2_blocks):
+    if pipeline == "gguf":
+        compiled = pallax.compile(smollm2_blocks, [])
+    else:
+        compiled = pallax.compile(smollm2, [pipeline])
+    _check_equal_to_alone(compiled)
+
+
+@pytest.mark.slow
+def test_engine_gemma3_int8_equals_generate_alone(gemma3):
+    compiled = pallax.compile(gemma3, ["int8"])
+    compiled.min_batch = 2  # Gemma's one-row steps fuse differently (docs/DESIGN.md)
+    _check_equal_to_alone(compiled, PROMPTS[2:], new=8)
+
+
+def test_seeded_sampling_equals_generate_alone(compiled_fp32):
+    kw = dict(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.95)
+    with pallax.Engine(compiled_fp32, max_batch=4, max_len=256) as eng:
+        hs = [eng.submit(p, seed=i, **kw) for i, p in enumerate(PROMPTS[:3])]
+        greedy = eng.submit(PROMPTS[3], max_new_tokens=6)
+        got = [h.result(timeout=600).token_ids for h in hs]
+        assert greedy.result(timeout=600).token_ids == (
+            compiled_fp32.generate([PROMPTS[3]], max_new_tokens=6)[0].token_ids
+        )
+    want = [compiled_fp32.generate([p], seed=i, **kw)[0].token_ids for i, p in enumerate(PROMPTS[:3])]
+    assert got == want
+
+
+def test_streamed_pieces_make_the_text_and_stop_strings_cut_it(compiled_fp32):
+    with pallax.Engine(compiled_fp32, max_batch=2, max_len=256) as eng:
+        h = eng.submit(PROMPTS[2], max_new_tokens=24)
+        pieces = list(h)
+        s = eng.submit(PROMPTS[2], max_new_tokens=24, stop=["return"])
+        stopped = "".join(s)
+    full = h.result()
+    assert len(pieces) > 3 and "".join(pieces) == full.text
+    want = compiled_fp32.generate([PROMPTS[2]], max_new_tokens=24, stop=["return"])[0]
+    assert stopped == s.result().text == want.text and "return" not in stopped
+    assert s.result().token_ids == want.token_ids and s.result().finish_reason == "stop"
+
+
+def test_async_iteration_streams_concurrent_requests(compiled_fp32):
+    async def collect(eng, prompt):
+        return "".join([piece async for piece in eng.submit(prompt, max_new_tokens=8)])
+
+    async def main(eng):
+        return await asyncio.gather(*(collect(eng, p) for p in PROMPTS[:3]))
+
+    with pallax.Engine(compiled_fp32, max_batch=2, max_len=256) as eng:
+        texts = asyncio.run(main(eng))
+    assert texts == [o.text for o in compiled_fp32.generate(PROMPTS[:3], max_new_tokens=8)]
+
+
+def test_cancel_frees_the_slot_and_ends_the_request(compiled_fp32):
+    with pallax.Engine(compiled_fp32, max_batch=1, max_len=256) as eng:
+        long = eng.submit(PROMPTS[0], max_new_tokens=200, ignore_eos=True)
+        waiting = eng.submit(PROMPTS[1], max_new_tokens=4)  # needs the only slot
+        first = next(iter(long))
+        assert first
+        long.cancel()
+        res = long.result(timeout=600)
+        assert res.finish_reason == "cancelled" and 1 <= len(res.token_ids) < 200
+        assert waiting.result(timeout=600).token_ids == (
+            compiled_fp32.generate([PROMPTS[1]], max_new_tokens=4)[0].token_ids
+        )
+        queued = eng.submit(PROMPTS[2], max_new_tokens=200, ignore_eos=True)
+        queued.cancel()
+        assert queued.result(timeout=600).finish_reason == "cancelled"
+        stats = eng.stats()
+    assert stats["cancelled"] == 2 and stats["finished"] == 1
+
+
+def test_decodes_keep_running_while_a_long_prompt_is_prefilled(compiled_fp32):
+    """SARATHI: a 300-token prompt arriving mid-run is prefilled in budget-sized chunks
+    between decode steps, so the running request keeps getting a token every step."""
+    long_prompt = list(range(1000, 1300))
+    with pallax.Engine(compiled_fp32, max_batch=2, token_budget=40, max_len=512) as eng:
+        short = eng.submit(PROMPTS[0], max_new_tokens=40, ignore_eos=True)
+        while not short.token_times:
+            time.sleep(0.01)
+        before = eng.stats()["steps"]
+        late = eng.submit(long_prompt, max_new_tokens=2)
+        late.result(timeout=600)
+        first_late = late.token_times[0]
+        during = [t for t in short.token_times if t < first_late]
+        steps = eng.stats()["steps"]
+        short.result(timeout=600)
+    chunks = -(-300 // (40 - 1))
+    assert steps - before >= chunks  # at most 39 prompt tokens beside one decode per step
+    assert len(during) >= chunks  # and the short request got its token in each of them
+
+
+def test_engine_refuses_bad_arguments(compiled_fp32, smollm2):
+    E = pallax.Engine
+    for kw, match in [
+        (dict(max_batch=0), "max_batch=0"),
+        (dict(max_batch="8"), "max_batch='8'"),
+        (dict(max_batch=4, token_budget=10), "token_budget=10 must be at least max_batch"),
+        (dict(max_len=10**6), "max_len=1000000 is longer than the context length"),
+        (dict(max_len=1.5), "max_len=1.5"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            E(compiled_fp32, **kw)
+    with pytest.raises(TypeError, match="Engine takes a CompiledModel"):
+        E(smollm2)
+    with E(compiled_fp32, max_batch=1, max_len=64) as eng:
+        with pytest.raises(ValueError, match="exceeds this engine's max_len=64"):
+            eng.submit(PROMPTS[0], max_new_tokens=60)
+        with pytest.raises(TypeError, match="unknown keyword argument 'temprature'"):
+            eng.submit(PROMPTS[0], temprature=0.5)
+        with pytest.raises(ValueError, match="temperature=-1"):
+            eng.submit(PROMPTS[0], temperature=-1)
+        with pytest.raises(ValueError, match="submit takes one prompt"):
+            eng.submit([PROMPTS[0], PROMPTS[1]])
+        with pytest.raises(ValueError, match="empty"):
+            eng.submit("")
+    with pytest.raises(EngineClosed):
+        eng.submit(PROMPTS[0])
+    assert not [t for t in threading.enumerate() if t.name == "pallax-engine" and t.is_alive()]

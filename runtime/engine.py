@@ -1,7 +1,9 @@
 """The serving engine: requests join and leave a running batch at every step.
 
 `Engine(compiled, max_batch=8, token_budget=256, max_len=1024)` keeps a KV cache of
-`max_batch` request slots of `max_len` tokens and runs a loop in its own thread. Every
+`max_batch` request slots of `max_len` tokens and runs a loop in its own thread
+(`max_waiting`: how many requests may wait for a slot before `submit` raises
+`EngineBusy`; unbounded by default). Every
 step (SARATHI's chunked prefill with decode piggybacking):
 
 1. cancelled requests leave; waiting requests take free slots, in arrival order;
@@ -24,7 +26,7 @@ import time
 
 import numpy as np
 
-from pallax.runtime.engine_handle import EngineClosed, RequestHandle
+from pallax.runtime.engine_handle import EngineBusy, EngineClosed, RequestHandle
 from pallax.runtime.generator import _find_stop, _held_back
 from pallax.runtime.requests import Request, build_requests, check_sampling_kwargs, finish
 from pallax.runtime.sampling import pack
@@ -70,7 +72,7 @@ class Engine:
     """Continuous batching over a compiled model (see the module docstring)."""
 
     def __init__(self, compiled, *, max_batch: int = 8, token_budget: int = 256,
-                 max_len: int | None = None):  # fmt: skip
+                 max_len: int | None = None, max_waiting: int | None = None):  # fmt: skip
         from pallax.runtime.compiled import CompiledModel
 
         if not isinstance(compiled, CompiledModel):
@@ -92,7 +94,9 @@ class Engine:
         max_len = min(1024, ctx) if max_len is None else _positive_int("max_len", max_len, 2)
         if max_len > ctx:
             raise ValueError(f"max_len={max_len} is longer than the context length {ctx}")
-        self.compiled = compiled
+        if max_waiting is not None:
+            max_waiting = _positive_int("max_waiting", max_waiting, 0)
+        self.compiled, self.max_waiting = compiled, max_waiting
         self.max_batch, self.token_budget, self.max_len = max_batch, token_budget, max_len
         self._rows = _round_up(max(max_batch, compiled.min_batch), dp)  # decode batch
         self._chunk_rows = _round_up(max(1, compiled.min_batch), dp)  # prefill batch
@@ -130,15 +134,19 @@ class Engine:
             )
         if req.sampling.seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**31))
-            req = dataclasses.replace(
-                req, sampling=dataclasses.replace(req.sampling, seed=seed)
-            )
+            req = dataclasses.replace(req, sampling=dataclasses.replace(req.sampling, seed=seed))
         from pallax.text.tokenizer import StreamDecoder
 
         handle = RequestHandle(self, req)
         live = _Live(req, handle, StreamDecoder(self.compiled.tokenizer, skip_special_tokens=True))
         with self._cv:
             self._check_open()
+            queued = len(self._waiting) - len(self._free)  # beyond the free slots
+            if self.max_waiting is not None and queued >= self.max_waiting:
+                raise EngineBusy(
+                    f"{queued} requests are waiting for a slot (max_waiting="
+                    f"{self.max_waiting}); try again later"
+                )
             self._waiting.append(live)
             self.metrics["submitted"] += 1
             self._cv.notify()

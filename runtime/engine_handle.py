@@ -14,6 +14,10 @@ class EngineClosed(RuntimeError):
     """The engine was closed (or stopped on an error) and takes no more requests."""
 
 
+class EngineBusy(RuntimeError):
+    """The engine's waiting queue is full (`max_waiting`): try again later."""
+
+
 class RequestHandle:
     """One submitted request. Iterate it (`for piece in handle`, or `async for`) for its
     text as it is generated; `result()` waits for the `GenerationResult`; `cancel()` ends
@@ -28,24 +32,37 @@ class RequestHandle:
         self.arrival = time.perf_counter()
         self.token_times: list[float] = []
         self._pieces: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by `async for`
+        self._apieces: asyncio.Queue | None = None
         self._done = threading.Event()
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
         self.cancelled = False
 
     # engine side
+    def _deliver(self, item) -> None:
+        with self._lock:
+            if self._loop is None:
+                self._pieces.put(item)
+                return
+            try:  # to the event loop of the `async for`, without a thread per piece
+                self._loop.call_soon_threadsafe(self._apieces.put_nowait, item)
+            except RuntimeError:  # that loop is closed: nobody listens any more
+                pass
+
     def _push(self, text: str) -> None:
-        self._pieces.put(("text", text))
+        self._deliver(("text", text))
 
     def _finish(self, result: GenerationResult) -> None:
         self._result = result
         self._done.set()
-        self._pieces.put(("end", None))
+        self._deliver(("end", None))
 
     def _fail(self, error: BaseException) -> None:
         self._error = error
         self._done.set()
-        self._pieces.put(("error", error))
+        self._deliver(("error", error))
 
     # caller side
     @property
@@ -80,8 +97,14 @@ class RequestHandle:
             yield value
 
     async def __aiter__(self):
+        with self._lock:
+            if self._loop is not None:
+                raise RuntimeError("this request is already iterated with async for")
+            self._loop, self._apieces = asyncio.get_running_loop(), asyncio.Queue()
+            while not self._pieces.empty():
+                self._apieces.put_nowait(self._pieces.get_nowait())
         while True:
-            kind, value = self._next(await asyncio.to_thread(self._pieces.get))
+            kind, value = self._next(await self._apieces.get())
             if kind == "end":
                 return
             yield value

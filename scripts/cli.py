@@ -111,6 +111,18 @@ def _parser() -> argparse.ArgumentParser:
                          "these targets (cpu,h100,tpu-v5e), at --batch and --context")  # fmt: skip
     pl.add_argument("--batch", type=int, default=None, help="the batch for --cost")
 
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    s.add_argument("model", help="model name or path (as --model of generate)")
+    s.add_argument("--passes", default="", help="comma-separated passes (default: none)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=8, help="request slots (%(default)s)")
+    s.add_argument("--token-budget", type=int, default=256, help="tokens per step (%(default)s)")
+    s.add_argument("--max-len", type=int, default=None, help="prompt + output tokens per slot")
+    s.add_argument("--max-waiting", type=int, default=64,
+                   help="requests waiting for a slot before 429 (%(default)s)")  # fmt: skip
+    s.add_argument("--served-name", default=None, help="the model id clients use")
+
     i = sub.add_parser("inspect", help="print the graph before and after each pass")
     _add_model_args(i)
     i.add_argument("--step", default="decode", choices=("prefill", "decode"))
@@ -238,6 +250,26 @@ def _run(args) -> None:
     _stream_to_stdout(pallax.load_artifact(args.dir), args)
 
 
+def _serve(args) -> None:
+    import importlib.util
+
+    import pallax
+    from pallax.runtime.server import serve
+
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"serve needs {' and '.join(missing)}: pip install 'pallax[serve]'")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port {args.port} must be in [0, 65536)")
+    compiled = pallax.compile(pallax.load(args.model), passes=list(_passes(args.passes)))
+    engine = pallax.Engine(compiled, max_batch=args.max_batch, token_budget=args.token_budget,
+                           max_len=args.max_len, max_waiting=args.max_waiting)  # fmt: skip
+    name = args.served_name or compiled.config.name or args.model
+    print(f"pallax: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    with engine:
+        serve(engine, name, host=args.host, port=args.port)
+
+
 def _int_list(flag: str, text: str | None):
     if text is None:
         return None
@@ -317,9 +349,14 @@ def _inspect(args) -> None:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"generate": _generate, "run": _run, "export": _export, "inspect": _inspect, "plan": _plan}[
-            args.command
-        ](args)
+        {
+            "generate": _generate,
+            "run": _run,
+            "export": _export,
+            "inspect": _inspect,
+            "plan": _plan,
+            "serve": _serve,
+        }[args.command](args)
     except (ValueError, OSError, TypeError, SourceError) as e:  # OSError: FileNotFoundError, ...
         print(f"pallax: error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from pallax.runtime.sampling import pack
 MIN_CHUNK = 16  # a prompt chunk has T > 1, so its tokens take the prefill method
 MAX_CHUNK = 512
 CACHE_ROUND = 256
+PREFIX_PAGE = 64  # tokens per page of the prefix cache
 
 
 def _pow2(n: int) -> int:
@@ -72,7 +73,8 @@ class Engine:
     """Continuous batching over a compiled model (see the module docstring)."""
 
     def __init__(self, compiled, *, max_batch: int = 8, token_budget: int = 256,
-                 max_len: int | None = None, max_waiting: int | None = None):  # fmt: skip
+                 max_len: int | None = None, max_waiting: int | None = None,
+                 prefix_cache: int | None = None):  # fmt: skip
         from pallax.runtime.compiled import CompiledModel
 
         if not isinstance(compiled, CompiledModel):
@@ -97,6 +99,10 @@ class Engine:
         if max_waiting is not None:
             max_waiting = _positive_int("max_waiting", max_waiting, 0)
         self.compiled, self.max_waiting = compiled, max_waiting
+        if prefix_cache is None:  # half the slots' tokens again, in whole pages
+            prefix_cache = max_batch * max_len // 2
+        self._prefix_tokens = _positive_int("prefix_cache", prefix_cache, 0)
+        self._prefix = None  # a PrefixCache once the cache layout is known (if it has one)
         self.max_batch, self.token_budget, self.max_len = max_batch, token_budget, max_len
         self._rows = _round_up(max(max_batch, compiled.min_batch), dp)  # decode batch
         self._chunk_rows = _round_up(max(1, compiled.min_batch), dp)  # prefill batch
@@ -211,15 +217,23 @@ class Engine:
                 self._end(live, "cancelled")
             for live in [x for x in self._running if x.handle.cancelled]:
                 self._end(live, "cancelled")
+            admitted = []
             while self._free and self._waiting:
                 live = self._waiting.popleft()
                 live.slot = self._free.pop()
                 self._running.append(live)
+                admitted.append(live)
                 self._sampling = None
         if not self._running:
             return
         if self._cache is None:
-            self._cache = self._fns()[0]()
+            self._start_cache()
+        for live in admitted if self._prefix is not None else ():
+            pages = self._prefix.lookup(live.req.prompt_ids)
+            if pages:  # the prompt starts with cached pages: copy them, prefill the rest
+                self._cache = self._prefix.load(self._cache, live.slot, pages)
+                live.prefilled = len(pages) * self._prefix.page
+                self.metrics["prefix_hit_tokens"] += live.prefilled
         self.metrics["steps"] += 1
         decoding = [x for x in self._running if x.decoding]
         left = self.token_budget - len(decoding)
@@ -262,6 +276,8 @@ class Engine:
         self.metrics["prefill_chunks"] += 1
         self.metrics["prompt_tokens"] += n
         if live.decoding:
+            if self._prefix is not None:
+                self._prefix.insert(prompt, self._cache, live.slot)
             self._emit(live, int(np.asarray(tok)[0]))
         return n
 
@@ -328,6 +344,17 @@ class Engine:
             self.metrics["finished"] += 1
             result = finish(self.compiled.tokenizer, live.req, live.ids)
         live.handle._finish(result)
+
+    def _start_cache(self) -> None:
+        from pallax.runtime import prefix_cache
+
+        alloc, _, _, graph = self._fns()
+        self._cache = alloc()
+        pages = self._prefix_tokens // PREFIX_PAGE
+        if pages and prefix_cache.supported(graph.cache) and graph.meta.get("mesh") is None:
+            self._prefix = prefix_cache.PrefixCache(
+                graph.cache, pages, PREFIX_PAGE, self._cache_len
+            )
 
     def _whole_chunks(self) -> bool:
         """Whether prompts are prefilled in `generate`'s chunks rather than the budget's:

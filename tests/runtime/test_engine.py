@@ -185,3 +185,59 @@ def test_engine_refuses_bad_arguments(compiled_fp32, smollm2):
     with pytest.raises(EngineClosed):
         eng.submit(PROMPTS[0])
     assert not [t for t in threading.enumerate() if t.name == "pallax-engine" and t.is_alive()]
+
+
+def _shared_prefix_prompts(n, prefix_len=200, tail=20):
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    prefix = rng.integers(100, 30000, prefix_len).tolist()
+    return [prefix + rng.integers(100, 30000, tail).tolist() for _ in range(n)]
+
+
+@pytest.mark.parametrize("pipeline", ["fp32", pytest.param("int8kv", marks=pytest.mark.slow)])
+def test_prefix_cache_hits_skip_prefill_and_keep_the_tokens(pipeline, smollm2, compiled_fp32):
+    """Prompts sharing a 200-token prefix: the second and third copy its three full
+    64-token pages from the pool and prefill only the rest, and get generate's tokens."""
+    compiled = compiled_fp32 if pipeline == "fp32" else pallax.compile(smollm2, [pipeline])
+    prompts = _shared_prefix_prompts(3)
+    with pallax.Engine(compiled, max_batch=2, max_len=256) as eng:
+        got = [eng.submit(p, max_new_tokens=6).result(timeout=600).token_ids for p in prompts]
+        stats = eng.stats()
+    assert got == [compiled.generate([p], max_new_tokens=6)[0].token_ids for p in prompts]
+    assert stats["prefix_hit_tokens"] == 2 * 192
+    assert stats["prompt_tokens"] == 3 * 220 - 2 * 192
+
+
+def test_prefix_cache_is_off_where_the_cache_is_not_addressed_by_position(smollm2):
+    from pallax.runtime import prefix_cache
+
+    layout = lambda passes: pallax.compile(smollm2, passes).pipeline_graph().cache  # noqa: E731
+    assert prefix_cache.supported(layout([])) and prefix_cache.supported(layout(["int8kv"]))
+    for passes in (["kivi2"], ["evict_kv:h2o:budget=48"], ["evict_kv:sinks"]):
+        assert not prefix_cache.supported(layout(passes)), passes
+    with pallax.Engine(pallax.compile(smollm2, ["kivi2"]), max_batch=2, max_len=256) as eng:
+        prompts = _shared_prefix_prompts(2)
+        for p in prompts:
+            eng.submit(p, max_new_tokens=2).result(timeout=600)
+        assert "prefix_hit_tokens" not in eng.stats()
+
+
+def test_prefix_pool_evicts_least_recently_used_pages_and_their_descendants():
+    import jax.numpy as jnp
+
+    from pallax.ir.graph import CacheLayout
+    from pallax.runtime.prefix_cache import PrefixCache
+
+    layout = CacheLayout((("k", ("B", 1, "S", 2), "float32"),))
+    pool = PrefixCache(layout, pages=3, page=4, seq=16)
+    cache = {"k": jnp.arange(2 * 16 * 2, dtype=jnp.float32).reshape(2, 1, 16, 2)}
+    a, b = list(range(9)), [50 + i for i in range(9)]
+    assert pool.insert(a, cache, 1) == 2 and pool.lookup(a) == pool.lookup(a + [7])[:2]
+    loaded = pool.load({"k": jnp.zeros((2, 1, 16, 2))}, 0, pool.lookup(a))
+    assert (loaded["k"][0, :, :8] == cache["k"][1, :, :8]).all()  # the slot's rows, copied
+    assert (loaded["k"][0, :, 8:] == 0).all() and (loaded["k"][1] == 0).all()
+    assert pool.insert(b, cache, 0) == 2  # one free page, then a's LRU first page goes,
+    assert pool.lookup(a) == [] and len(pool.lookup(b)) == 2  # and its child with it
+    assert pool.lookup(a[:4] + [99]) == []  # a's first page went too
+    assert len(pool.lookup(b[:8])) == 1  # a prompt of whole pages keeps one to prefill

@@ -22,8 +22,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 
 def supported(layout) -> bool:

@@ -35,6 +35,7 @@ MIN_CHUNK = 16  # a prompt chunk has T > 1, so its tokens take the prefill metho
 MAX_CHUNK = 512
 CACHE_ROUND = 256
 PREFIX_PAGE = 64  # tokens per page of the prefix cache
+MAX_DRAFT = 16
 
 
 def _pow2(n: int) -> int:
@@ -74,7 +75,7 @@ class Engine:
 
     def __init__(self, compiled, *, max_batch: int = 8, token_budget: int = 256,
                  max_len: int | None = None, max_waiting: int | None = None,
-                 prefix_cache: int | None = None):  # fmt: skip
+                 prefix_cache: int | None = None, speculate: int = 0):  # fmt: skip
         from pallax.runtime.compiled import CompiledModel
 
         if not isinstance(compiled, CompiledModel):
@@ -103,10 +104,15 @@ class Engine:
             prefix_cache = max_batch * max_len // 2
         self._prefix_tokens = _positive_int("prefix_cache", prefix_cache, 0)
         self._prefix = None  # a PrefixCache once the cache layout is known (if it has one)
+        self.speculate = _positive_int("speculate", speculate, 0)
+        if self.speculate > MAX_DRAFT:
+            raise ValueError(f"speculate={speculate} must be at most {MAX_DRAFT} drafted tokens")
+        self._spec_ok = False  # whether the cache layout lets rejected drafts be overwritten
         self.max_batch, self.token_budget, self.max_len = max_batch, token_budget, max_len
         self._rows = _round_up(max(max_batch, compiled.min_batch), dp)  # decode batch
         self._chunk_rows = _round_up(max(1, compiled.min_batch), dp)  # prefill batch
-        self._cache_len = max(min(_round_up(max_len, CACHE_ROUND), ctx), max_len)
+        # room past max_len for the drafts of a request's last verification
+        self._cache_len = max(min(_round_up(max_len + speculate, CACHE_ROUND), ctx), max_len)
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Live] = collections.deque()
         self._running: list[_Live] = []
@@ -282,6 +288,12 @@ class Engine:
         return n
 
     def _decode(self, decoding: list[_Live]) -> None:
+        k = self.speculate
+        if self._spec_ok and all(
+            max(x.prefilled, len(x.req.prompt_ids) + len(x.ids) - 1) + k < self._cache_len
+            for x in self._running
+        ):
+            return self._verify(decoding, k)
         b = self._rows
         tokens, pos = np.zeros((b,), np.int32), np.zeros((b,), np.int32)
         live, steps = np.zeros((b,), bool), np.zeros((b,), np.int32)
@@ -292,17 +304,55 @@ class Engine:
             pos[x.slot] = len(x.req.prompt_ids) + len(x.ids) - 1
             live[x.slot] = True
             steps[x.slot] = len(x.ids)
-        if self._sampling is None:
-            params = [None] * b
-            for x in self._running:
-                params[x.slot] = x.req.sampling
-            self._sampling = _pack_slots(params, b)
+        self._ensure_sampling()
         fn = self._fns()[2]
         nxt, self._cache = fn(self.compiled.weights, self._cache, tokens, pos, live,
                               self._sampling, steps)  # fmt: skip
         nxt = np.asarray(nxt)
         for x in decoding:
             self._emit(x, int(nxt[x.slot]))
+
+    def _verify(self, decoding: list[_Live], k: int) -> None:
+        """One step of speculative decoding: each greedy request's K tokens drafted by
+        prompt lookup are verified with the decode method (`make_slot_verify`); it keeps
+        the drafts that match its greedy tokens and one token past them. A sampling
+        request takes one token, sampled as in a decode step."""
+        b = self._rows
+        tokens, pos = np.zeros((b, k + 1), np.int32), np.zeros((b,), np.int32)
+        steps, drafts = np.zeros((b,), np.int32), {}
+        for x in self._running:
+            pos[x.slot] = x.prefilled
+        for x in decoding:
+            d = []
+            if x.req.sampling.temperature == 0:
+                d = prompt_lookup(x.req.prompt_ids + x.ids, k)
+            drafts[x.slot] = d
+            tokens[x.slot] = [x.ids[-1], *d, *[d[-1] if d else x.ids[-1]] * (k - len(d))]
+            pos[x.slot] = len(x.req.prompt_ids) + len(x.ids) - 1
+            steps[x.slot] = len(x.ids)
+        self._ensure_sampling()
+        fn = self._fns(verify=k + 1)[4]
+        first, best, self._cache = fn(self.compiled.weights, self._cache, tokens, pos,
+                                      self._sampling, steps)  # fmt: skip
+        first, best = np.asarray(first), np.asarray(best)
+        for x in decoding:
+            d, g = drafts[x.slot], best[x.slot]
+            n = 0
+            while n < len(d) and d[n] == g[n]:
+                n += 1
+            self.metrics["drafted_tokens"] += len(d)
+            self.metrics["accepted_tokens"] += n
+            for tok in [*d[:n], int(g[n])] if d else [int(first[x.slot])]:
+                if x not in self._running:
+                    break  # it ended (a stop, its length) on an accepted token
+                self._emit(x, int(tok))
+
+    def _ensure_sampling(self) -> None:
+        if self._sampling is None:
+            params = [None] * self._rows
+            for x in self._running:
+                params[x.slot] = x.req.sampling
+            self._sampling = _pack_slots(params, self._rows)
 
     def _emit(self, live: _Live, tok: int) -> None:
         """Hand one generated token to the request; end it on a stop or its length."""
@@ -348,10 +398,12 @@ class Engine:
     def _start_cache(self) -> None:
         from pallax.runtime import prefix_cache
 
-        alloc, _, _, graph = self._fns()
+        alloc, _, _, graph, _ = self._fns()
         self._cache = alloc()
         pages = self._prefix_tokens // PREFIX_PAGE
-        if pages and prefix_cache.supported(graph.cache) and graph.meta.get("mesh") is None:
+        addressed = prefix_cache.supported(graph.cache) and graph.meta.get("mesh") is None
+        self._spec_ok = addressed and self.speculate > 0
+        if pages and addressed:
             self._prefix = prefix_cache.PrefixCache(
                 graph.cache, pages, PREFIX_PAGE, self._cache_len
             )
@@ -365,8 +417,9 @@ class Engine:
         return any(name.endswith("h2o.score") for name, _, _ in graph.cache.entries)
 
     # ---------------------------------------------------------------- compiled
-    def _fns(self, chunk: int | None = None):
-        """(alloc, prefill at `chunk` tokens, decode, decode graph) for this engine's shapes."""
+    def _fns(self, chunk: int | None = None, verify: int | None = None):
+        """(alloc, prefill at `chunk` tokens, decode, decode graph, verify at `verify`
+        tokens) for this engine's shapes."""
         from pallax.ir.graph import StepSpec
         from pallax.runtime import engine_steps
         from pallax.runtime.compiled import _allocate
@@ -388,7 +441,27 @@ class Engine:
 
             prefill = c._timed(("engine-prefill", self._chunk_rows, chunk, s, b),
                                build_prefill)  # fmt: skip
-        return (lambda: _allocate(graph, b, s)), prefill, decode, graph
+        check = None
+        if verify is not None:
+
+            def build_verify():
+                g = c._capture([StepSpec("chunk", b, verify, s)])
+                return engine_steps.make_slot_verify(g)
+
+            check = c._timed(("engine-verify", b, verify, s), build_verify)
+        return (lambda: _allocate(graph, b, s)), prefill, decode, graph, check
+
+
+def prompt_lookup(ids: list[int], k: int, longest: int = 3) -> list[int]:
+    """Up to `k` tokens drafted by prompt lookup: the tokens that followed the latest
+    earlier occurrence of the context's last n-gram (n from `longest` down to 1)."""
+    n_ids = len(ids)
+    for n in range(min(longest, n_ids - 1), 0, -1):
+        tail = ids[n_ids - n :]
+        for i in range(n_ids - n - 1, -1, -1):
+            if ids[i : i + n] == tail:
+                return ids[i + n : i + n + k]
+    return []
 
 
 def _pack_slots(params, b):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallax.ir.graph import Graph
-from pallax.runtime.sampling import sample
+from pallax.runtime.sampling import greedy, sample
 
 
 def make_slot_decode(graph: Graph):
@@ -50,3 +50,54 @@ def make_slot_prefill(graph: Graph, slots: int):
         return sample(logits, sampling, jnp.int32(0)), cache
 
     return jax.jit(prefill, donate_argnums=(1,))
+
+
+def make_slot_verify(graph: Graph):
+    """Speculative verification with the decode method: (weights, cache, tokens [B, K+1]
+    (each slot's last token and K drafted ones), pos [B], sampling, steps [B]) -> (the
+    token sampled after the last token [B], the greedy token after each of the K+1 [B, K+1],
+    cache).
+
+    The graph's "chunk" step at K+1 tokens, evaluated so that every token takes exactly
+    the path of a decode step: the projections, norms and the LM head see B x (K+1) rows of
+    one token each (their decode method, which reduces each row in an order fixed by the
+    row), and attention runs once per token, each over the cache its predecessors wrote.
+    So a greedy token here is the token sequential decoding gives, bit for bit; the KV of
+    rejected drafts lands past the row's position, where a position-addressed cache
+    never reads before writing again."""
+    from pallax.ir import primitives as ops
+    from pallax.ir.rewrite import eval_with_rules
+
+    step = graph.steps["chunk"]
+
+    def rows(eqn, *args):
+        x = args[0]
+        if x.ndim < 3:
+            return eqn.primitive.bind(*args, **eqn.params)
+        b, t = x.shape[:2]
+        acts = len(args) if eqn.primitive is ops.mlp_act_p else 1  # gate, up; else x alone
+        args = [a.reshape(b * t, 1, *a.shape[2:]) for a in args[:acts]] + list(args[acts:])
+        y = eqn.primitive.bind(*args, **eqn.params)
+        return y.reshape(b, t, *y.shape[2:])
+
+    def attention(eqn, q, k, v, pos, valid, *cache):
+        outs = []
+        for j in range(q.shape[1]):
+            one = jnp.clip(valid - j, 0, 1).astype(valid.dtype)
+            res = ops.attention_p.bind(q[:, j : j + 1], k[:, j : j + 1], v[:, j : j + 1],
+                                       pos + j, one, *cache, **eqn.params)  # fmt: skip
+            outs.append(res[0])
+            cache = res[1:]
+        return [jnp.concatenate(outs, axis=1), *cache]
+
+    per_row = (ops.linear_p, ops.qlinear_p, ops.lm_head_p, ops.rms_norm_p, ops.mlp_act_p)
+    rules = {p: rows for p in per_row} | {ops.attention_p: attention}
+
+    def verify(weights, cache, tokens, pos, sampling, steps):
+        flat = jax.tree.leaves((weights, cache, tokens, pos))
+        outs = eval_with_rules(step.jaxpr.jaxpr, step.jaxpr.consts, flat, rules)
+        logits, cache = jax.tree.unflatten(step.out_tree, outs)  # [B, K+1, V]
+        first = sample(logits[:, 0], sampling, steps)
+        return first, jax.vmap(greedy, in_axes=1, out_axes=1)(logits), cache
+
+    return jax.jit(verify, donate_argnums=(1,))

@@ -1,20 +1,23 @@
 """The serving engine: requests join and leave a running batch at every step.
 
 `Engine(compiled, max_batch=8, token_budget=256, max_len=1024)` keeps a KV cache of
-`max_batch` request slots of `max_len` tokens and runs a loop in its own thread
-(`max_waiting`: how many requests may wait for a slot before `submit` raises
-`EngineBusy`; unbounded by default). Every
+`max_batch` request slots of `max_len` tokens and runs its loop in its own thread. Each
 step (SARATHI's chunked prefill with decode piggybacking):
 
-1. cancelled requests leave; waiting requests take free slots, in arrival order;
-2. every decoding request takes one token of the step's `token_budget`;
-3. prompt chunks fill what is left, in arrival order (a long prompt is prefilled over
-   several steps, so it never stalls the running requests for a whole prefill);
-4. one decode step runs for every decoding slot.
+1. cancelled requests leave; waiting ones take free slots in arrival order, with the
+   pages of their prompt the prefix cache holds (`prefix_cache` tokens; runtime/
+   prefix_cache.py);
+2. every decoding request takes one token of the step's `token_budget`, and prompt
+   chunks fill the rest, so a long prompt never stalls running requests for a whole
+   prefill;
+3. one decode step runs for every decoding slot; with `speculate=K`, one verification
+   of K tokens drafted by prompt lookup per greedy request instead.
 
 `submit(prompt, **sampling)` returns a `RequestHandle` that streams text (a sync iterator
-and `async for`), gives the final `GenerationResult` and can be cancelled. Every request
-has its own sampling parameters, seed, stop strings and length limit.
+and `async for`), gives the `GenerationResult` and can be cancelled; each request has
+its own sampling parameters, seed, stop strings and length. `max_waiting` bounds the
+queue (then `submit` raises `EngineBusy`). A request's tokens are those `generate`
+gives it alone (docs/DESIGN.md, "Serving engine").
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import time
 import numpy as np
 
 from pallax.runtime.engine_handle import EngineBusy, EngineClosed, RequestHandle
+from pallax.runtime.engine_steps import check_batch_axis, pack_slots, prompt_lookup
 from pallax.runtime.generator import _find_stop, _held_back
 from pallax.runtime.requests import Request, build_requests, check_sampling_kwargs, finish
-from pallax.runtime.sampling import pack
 
 MIN_CHUNK = 16  # a prompt chunk has T > 1, so its tokens take the prefill method
 MAX_CHUNK = 512
@@ -245,7 +248,7 @@ class Engine:
         left = self.token_budget - len(decoding)
         for live in [x for x in self._running if not x.decoding]:
             rest = len(live.req.prompt_ids) - live.prefilled
-            if self._whole_chunks():  # H2O: generate's chunks, whatever the budget
+            if self._whole:  # H2O: generate's chunks, whatever the budget
                 if left <= 0 and left < self.token_budget - len(decoding):
                     break
                 chunk = min(max(MIN_CHUNK, _pow2(len(live.req.prompt_ids))), MAX_CHUNK)
@@ -277,7 +280,7 @@ class Engine:
         fresh[0] = start == 0
         fn = self._fns(t)[1]
         tok, self._cache = fn(self.compiled.weights, self._cache, rows, fresh, tokens, pos,
-                              last, pack([live.req.sampling], p))  # fmt: skip
+                              last, pack_slots([live.req.sampling], p))  # fmt: skip
         live.prefilled += n
         self.metrics["prefill_chunks"] += 1
         self.metrics["prompt_tokens"] += n
@@ -352,7 +355,7 @@ class Engine:
             params = [None] * self._rows
             for x in self._running:
                 params[x.slot] = x.req.sampling
-            self._sampling = _pack_slots(params, self._rows)
+            self._sampling = pack_slots(params, self._rows)
 
     def _emit(self, live: _Live, tok: int) -> None:
         """Hand one generated token to the request; end it on a stop or its length."""
@@ -400,6 +403,9 @@ class Engine:
 
         alloc, _, _, graph, _ = self._fns()
         self._cache = alloc()
+        # H2O evicts at the end of a call by the attention mass the call's queries gave:
+        # its choice depends on where chunks start, so prompts take generate's chunks.
+        self._whole = any(name.endswith("h2o.score") for name, _, _ in graph.cache.entries)
         pages = self._prefix_tokens // PREFIX_PAGE
         addressed = prefix_cache.supported(graph.cache) and graph.meta.get("mesh") is None
         self._spec_ok = addressed and self.speculate > 0
@@ -407,14 +413,6 @@ class Engine:
             self._prefix = prefix_cache.PrefixCache(
                 graph.cache, pages, PREFIX_PAGE, self._cache_len
             )
-
-    def _whole_chunks(self) -> bool:
-        """Whether prompts are prefilled in `generate`'s chunks rather than the budget's:
-        H2O evicts at the end of each call by the attention mass the call's queries
-        gave, so its choice depends on where chunks start (StreamingLLM's sinks and
-        window, and every storage format, do not)."""
-        graph = self._fns()[3]
-        return any(name.endswith("h2o.score") for name, _, _ in graph.cache.entries)
 
     # ---------------------------------------------------------------- compiled
     def _fns(self, chunk: int | None = None, verify: int | None = None):
@@ -428,7 +426,7 @@ class Engine:
 
         def build_decode():
             graph = c._capture([StepSpec("prefill", b, 1, s)])
-            _check_batch_axis(graph, s)
+            check_batch_axis(graph, s)
             return graph, engine_steps.make_slot_decode(graph)
 
         graph, decode = c._timed(("engine-decode", b, s), build_decode)
@@ -450,29 +448,3 @@ class Engine:
 
             check = c._timed(("engine-verify", b, verify, s), build_verify)
         return (lambda: _allocate(graph, b, s)), prefill, decode, graph, check
-
-
-def prompt_lookup(ids: list[int], k: int, longest: int = 3) -> list[int]:
-    """Up to `k` tokens drafted by prompt lookup: the tokens that followed the latest
-    earlier occurrence of the context's last n-gram (n from `longest` down to 1)."""
-    n_ids = len(ids)
-    for n in range(min(longest, n_ids - 1), 0, -1):
-        tail = ids[n_ids - n :]
-        for i in range(n_ids - n - 1, -1, -1):
-            if ids[i : i + n] == tail:
-                return ids[i + n : i + n + k]
-    return []
-
-
-def _pack_slots(params, b):
-    from pallax.runtime.sampling import SamplingParams
-
-    return pack([p if p is not None else SamplingParams(seed=0) for p in params], b)
-
-
-def _check_batch_axis(graph, s: int) -> None:
-    """Slots are gathered and scattered along axis 0 of every cache array."""
-    one, two = graph.cache.shapes(1, s), graph.cache.shapes(2, s)
-    for name in one:
-        if one[name].shape[0] != 1 or two[name].shape[1:] != one[name].shape[1:]:
-            raise ValueError(f"cache array {name} {two[name].shape} is not batch-major")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallax.ir.graph import Graph
-from pallax.runtime.sampling import greedy, sample
+from pallax.runtime.sampling import SamplingParams, greedy, pack, sample
 
 
 def make_slot_decode(graph: Graph):
@@ -101,3 +101,28 @@ def make_slot_verify(graph: Graph):
         return first, jax.vmap(greedy, in_axes=1, out_axes=1)(logits), cache
 
     return jax.jit(verify, donate_argnums=(1,))
+
+
+def prompt_lookup(ids: list[int], k: int, longest: int = 3) -> list[int]:
+    """Up to `k` tokens drafted by prompt lookup: the tokens that followed the latest
+    earlier occurrence of the context's last n-gram (n from `longest` down to 1)."""
+    n_ids = len(ids)
+    for n in range(min(longest, n_ids - 1), 0, -1):
+        tail = ids[n_ids - n :]
+        for i in range(n_ids - n - 1, -1, -1):
+            if ids[i : i + n] == tail:
+                return ids[i + n : i + n + k]
+    return []
+
+
+def pack_slots(params, b):
+    """Sampling parameters per slot (None: a free slot, greedy)."""
+    return pack([p if p is not None else SamplingParams(seed=0) for p in params], b)
+
+
+def check_batch_axis(graph, s: int) -> None:
+    """Slots are gathered and scattered along axis 0 of every cache array."""
+    one, two = graph.cache.shapes(1, s), graph.cache.shapes(2, s)
+    for name in one:
+        if one[name].shape[0] != 1 or two[name].shape[1:] != one[name].shape[1:]:
+            raise ValueError(f"cache array {name} {two[name].shape} is not batch-major")

@@ -1,0 +1,77 @@
+"""Speculative decoding in the engine (issue 17 item 6): prompt-lookup drafts verified with
+the decode method give exactly `generate`'s tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+import pallax
+from pallax.runtime.engine_steps import prompt_lookup
+
+TEXT = (
+    "The Industrial Revolution began in Great Britain in the late eighteenth century. It "
+    "transformed economies that had been based on agriculture and handicrafts into economies "
+    "based on large-scale industry, mechanized manufacturing, and the factory system."
+)
+
+
+def _copy_prompt(compiled):
+    msgs = [{"role": "user", "content": "Copy this text exactly, word for word:\n\n" + TEXT}]
+    return compiled.tokenizer.apply_chat_template(msgs, tokenize=True)
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match():
+    assert prompt_lookup([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 3) == [7, 1, 2]  # latest 3-gram
+    assert prompt_lookup([5, 6, 1, 2, 4, 8, 2], 2) == [4, 8]  # falls back to a 1-gram
+    assert prompt_lookup([1, 2, 3], 4) == [] and prompt_lookup([4], 2) == []
+
+
+def _check(compiled, k=4, new=40):
+    copy = _copy_prompt(compiled)
+    prompts = [copy, "Count: 1, 2, 3, 4, 5, 6, 7, 8,", "The capital of France is"]
+    with pallax.Engine(compiled, max_batch=4, max_len=512, speculate=k) as eng:
+        handles = [eng.submit(p, max_new_tokens=new) for p in prompts]
+        sampled = eng.submit(prompts[2], max_new_tokens=8, temperature=0.8, seed=3)
+        stopped = eng.submit(copy, max_new_tokens=new, stop=["economies"])
+        got = [h.result(timeout=900) for h in handles]
+        stats = eng.stats()
+        assert sampled.result().token_ids == compiled.generate(
+            [prompts[2]], max_new_tokens=8, temperature=0.8, seed=3
+        )[0].token_ids
+        want_stop = compiled.generate([copy], max_new_tokens=new, stop=["economies"])[0]
+        assert stopped.result().token_ids == want_stop.token_ids
+        assert stopped.result().text == want_stop.text
+    want = [compiled.generate([p], max_new_tokens=new)[0] for p in prompts]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [g.text for g in got] == [w.text for w in want]
+    return stats
+
+
+def test_speculative_decoding_keeps_the_tokens_of_generate(compiled_fp32):
+    stats = _check(compiled_fp32)
+    assert stats["accepted_tokens"] > 20  # the copy task takes most of its drafts
+    assert stats["drafted_tokens"] >= stats["accepted_tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["int8", "gguf", "cast:bfloat16", "int8kv"])
+def test_speculative_decoding_in_other_formats(pipeline, smollm2, smollm2_gguf_path):
+    if pipeline == "gguf":
+        compiled = pallax.compile(pallax.load(smollm2_gguf_path, keep_quantized=True), [])
+    else:
+        compiled = pallax.compile(smollm2, [pipeline])
+    assert _check(compiled, new=24)["accepted_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_a_cache_that_cannot_take_back_drafts_decodes_without_them(smollm2):
+    """KIVI quantizes tokens as they leave its window: rejected drafts could not be
+    overwritten, so the engine runs plain decode steps there."""
+    stats = _check(pallax.compile(smollm2, ["kivi2"]), new=16)
+    assert "drafted_tokens" not in stats
+
+
+def test_speculate_is_checked(compiled_fp32):
+    for bad in (-1, 17, 2.0, True):
+        with pytest.raises(ValueError, match="speculate="):
+            pallax.Engine(compiled_fp32, speculate=bad)

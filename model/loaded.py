@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import pathlib
 from typing import Any
 
@@ -34,7 +35,8 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
-        n = sum(int(w.size) for w in self.weights.values())
+        # parameters of the float matrices (a packed QuantizedWeight stands for one)
+        n = sum(math.prod(w.shape) for w in self.weights.values())
         return (
             f"Model({c.name or c.arch!r}, arch={c.arch}, layers={c.n_layers}, dim={c.dim}, "
             f"params={n / 1e6:.1f}M, source={self.source!r})"

@@ -2,6 +2,9 @@
 
     python -m pallax.scripts.loadtest --requests 32 --rate 4 --max-batch 8
     python -m pallax.scripts.loadtest --interference --passes int8
+    python -m pallax.scripts.loadtest --http --requests 16
+    python -m pallax.scripts.loadtest --prefix 1000
+    python -m pallax.scripts.loadtest --grounded --speculate 4 --new-tokens 8 96
 
 Requests arrive as a bounded Poisson process (--rate per second, --requests in all), with
 mixed lengths: prompt and output lengths drawn log-uniformly from --prompt-len and
@@ -16,6 +19,13 @@ mixed lengths: prompt and output lengths drawn log-uniformly from --prompt-len a
 
 Each system runs the whole workload once untimed first (compiles), then timed.
 
+`--http` sends the same workload to the OpenAI-compatible server (`pallax serve`'s app on
+127.0.0.1, streamed SSE; an inter-token latency is then the gap between events).
+`--prefix N` prints the time to first token of a prompt with a new N-token prefix and of
+a second one sharing it (prefix caching). `--grounded --speculate K` prints batch-1
+decode tok/s on input-grounded tasks (copy, extract, continue a given text) with K
+prompt-lookup drafts per step against none, and whether the tokens are equal.
+
 `--interference` instead measures SARATHI's promise: --max-batch - 1 requests decode
 --new-tokens' upper bound tokens each; the p99 inter-token latency of their tokens is
 measured alone and again with one --long-prompt-token prompt arriving mid-run.
@@ -24,10 +34,13 @@ measured alone and again with one --long-prompt-token prompt arriving mid-run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 
@@ -54,7 +67,8 @@ def pct(xs, q):
 
 
 def run_engine(engine, reqs):
-    """Submit at arrival times; (throughput tok/s, TTFTs, ITLs, lost, generated)."""
+    """Submit at arrival times (to an Engine, or a server's URL); (throughput tok/s,
+    TTFTs, ITLs, lost, generated). Over HTTP, an ITL is the gap between SSE events."""
     handles = [None] * len(reqs)
     t0 = time.perf_counter()
 
@@ -63,7 +77,10 @@ def run_engine(engine, reqs):
             delay = t0 + arrival - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            handles[i] = engine.submit(prompt, max_new_tokens=new, ignore_eos=True)
+            if isinstance(engine, str):  # the server's URL
+                handles[i] = HttpRequest(engine, prompt, new)
+            else:
+                handles[i] = engine.submit(prompt, max_new_tokens=new, ignore_eos=True)
 
     th = threading.Thread(target=feeder)
     th.start()
@@ -82,6 +99,38 @@ def run_engine(engine, reqs):
         itl.extend(np.diff(h.token_times).tolist())
         end = max(end, h.token_times[-1])
     return tokens / (end - t0), ttft, itl, lost, tokens
+
+
+class HttpRequest:
+    """One streamed /v1/completions request on its own thread, with a handle's
+    `arrival`, `token_times` (one per non-empty event) and `result()`."""
+
+    def __init__(self, url, prompt, new):
+        import httpx2 as httpx  # the client the openai package is built on
+
+        self.arrival, self.token_times, self.tokens, self.reason = time.perf_counter(), [], 0, None
+        body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+        def run():
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=3600) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    if event.get("usage"):
+                        self.tokens = event["usage"]["completion_tokens"]
+                    for c in event["choices"]:
+                        if c["text"]:
+                            self.token_times.append(time.perf_counter())
+                        self.reason = c["finish_reason"] or self.reason
+
+        self._thread = threading.Thread(target=run)
+        self._thread.start()
+
+    def result(self, timeout=None):
+        self._thread.join(timeout)
+        return types.SimpleNamespace(token_ids=[0] * self.tokens, finish_reason=self.reason)
 
 
 def run_static(compiled, reqs, batch):
@@ -133,6 +182,95 @@ def interference(engine, args, vocab):
           f"p99 {mixed[1] * 1e3:7.1f} ms  (p99 ratio {mixed[1] / alone[1]:.2f}x)")  # fmt: skip
 
 
+def prefix_ttft(engine, vocab, length, seed):
+    """Time to first token of a prompt with a new `length`-token prefix, then of another
+    prompt sharing it (after a warm-up pair with another prefix)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(2):
+        prefix = rng.integers(100, min(vocab, 30000), length).tolist()
+        times = []
+        for _ in range(2):
+            h = engine.submit(prefix + rng.integers(100, 30000, 24).tolist(), max_new_tokens=2)
+            h.result(timeout=3600)
+            times.append(h.token_times[0] - h.arrival)
+        out = times
+    print(f"{length}-token shared prefix: TTFT first {out[0]:.3f} s, second {out[1]:.3f} s "
+          f"({out[0] / out[1]:.1f}x sooner); {engine.stats().get('prefix_hit_tokens', 0)} "
+          "prompt tokens taken from the prefix cache")  # fmt: skip
+
+
+GROUNDED = (  # input-grounded tasks: copy, extract, continue a given text
+    "Copy this text exactly, word for word:\n\n{t}",
+    "Here is a text:\n\n{t}\n\nQuote the sentence of the text that mentions machines.",
+    "Continue this text, repeating its first sentence first:\n\n{t}",
+)
+PASSAGE = (
+    "The Industrial Revolution began in Great Britain in the late eighteenth century. It "
+    "transformed economies based on agriculture and handicrafts into economies based on "
+    "large-scale industry, mechanized manufacturing, and the factory system. New machines, "
+    "new power sources, and new ways of organizing work made existing industries more "
+    "productive and efficient."
+)
+
+
+def speculation(compiled, args):
+    """Decode tok/s at batch 1 on input-grounded chat prompts, with and without
+    prompt-lookup speculation (medians of 3), and whether the tokens are equal."""
+    tok = compiled.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": g.format(t=PASSAGE)}],
+                                       tokenize=True) for g in GROUNDED]  # fmt: skip
+    rates, texts = {}, {}
+    for k in (0, args.speculate):
+        with pallax_engine(compiled, 1, args, speculate=k) as eng:
+            eng.submit(prompts[0], max_new_tokens=8).result()  # compiles
+            for i, p in enumerate(prompts):
+                runs = []
+                for _ in range(3):
+                    h = eng.submit(p, max_new_tokens=args.new_tokens[1])
+                    texts[k, i] = h.result(timeout=3600).token_ids
+                    runs.append((len(h.token_times) - 1) / (h.token_times[-1] - h.token_times[1]))
+                rates[k, i] = float(np.median(runs))
+            stats = eng.stats()
+    for i in range(len(prompts)):
+        same = texts[0, i] == texts[args.speculate, i]
+        print(f"task {i}: decode {rates[0, i]:6.1f} -> {rates[args.speculate, i]:6.1f} tok/s "
+              f"({rates[args.speculate, i] / rates[0, i]:.2f}x), tokens equal: {same}")  # fmt: skip
+    print(f"acceptance {stats['accepted_tokens']} / {stats['drafted_tokens']} drafted tokens")
+
+
+@contextlib.contextmanager
+def _serving(engine, name):
+    """The server's app on a free port of 127.0.0.1, in a thread; yields its URL."""
+    import socket
+
+    import uvicorn
+
+    from pallax.runtime.server import make_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(make_app(engine, name), host="127.0.0.1",
+                                           port=port, log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def pallax_engine(compiled, max_batch, args, **kw):
+    import pallax
+
+    return pallax.Engine(compiled, max_batch=max_batch, token_budget=args.token_budget,
+                         max_len=args.max_len or 1024, **kw)  # fmt: skip
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -148,6 +286,28 @@ def main(argv=None) -> int:
     ap.add_argument("--no-static", action="store_true", help="skip the static-batching run")
     ap.add_argument("--interference", action="store_true")
     ap.add_argument("--long-prompt", type=int, default=1000)
+    ap.add_argument(
+        "--prefix",
+        type=int,
+        default=None,
+        metavar="N",
+        help="time to first token with and without a cached N-token prefix",
+    )
+    ap.add_argument(
+        "--speculate",
+        type=int,
+        default=0,
+        metavar="K",
+        help="prompt-lookup drafts per step (with --grounded: K vs none)",
+    )
+    ap.add_argument(
+        "--grounded",
+        action="store_true",
+        help="batch-1 decode speed on input-grounded tasks, --speculate K vs none",
+    )
+    ap.add_argument(
+        "--http", action="store_true", help="send the workload to `pallax serve`'s app on 127.0.0.1"
+    )
     args = ap.parse_args(argv)
     for name in ("prompt_len", "new_tokens"):
         lo, hi = getattr(args, name)
@@ -158,22 +318,35 @@ def main(argv=None) -> int:
     compiled = pallax.compile(pallax.load(args.model), args.passes)
     vocab = compiled.config.vocab_size
     need = args.prompt_len[1] + args.new_tokens[1]
-    if args.interference:
-        need = max(need, args.long_prompt + 2)
+    if args.grounded:
+        if args.speculate < 1:
+            ap.error("--grounded compares --speculate K (>= 1) against none")
+        speculation(compiled, args)
+        return 0
+    if args.interference or args.prefix:
+        need = max(need, (args.prefix or args.long_prompt) + 26)
     max_len = args.max_len or need
     engine = pallax.Engine(compiled, max_batch=args.max_batch, token_budget=args.token_budget,
-                           max_len=max_len)  # fmt: skip
+                           max_len=max_len, speculate=args.speculate)  # fmt: skip
     with engine:
         if args.interference:
             interference(engine, args, vocab)
+            return 0
+        if args.prefix:
+            prefix_ttft(engine, vocab, args.prefix, args.seed)
             return 0
         reqs = workload(args.requests, args.rate, args.prompt_len, args.new_tokens, vocab,
                         args.seed)  # fmt: skip
         print(f"{len(reqs)} requests, {args.rate}/s, prompts {args.prompt_len[0]}-"
               f"{args.prompt_len[1]}, outputs {args.new_tokens[0]}-{args.new_tokens[1]} tokens, "
               f"max_batch {args.max_batch}, token_budget {args.token_budget}")  # fmt: skip
-        run_engine(engine, reqs)  # warm-up
-        tput, ttft, itl, lost, tokens = run_engine(engine, reqs)
+        target, server = engine, contextlib.nullcontext()
+        if args.http:
+            server = _serving(engine, compiled.config.name or args.model)
+        with server as url:
+            target = url or engine
+            run_engine(target, reqs)  # warm-up
+            tput, ttft, itl, lost, tokens = run_engine(target, reqs)
     print(f"engine: {tput:7.1f} tok/s  TTFT p50 {pct(ttft, 50):.2f} s p99 {pct(ttft, 99):.2f} s  "
           f"ITL p50 {pct(itl, 50) * 1e3:.1f} ms p99 {pct(itl, 99) * 1e3:.1f} ms  "
           f"lost {lost}  ({tokens} tokens)")  # fmt: skip

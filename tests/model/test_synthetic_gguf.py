@@ -120,6 +120,7 @@ def test_keep_quantized_matches_the_dequantized_file(tmp_path, smollm2_gguf_path
     floats = pallax.load(path)
     kept = pallax.load(path, keep_quantized=True)
     packed = {k for k, v in kept.weights.items() if isinstance(v, QuantizedWeight)}
+    assert repr(kept) == repr(floats)  # the same parameter count, packed or not
     assert packed == {
         "layers.0.wq",
         "layers.0.wk",

@@ -35,9 +35,12 @@ def _check(compiled, k=4, new=40):
         stopped = eng.submit(copy, max_new_tokens=new, stop=["economies"])
         got = [h.result(timeout=900) for h in handles]
         stats = eng.stats()
-        assert sampled.result().token_ids == compiled.generate(
-            [prompts[2]], max_new_tokens=8, temperature=0.8, seed=3
-        )[0].token_ids
+        assert (
+            sampled.result().token_ids
+            == compiled.generate([prompts[2]], max_new_tokens=8, temperature=0.8, seed=3)[
+                0
+            ].token_ids
+        )
         want_stop = compiled.generate([copy], max_new_tokens=new, stop=["economies"])[0]
         assert stopped.result().token_ids == want_stop.token_ids
         assert stopped.result().text == want_stop.text

@@ -61,7 +61,7 @@ class _Live:
 
     req: Request
     handle: RequestHandle
-    decoder: object
+    decoder: object  # a StreamDecoder
     slot: int = -1
     prefilled: int = 0  # prompt tokens in the cache
     ids: list = dataclasses.field(default_factory=list)  # generated tokens
@@ -100,8 +100,7 @@ class Engine:
         max_len = min(1024, ctx) if max_len is None else _positive_int("max_len", max_len, 2)
         if max_len > ctx:
             raise ValueError(f"max_len={max_len} is longer than the context length {ctx}")
-        if max_waiting is not None:
-            max_waiting = _positive_int("max_waiting", max_waiting, 0)
+        max_waiting = None if max_waiting is None else _positive_int("max_waiting", max_waiting, 0)
         self.compiled, self.max_waiting = compiled, max_waiting
         if prefix_cache is None:  # half the slots' tokens again, in whole pages
             prefix_cache = max_batch * max_len // 2
@@ -316,36 +315,37 @@ class Engine:
             self._emit(x, int(nxt[x.slot]))
 
     def _verify(self, decoding: list[_Live], k: int) -> None:
-        """One step of speculative decoding: each greedy request's K tokens drafted by
-        prompt lookup are verified with the decode method (`make_slot_verify`); it keeps
-        the drafts that match its greedy tokens and one token past them. A sampling
-        request takes one token, sampled as in a decode step."""
+        """One step of speculative decoding: each request's K tokens drafted by prompt
+        lookup are verified with the decode method (`make_slot_verify`). A greedy request
+        keeps the drafts equal to its greedy tokens and one token past them; a sampling
+        one what `speculative_sample` keeps and the token it draws."""
         b = self._rows
-        tokens, pos = np.zeros((b, k + 1), np.int32), np.zeros((b,), np.int32)
-        steps, drafts = np.zeros((b,), np.int32), {}
+        tokens, drafts = np.zeros((b, k + 1), np.int32), {}
+        pos, steps, n_draft = (np.zeros((b,), np.int32) for _ in range(3))
         for x in self._running:
             pos[x.slot] = x.prefilled
         for x in decoding:
-            d = []
-            if x.req.sampling.temperature == 0:
-                d = prompt_lookup(x.req.prompt_ids + x.ids, k)
-            drafts[x.slot] = d
+            d = drafts[x.slot] = prompt_lookup(x.req.prompt_ids + x.ids, k)
+            n_draft[x.slot] = len(d)
             tokens[x.slot] = [x.ids[-1], *d, *[d[-1] if d else x.ids[-1]] * (k - len(d))]
             pos[x.slot] = len(x.req.prompt_ids) + len(x.ids) - 1
             steps[x.slot] = len(x.ids)
         self._ensure_sampling()
         fn = self._fns(verify=k + 1)[4]
-        first, best, self._cache = fn(self.compiled.weights, self._cache, tokens, pos,
-                                      self._sampling, steps)  # fmt: skip
-        first, best = np.asarray(first), np.asarray(best)
+        kept, after, best, self._cache = fn(self.compiled.weights, self._cache, tokens, pos,
+                                            self._sampling, steps, n_draft)  # fmt: skip
+        kept, after, best = np.asarray(kept), np.asarray(after), np.asarray(best)
         for x in decoding:
-            d, g = drafts[x.slot], best[x.slot]
-            n = 0
-            while n < len(d) and d[n] == g[n]:
-                n += 1
+            d, g, n = drafts[x.slot], best[x.slot], 0
+            if x.req.sampling.temperature > 0:
+                n, last = int(kept[x.slot]), int(after[x.slot])
+            else:
+                while n < len(d) and d[n] == g[n]:
+                    n += 1
+                last = int(g[n])
             self.metrics["drafted_tokens"] += len(d)
             self.metrics["accepted_tokens"] += n
-            for tok in [*d[:n], int(g[n])] if d else [int(first[x.slot])]:
+            for tok in [*d[:n], last]:
                 if x not in self._running:
                     break  # it ended (a stop, its length) on an accepted token
                 self._emit(x, int(tok))

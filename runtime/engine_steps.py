@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallax.ir.graph import Graph
-from pallax.runtime.sampling import SamplingParams, greedy, pack, sample
+from pallax.runtime.sampling import SamplingParams, filtered_logits, greedy, pack, sample
 
 
 def make_slot_decode(graph: Graph):
@@ -54,9 +54,9 @@ def make_slot_prefill(graph: Graph, slots: int):
 
 def make_slot_verify(graph: Graph):
     """Speculative verification with the decode method: (weights, cache, tokens [B, K+1]
-    (each slot's last token and K drafted ones), pos [B], sampling, steps [B]) -> (the
-    token sampled after the last token [B], the greedy token after each of the K+1 [B, K+1],
-    cache).
+    (each slot's last token and K drafted ones), pos [B], sampling, steps [B], n_draft [B]
+    real drafts) -> (a sampling row's drafts kept [B] and the token after them [B]
+    (`speculative_sample`), the greedy token after each of the K+1 [B, K+1], cache).
 
     The graph's "chunk" step at K+1 tokens, evaluated so that every token takes exactly
     the path of a decode step: the projections, norms and the LM head see B x (K+1) rows of
@@ -93,14 +93,49 @@ def make_slot_verify(graph: Graph):
     per_row = (ops.linear_p, ops.qlinear_p, ops.lm_head_p, ops.rms_norm_p, ops.mlp_act_p)
     rules = {p: rows for p in per_row} | {ops.attention_p: attention}
 
-    def verify(weights, cache, tokens, pos, sampling, steps):
+    def verify(weights, cache, tokens, pos, sampling, steps, n_draft):
         flat = jax.tree.leaves((weights, cache, tokens, pos))
         outs = eval_with_rules(step.jaxpr.jaxpr, step.jaxpr.consts, flat, rules)
         logits, cache = jax.tree.unflatten(step.out_tree, outs)  # [B, K+1, V]
-        first = sample(logits[:, 0], sampling, steps)
-        return first, jax.vmap(greedy, in_axes=1, out_axes=1)(logits), cache
+        b = tokens.shape[0]
+        kept, after = jax.lax.cond(
+            jnp.any(sampling["temperature"] > 0),
+            lambda: speculative_sample(logits, tokens[:, 1:], n_draft, sampling, steps),
+            lambda: (jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)),
+        )
+        return kept, after, jax.vmap(greedy, in_axes=1, out_axes=1)(logits), cache
 
     return jax.jit(verify, donate_argnums=(1,))
+
+
+def speculative_sample(logits, drafts, n_draft, sampling, steps):
+    """Rejection sampling of drafts proposed with certainty (prompt lookup): logits
+    [B, K+1, V], drafts [B, K] of which the first n_draft [B] are real -> (drafts kept
+    [B], the token after them [B]).
+
+    Draft j is kept with probability p_j(d_j), p_j being the row's sampling distribution
+    (temperature, top-k, top-p, min-p) after the tokens before it; at the first rejection
+    the next token is drawn from p_j without d_j, renormalized, and after every real
+    draft is kept from p at the next position. So each token is distributed exactly as
+    when sampled one at a time (speculative sampling with a point-mass proposal)."""
+    b, t, v = logits.shape
+    rows = {k: jnp.repeat(x, t, axis=0) for k, x in sampling.items()}
+    masked = filtered_logits(logits.reshape(b * t, v), rows).reshape(b, t, v)
+    probs = jax.nn.softmax(masked, axis=-1)
+    base = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(sampling["seed"], steps)
+    j = jnp.arange(t - 1)
+    u = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.uniform(
+        jax.random.fold_in(k, 2 * i)))(j))(base)  # fmt: skip
+    p_draft = jnp.take_along_axis(probs[:, :-1], drafts[..., None], axis=-1)[..., 0]
+    ok = (u < p_draft) & (j[None, :] < n_draft[:, None])
+    kept = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [B]
+    at = jnp.take_along_axis(probs, kept[:, None, None], axis=1)[:, 0]  # [B, V]
+    rejected = kept < n_draft
+    bad = jnp.take_along_axis(drafts, jnp.minimum(kept, t - 2)[:, None], axis=1)[:, 0]
+    at = jnp.where(rejected[:, None] & (jnp.arange(v)[None, :] == bad[:, None]), 0.0, at)
+    keys = jax.vmap(lambda k, i: jax.random.fold_in(k, 2 * i + 1))(base, kept)
+    after = jax.vmap(jax.random.categorical)(keys, jnp.log(at))
+    return kept.astype(jnp.int32), after.astype(jnp.int32)
 
 
 def prompt_lookup(ids: list[int], k: int, longest: int = 3) -> list[int]:

@@ -81,6 +81,28 @@ def _sample_rows(logits, params, step):
     one per row) is folded into each row's seed."""
     b, v = logits.shape
     steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,))
+    order, masked = _filtered_sorted(logits, params)
+
+    def one(seed, row_logits, row_step):
+        key = jax.random.fold_in(jax.random.key(seed), row_step)
+        return jax.random.categorical(key, row_logits)
+
+    choice = jax.vmap(one)(params["seed"], masked, steps)  # [B] index into sorted order
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    return jnp.where(params["temperature"] > 0, sampled, greedy(logits)).astype(jnp.int32)
+
+
+def filtered_logits(logits, params):
+    """logits [B, V] -> the logits each row samples from: scaled by its temperature, -inf
+    where top-k / top-p / min-p drop a token (vocabulary order)."""
+    b = logits.shape[0]
+    order, masked = _filtered_sorted(logits.astype(jnp.float32), params)
+    return jnp.zeros_like(masked).at[jnp.arange(b)[:, None], order].set(masked)
+
+
+def _filtered_sorted(logits, params):
+    """(order [B, V]: the tokens by descending logit, the filtered logits in that order)."""
+    b, v = logits.shape
     temp = params["temperature"]
     scaled = logits / jnp.maximum(temp, 1e-6)[:, None]
     order = jnp.argsort(-scaled, axis=-1)  # [B, V] descending
@@ -94,15 +116,7 @@ def _sample_rows(logits, params, step):
     keep &= (cum - probs) < params["top_p"][:, None]
     keep &= probs >= params["min_p"][:, None] * probs[:, :1]
     keep = keep.at[:, 0].set(True)
-    masked = jnp.where(keep, vals, -jnp.inf)
-
-    def one(seed, row_logits, row_step):
-        key = jax.random.fold_in(jax.random.key(seed), row_step)
-        return jax.random.categorical(key, row_logits)
-
-    choice = jax.vmap(one)(params["seed"], masked, steps)  # [B] index into sorted order
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return jnp.where(temp > 0, sampled, greedy(logits)).astype(jnp.int32)
+    return order, jnp.where(keep, vals, -jnp.inf)
 
 
 def greedy(logits):

@@ -241,3 +241,19 @@ def test_prefix_pool_evicts_least_recently_used_pages_and_their_descendants():
     assert pool.lookup(a) == [] and len(pool.lookup(b)) == 2  # and its child with it
     assert pool.lookup(a[:4] + [99]) == []  # a's first page went too
     assert len(pool.lookup(b[:8])) == 1  # a prompt of whole pages keeps one to prefill
+
+
+@pytest.mark.slow
+def test_engine_runs_a_sharded_model(smollm2):
+    """tensor 2 x data 2 over the session's virtual CPU devices (tests/conftest.py): the
+    slot cache is split by batch and KV heads, and requests keep generate's tokens."""
+    import jax
+
+    from pallax.passes import shard
+
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    compiled = pallax.compile(smollm2, ["int8", shard(tensor=2, data=2)])
+    with pytest.raises(ValueError, match="max_batch=3 must be a multiple of data=2"):
+        pallax.Engine(compiled, max_batch=3)
+    _check_equal_to_alone(compiled, PROMPTS[2:], new=8)

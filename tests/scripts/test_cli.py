@@ -85,6 +85,7 @@ def test_cli_inspect_prints_before_and_after(smollm2_gguf_path, capsys):
         (["plan", "llama-3-8b", "--context", "4096"], "--context needs --budget-gib or --cost"),
         (["plan", "llama-3-8b", "--cost", "a100"], "--cost='a100': unknown cost target"),
         (["plan", "llama-3-8b", "--lower", "gpu"], "platforms are cpu, cuda, tpu"),
+        (["serve", "smollm2-135m", "--port", "70000"], "--port 70000 must be in [0, 65536)"),
     ],
 )
 def test_cli_bad_input_exits_nonzero_without_traceback(args, message, capsys):
@@ -208,3 +209,52 @@ def test_cli_plan_prints_the_roofline_cost(capsys):
     total = next(line for line in out.splitlines() if line.startswith("total")).split()
     h100, v5e = float(total[-2]), float(total[-1])
     assert 0 < h100 < v5e  # microseconds per step; the H100 has 4x the bandwidth
+
+
+@pytest.mark.slow
+def test_cli_serve_answers_on_loopback_and_stops_on_sigint(smollm2_gguf_path):
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pallax.scripts.cli",
+        "serve",
+        str(smollm2_gguf_path),
+        "--port",
+        str(port),
+        "--max-batch",
+        "2",
+        "--max-len",
+        "128",
+        "--served-name",
+        "s",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        body = json.dumps({"model": "s", "prompt": "The capital of France is",
+                           "max_tokens": 3, "temperature": 0}).encode()  # fmt: skip
+        req = urllib.request.Request(url + "/v1/completions", body,
+                                     {"Content-Type": "application/json"})  # fmt: skip
+        out = json.loads(urllib.request.urlopen(req, timeout=300).read())
+        assert out["choices"][0]["text"].startswith(" Paris")
+        assert out["usage"]["completion_tokens"] == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err

@@ -11,19 +11,11 @@ import pytest
 
 import pallax
 from pallax.runtime.engine_handle import EngineClosed
-
-PROMPTS = [
-    "The capital of France is",
-    "Water boils at a temperature of",
-    "def fib(n):",
-    "Once upon a time, in a small village, there lived an old clockmaker who " * 4,
-    "List five fruits:\n1.",
-    "import numpy as np\n",
-]
+from tests.runtime.test_batch_invariance import PROMPTS  # mixed lengths, one of ~70 tokens
 
 
 def _staggered(compiled, prompts, new=12, gap=0.2, **engine):
-    """Submit `prompts` one by one while the engine runs (4 slots for 6 prompts, so
+    """Submit `prompts` one by one while the engine runs (4 slots for 5 prompts, so
     requests also wait for a slot; a 40-token budget, so the long prompt is prefilled in
     chunks between decode steps); their results and the engine's counters."""
     kw = dict(max_batch=4, token_budget=40, max_len=256) | engine

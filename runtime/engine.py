@@ -29,8 +29,8 @@ import time
 
 import numpy as np
 
-from pallax.runtime.engine_handle import EngineBusy, EngineClosed, RequestHandle
-from pallax.runtime.engine_steps import check_batch_axis, pack_slots, prompt_lookup
+from pallax.runtime.engine_handle import Counters, EngineBusy, EngineClosed, RequestHandle
+from pallax.runtime.engine_steps import SlotSteps, pack_slots, prompt_lookup
 from pallax.runtime.generator import _find_stop, _held_back
 from pallax.runtime.requests import Request, build_requests, check_sampling_kwargs, finish
 
@@ -115,6 +115,7 @@ class Engine:
         self._chunk_rows = _round_up(max(1, compiled.min_batch), dp)  # prefill batch
         # room past max_len for the drafts of a request's last verification
         self._cache_len = max(min(_round_up(max_len + speculate, CACHE_ROUND), ctx), max_len)
+        self._steps = SlotSteps(compiled, self._rows, self._chunk_rows, self._cache_len)
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Live] = collections.deque()
         self._running: list[_Live] = []
@@ -122,7 +123,7 @@ class Engine:
         self._closing = False
         self._error: BaseException | None = None
         self._sampling = None  # packed per-slot parameters, rebuilt when slots change
-        self.metrics = collections.Counter()
+        self.metrics = Counters()
         self._cache = None
         self._thread = threading.Thread(target=self._main, name="pallax-engine", daemon=True)
         self._thread.start()
@@ -162,7 +163,7 @@ class Engine:
                     f"{self.max_waiting}); try again later"
                 )
             self._waiting.append(live)
-            self.metrics["submitted"] += 1
+            self.metrics.add("submitted", 1)
             self._cv.notify()
         return handle
 
@@ -174,9 +175,10 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters (submitted, finished, cancelled, steps, prompt_tokens, generated_tokens,
-        prefill_chunks) and the requests running and waiting now."""
-        with self._cv:
-            return {**self.metrics, "running": len(self._running), "waiting": len(self._waiting)}
+        prefill_chunks, prefix_hit_tokens, drafted_tokens, accepted_tokens: each once it
+        counts something) and the requests running and waiting now."""
+        live = {"running": len(self._running), "waiting": len(self._waiting)}
+        return self.metrics.snapshot() | live
 
     def close(self) -> None:
         """Stop the loop; requests still waiting or running end as "cancelled"."""
@@ -196,7 +198,6 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
-    # -------------------------------------------------------------------- loop
     def _main(self) -> None:
         try:
             while True:
@@ -241,26 +242,31 @@ class Engine:
             if pages:  # the prompt starts with cached pages: copy them, prefill the rest
                 self._cache = self._prefix.load(self._cache, live.slot, pages)
                 live.prefilled = len(pages) * self._prefix.page
-                self.metrics["prefix_hit_tokens"] += live.prefilled
-        self.metrics["steps"] += 1
+                self.metrics.add("prefix_hit_tokens", live.prefilled)
+        self.metrics.add("steps", 1)
         decoding = [x for x in self._running if x.decoding]
-        left = self.token_budget - len(decoding)
+        left, chunks = self.token_budget - len(decoding), []
         for live in [x for x in self._running if not x.decoding]:
             rest = len(live.req.prompt_ids) - live.prefilled
             if self._whole:  # H2O: generate's chunks, whatever the budget
                 if left <= 0 and left < self.token_budget - len(decoding):
                     break
-                chunk = min(max(MIN_CHUNK, _pow2(len(live.req.prompt_ids))), MAX_CHUNK)
-                left -= self._prefill(live, min(rest, chunk))
-                continue
-            if left < min(rest, MIN_CHUNK):
+                n = min(rest, min(max(MIN_CHUNK, _pow2(len(live.req.prompt_ids))), MAX_CHUNK))
+            elif left < min(rest, MIN_CHUNK):
                 break
-            left -= self._prefill(live, min(rest, left))
+            else:
+                n = min(rest, left)
+            chunks.append(self._chunk(live, n))
+            left -= chunks[-1][1]
+        for live, n, t, args in chunks:
+            tok, self._cache = self._steps.prefill(t)(self.compiled.weights, self._cache, *args)
+            self._prefilled(live, n, tok)
         if decoding:
             self._decode(decoding)
 
-    def _prefill(self, live: _Live, n: int) -> int:
-        """Prefill the next `n` (or fewer) prompt tokens of `live`; the tokens taken."""
+    def _chunk(self, live: _Live, n: int):
+        """(live, tokens taken, chunk length, `make_slot_prefill`'s arguments) for the next
+        `n` (or fewer) prompt tokens of `live`."""
         start, prompt = live.prefilled, live.req.prompt_ids
         t = min(max(MIN_CHUNK, _pow2(n)), MAX_CHUNK)
         while start + t > self._cache_len:  # the chunk's padding stays inside the cache
@@ -277,17 +283,17 @@ class Engine:
         pos[0] = start
         fresh = np.ones((p,), bool)
         fresh[0] = start == 0
-        fn = self._fns(t)[1]
-        tok, self._cache = fn(self.compiled.weights, self._cache, rows, fresh, tokens, pos,
-                              last, pack_slots([live.req.sampling], p))  # fmt: skip
+        args = (rows, fresh, tokens, pos, last, pack_slots([live.req.sampling], p))
+        return live, n, t, args
+
+    def _prefilled(self, live: _Live, n: int, tok) -> None:
         live.prefilled += n
-        self.metrics["prefill_chunks"] += 1
-        self.metrics["prompt_tokens"] += n
+        self.metrics.add("prefill_chunks", 1)
+        self.metrics.add("prompt_tokens", n)
         if live.decoding:
             if self._prefix is not None:
-                self._prefix.insert(prompt, self._cache, live.slot)
+                self._prefix.insert(live.req.prompt_ids, self._cache, live.slot)
             self._emit(live, int(np.asarray(tok)[0]))
-        return n
 
     def _decode(self, decoding: list[_Live]) -> None:
         k = self.speculate
@@ -296,6 +302,12 @@ class Engine:
             for x in self._running
         ):
             return self._verify(decoding, k)
+        fn = self._steps.decode()[1]
+        nxt, self._cache = fn(self.compiled.weights, self._cache, *self._decode_args(decoding))
+        self._decoded(decoding, nxt)
+
+    def _decode_args(self, decoding: list[_Live]):
+        """`make_slot_decode`'s arguments (tokens, pos, live, sampling, steps)."""
         b = self._rows
         tokens, pos = np.zeros((b,), np.int32), np.zeros((b,), np.int32)
         live, steps = np.zeros((b,), bool), np.zeros((b,), np.int32)
@@ -307,9 +319,9 @@ class Engine:
             live[x.slot] = True
             steps[x.slot] = len(x.ids)
         self._ensure_sampling()
-        fn = self._fns()[2]
-        nxt, self._cache = fn(self.compiled.weights, self._cache, tokens, pos, live,
-                              self._sampling, steps)  # fmt: skip
+        return tokens, pos, live, self._sampling, steps
+
+    def _decoded(self, decoding: list[_Live], nxt) -> None:
         nxt = np.asarray(nxt)
         for x in decoding:
             self._emit(x, int(nxt[x.slot]))
@@ -331,7 +343,7 @@ class Engine:
             pos[x.slot] = len(x.req.prompt_ids) + len(x.ids) - 1
             steps[x.slot] = len(x.ids)
         self._ensure_sampling()
-        fn = self._fns(verify=k + 1)[4]
+        fn = self._steps.verify(k + 1)
         kept, after, best, self._cache = fn(self.compiled.weights, self._cache, tokens, pos,
                                             self._sampling, steps, n_draft)  # fmt: skip
         kept, after, best = np.asarray(kept), np.asarray(after), np.asarray(best)
@@ -343,8 +355,8 @@ class Engine:
                 while n < len(d) and d[n] == g[n]:
                     n += 1
                 last = int(g[n])
-            self.metrics["drafted_tokens"] += len(d)
-            self.metrics["accepted_tokens"] += n
+            self.metrics.add("drafted_tokens", len(d))
+            self.metrics.add("accepted_tokens", n)
             for tok in [*d[:n], last]:
                 if x not in self._running:
                     break  # it ended (a stop, its length) on an accepted token
@@ -362,7 +374,7 @@ class Engine:
         req, handle = live.req, live.handle
         live.ids.append(tok)
         handle.token_times.append(time.perf_counter())
-        self.metrics["generated_tokens"] += 1
+        self.metrics.add("generated_tokens", 1)
         stopped = tok in req.stop_ids
         if not stopped:
             live.text += live.decoder.push(tok)
@@ -390,19 +402,19 @@ class Engine:
             self._free.append(live.slot)
             self._sampling = None
         if how == "cancelled":
-            self.metrics["cancelled"] += 1
+            self.metrics.add("cancelled", 1)
             result = finish(self.compiled.tokenizer, live.req, live.ids)
             result = dataclasses.replace(result, finish_reason="cancelled")
         else:
-            self.metrics["finished"] += 1
+            self.metrics.add("finished", 1)
             result = finish(self.compiled.tokenizer, live.req, live.ids)
         live.handle._finish(result)
 
     def _start_cache(self) -> None:
         from pallax.runtime import prefix_cache
 
-        alloc, _, _, graph, _ = self._fns()
-        self._cache = alloc()
+        graph = self._steps.decode()[0]
+        self._cache = self._steps.alloc()
         # H2O evicts at the end of a call by the attention mass the call's queries gave:
         # its choice depends on where chunks start, so prompts take generate's chunks.
         self._whole = any(name.endswith("h2o.score") for name, _, _ in graph.cache.entries)
@@ -413,38 +425,3 @@ class Engine:
             self._prefix = prefix_cache.PrefixCache(
                 graph.cache, pages, PREFIX_PAGE, self._cache_len
             )
-
-    # ---------------------------------------------------------------- compiled
-    def _fns(self, chunk: int | None = None, verify: int | None = None):
-        """(alloc, prefill at `chunk` tokens, decode, decode graph, verify at `verify`
-        tokens) for this engine's shapes."""
-        from pallax.ir.graph import StepSpec
-        from pallax.runtime import engine_steps
-        from pallax.runtime.compiled import _allocate
-
-        c, s, b = self.compiled, self._cache_len, self._rows
-
-        def build_decode():
-            graph = c._capture([StepSpec("prefill", b, 1, s)])
-            check_batch_axis(graph, s)
-            return graph, engine_steps.make_slot_decode(graph)
-
-        graph, decode = c._timed(("engine-decode", b, s), build_decode)
-        prefill = None
-        if chunk is not None:
-
-            def build_prefill():
-                g = c._capture([StepSpec("prefill", self._chunk_rows, chunk, s)])
-                return engine_steps.make_slot_prefill(g, b)
-
-            prefill = c._timed(("engine-prefill", self._chunk_rows, chunk, s, b),
-                               build_prefill)  # fmt: skip
-        check = None
-        if verify is not None:
-
-            def build_verify():
-                g = c._capture([StepSpec("chunk", b, verify, s)])
-                return engine_steps.make_slot_verify(g)
-
-            check = c._timed(("engine-verify", b, verify, s), build_verify)
-        return (lambda: _allocate(graph, b, s)), prefill, decode, graph, check

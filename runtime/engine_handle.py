@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 import time
@@ -12,6 +13,22 @@ from pallax.runtime.requests import GenerationResult
 
 class EngineClosed(RuntimeError):
     """The engine was closed (or stopped on an error) and takes no more requests."""
+
+
+class Counters(collections.Counter):
+    """The engine's counters: its thread adds, any thread may read a snapshot."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self[key] += n
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self)
 
 
 class EngineBusy(RuntimeError):

@@ -25,6 +25,42 @@ from pallax.ir.graph import Graph
 from pallax.runtime.sampling import SamplingParams, filtered_logits, greedy, pack, sample
 
 
+class SlotSteps:
+    """An engine's compiled steps for its shapes (`rows` decode slots, `chunk_rows` prompt
+    rows, `cache_len` tokens), built on first use and kept in the CompiledModel's cache."""
+
+    def __init__(self, compiled, rows: int, chunk_rows: int, cache_len: int):
+        self.c, self.b, self.p, self.s = compiled, rows, chunk_rows, cache_len
+
+    def _graph(self, rows: int, t: int, name: str = "prefill") -> Graph:
+        from pallax.ir.graph import StepSpec
+
+        return self.c._capture([StepSpec(name, rows, t, self.s)])
+
+    def decode(self):
+        """(the decode step's graph, `make_slot_decode`)."""
+
+        def build():
+            graph = self._graph(self.b, 1)
+            check_batch_axis(graph, self.s)
+            return graph, make_slot_decode(graph)
+
+        return self.c._timed(("engine-decode", self.b, self.s), build)
+
+    def alloc(self):
+        from pallax.runtime.compiled import _allocate
+
+        return _allocate(self.decode()[0], self.b, self.s)
+
+    def prefill(self, t: int):
+        build = lambda: make_slot_prefill(self._graph(self.p, t), self.b)  # noqa: E731
+        return self.c._timed(("engine-prefill", self.p, t, self.s, self.b), build)
+
+    def verify(self, t: int):
+        build = lambda: make_slot_verify(self._graph(self.b, t, "chunk"))  # noqa: E731
+        return self.c._timed(("engine-verify", self.b, t, self.s), build)
+
+
 def make_slot_decode(graph: Graph):
     """(weights, cache, tokens [B], pos [B], live [B], sampling, steps [B]) ->
     (next tokens [B], cache)."""

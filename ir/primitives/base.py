@@ -60,6 +60,18 @@ def row_sum(x: jax.Array) -> jax.Array:
     return acc[..., 0]
 
 
+def fence(y: jax.Array) -> jax.Array:
+    """An op's result kept out of its consumers' fusions (batch-invariant only).
+
+    Gemma's scaled embedding (`embed` / `qembed` with a scale), left to XLA:CPU, is fused
+    into the first norm and residual add differently by shape: inside a shard_map on one
+    device its float32 scores moved by up to 1.4e-5, and int8 rounding carried that to
+    other greedy tokens on a mesh. Behind this barrier they are bit-equal (one device)
+    and within 4.8e-7 on every 8-device mesh. (A barrier after `rms_norm` does not keep
+    XLA:CPU from fusing the norm into the residual add that follows it.)"""
+    return lax.optimization_barrier(y) if BATCH_INVARIANT else y
+
+
 def per_token(x) -> bool:
     """Whether x [..., T, D] is a decode step's rows: one token per sequence (T = 1, or a
     2-D [R, D] of independent rows), rather than a prefill chunk's tokens."""

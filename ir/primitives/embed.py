@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.core import ShapedArray
 
-from pallax.ir.primitives.base import F32, _define, _dot_rows, widen
+from pallax.ir.primitives.base import F32, _define, _dot_rows, fence, widen
 
 
 # --------------------------------------------------------------------------- embed
@@ -24,7 +24,7 @@ def embed_reference(ids, table, *, scale):
         rows = jnp.take(table, ids, axis=0, mode="clip")  # [B, T, D]
     if scale is None:
         return rows
-    return (widen(rows) * jnp.asarray(scale, F32)).astype(table.dtype)
+    return fence((widen(rows) * jnp.asarray(scale, F32)).astype(table.dtype))
 
 
 def _embed_abstract(ids, table, *, scale):

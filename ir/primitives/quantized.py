@@ -225,9 +225,10 @@ def qembed_reference(
     if outliers:
         idx, w_out = rest
         rows = rows.at[:, idx].set(take(w_out).astype(F32))
-    if scale_by is not None:
-        rows = rows * jnp.asarray(scale_by, F32)
-    return rows.reshape(*ids.shape, in_features).astype(dtype)
+    if scale_by is None:
+        return rows.reshape(*ids.shape, in_features).astype(dtype)
+    rows = rows * jnp.asarray(scale_by, F32)
+    return base.fence(rows.reshape(*ids.shape, in_features).astype(dtype))
 
 
 def _qembed_abstract(

@@ -83,15 +83,16 @@ def test_gemma3_greedy_equals_unsharded():
     """Gemma 3 (4 query / 1 KV head: the KV head replicated, query heads padded at
     tensor 8; sliding-window layers), float32 on every mesh and a KIVI-2 cache.
 
-    int8 drifts here even in the exact layout: XLA fuses Gemma's float glue differently
-    around shard_map (float32 scores differ by ~5e-6 on a one-device mesh already) and
-    Gemma's large activations carry that across int8 rounding steps (measured with batch
-    invariance on: mean |dlogprob| 0.025 at 2x4 and 8x1; 6 of 8 greedy rows equal at
-    each; SmolLM2's int8 is equal on every mesh)."""
-    result = _run("greedy", "gemma-3-270m", f"fp32={EVERY};kivi2=4x2;int8=8x1")
+    int8 scores stay within 1e-5 of the unsharded ones on a mesh (measured 4.8e-7 at
+    8x1, 2x4 and 4x2; 0 at 1x8) since the scaled embedding is fenced off from XLA's
+    fusions (`primitives.base.fence`; before: mean |dlogprob| 0.025). Greedy rows are
+    not all equal: Gemma's int8 tokens already depend on the batch without any mesh (2
+    of these 8 prompts differ generated together vs alone), through XLA:CPU fusing
+    `x + rms_norm(y)` differently by shape; docs/SHARDING.md."""
+    result = _run("greedy", "gemma-3-270m", f"fp32={EVERY};kivi2=4x2;int8=8x1,2x4")
     for key, r in result.items():
         if key.startswith("int8"):
-            assert r["mean_dlogprob"] < 0.05 and r["rows_equal"] >= 5, (key, r)
+            assert r["max_dlogprob"] < 1e-5 and r["rows_equal"] >= 5, (key, r)
         else:
             assert r["equal"], (key, r)
 

@@ -20,7 +20,8 @@ the kernel's activation quantization: per 32-block here, per row (per-channel in
 none (groups) in XLA. Float `linear` / `lm_head` run decode steps in the float kernels
 (batch-variant: bfloat16 weights up to `BF16_MAX_ROWS` rows) and prefill in XLA's GEMM.
 `attention` lowers to the attention kernel for T = 1 over float32 or bfloat16 caches
-(`use_attention_kernel`).
+(`use_attention_kernel`), and over KIVI caches of every slot policy to the packed-cache
+kernel (kivi_attention.cc, `use_kivi_kernel`).
 
 `jax.export` refuses the kernels' custom calls (they have no compatibility guarantee):
 export a CPU module with `PALLAX_CPU_KERNELS=0` set while lowering, or pass
@@ -38,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import mlir
 
-from pallax.cpu_kernels import build
+from pallax.cpu_kernels import build, kivi
+from pallax.ir import kvcache
 from pallax.ir import primitives as ops
-from pallax.ir.kvcache import DENSE, FULL, Dense
+from pallax.ir.kvcache import DENSE, FULL, Dense, Kivi
 
 ENV_SWITCH = "PALLAX_CPU_KERNELS"
 TARGET = "pallax_qmatmul"
@@ -245,6 +247,12 @@ def use_attention_kernel(q, k_cache) -> bool:
     return q.shape[1] == 1 and k_cache.dtype in (jnp.float32, jnp.bfloat16) and available()
 
 
+def use_kivi_kernel(q, format) -> bool:
+    """Whether `attention` over a KIVI cache runs in kivi_attention.cc: single-token
+    decode (prefill and chunks, T > 1, keep the reference)."""
+    return isinstance(format, Kivi) and q.shape[1] == 1 and available()
+
+
 def decode_attention_cpu(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap):
     """Write k, v [B, 1, K, H] at pos [B] into the caches [B, K, S, H], attend q [B, 1, N, H]
     over them: `primitives.attention`'s contract for T = 1, in the kernel (the caches are
@@ -284,8 +292,16 @@ def _attention_ffi(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, sof
 
 def _attention_cpu_rule(q, k, v, pos, valid, *cache, format, policy, rope, scale,
                         sliding_window, softcap):  # fmt: skip
-    """Dense x full decode: the C++ kernel; other formats and policies: the reference."""
+    """Decode (T = 1): dense x full in the C++ kernel that writes in place, KIVI x any
+    policy in the packed-cache kernel (kivi.py); everything else: the reference."""
     dense_full = isinstance(format, Dense) and policy == FULL
+    if use_kivi_kernel(q, format):
+        names = kvcache.part_names(format, policy)
+        out, new = kivi.kivi_decode(
+            q, k, v, pos, valid, dict(zip(names, cache, strict=True)), format, policy, rope,
+            scale=scale, sliding_window=sliding_window, softcap=softcap,
+        )  # fmt: skip
+        return (out, *(new[n] for n in names))
     if not (dense_full and use_attention_kernel(q, cache[0])):
         return ops.attention_reference(
             q, k, v, pos, valid, *cache, format=format, policy=policy, rope=rope, scale=scale,
@@ -317,5 +333,5 @@ register()
 __all__ = [
     "BF16_MAX_ROWS", "MAX_ROWS", "available", "bf16_matmul", "decode_attention_cpu",
     "f32_matmul", "qmatmul_cpu", "register", "supported", "use_attention_kernel",
-    "use_float_kernel", "use_kernel",
+    "use_float_kernel", "use_kernel", "use_kivi_kernel",
 ]  # fmt: skip

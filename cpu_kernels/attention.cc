@@ -74,31 +74,10 @@ inline void Store(float* p, int64_t i, float x) { p[i] = x; }
 inline void Store(uint16_t* p, int64_t i, float x) { p[i] = Narrow(x); }
 
 #if defined(__AVX2__) && defined(__FMA__)
+using pallax_cpu::Exp8;
 using pallax_cpu::HSum;
 using pallax_cpu::Load8;
 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
-
-// e^x for 8 lanes, x <= 0 here (logit - running max): Cephes' expf (range reduction
-// by ln 2 in two parts, degree-5 polynomial), relative error about 2e-7. Lanes below
-// -87 give about 1.6e-38 instead of smaller values, which a softmax cannot tell apart.
-inline __m256 Exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 #endif
 
 // ------------------------------------------------------------------ the partials

@@ -27,7 +27,8 @@ import jaxlib.version
 log = logging.getLogger("pallax.cpu_kernels")
 
 HERE = pathlib.Path(__file__).parent
-SOURCES = (HERE / "qmatmul.cc", HERE / "bf16_matmul.cc", HERE / "attention.cc")  # one library
+SOURCES = (HERE / "qmatmul.cc", HERE / "bf16_matmul.cc", HERE / "attention.cc",
+           HERE / "kivi_attention.cc")  # one library  # fmt: skip
 HEADERS = (HERE / "parallel.h", HERE / "bf16.h", HERE / "qmatmul_common.h", HERE / "qmatmul_avx2.h")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 # FFI target name -> exported handler symbol in SOURCES.
@@ -37,6 +38,7 @@ TARGETS = {
     "pallax_bf16_matmul": "PallaxBf16Matmul",
     "pallax_f32_matmul": "PallaxF32Matmul",
     "pallax_decode_attention": "PallaxDecodeAttention",
+    "pallax_kivi_attention": "PallaxKiviAttention",
 }
 COMPILE_TIMEOUT_S = 300
 

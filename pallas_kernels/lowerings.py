@@ -103,19 +103,11 @@ def _slot_decode(q, k, v, pos, valid, state, fmt, policy, rope, *, platform, **k
     """Any format x policy: the candidates (decoded rows, staging, the new token) at their
     slot positions, the slot kernel (which also returns each key's attention mass), then
     the reference's write. Sinks' rotation is applied to the sink keys instead of the
-    query (one query: the rotations compose)."""
+    query (`core.rotate_sink_keys`)."""
     keys, vals, kpos, tpos, real, sections = core.candidates(k, v, state, pos, valid, fmt, policy)
     qp = tpos[:, 0]
     kpos = jnp.where(policy.visible(kpos, qp[:, None, None]), kpos, -1)
-    if policy.sinks:
-        n = sections[0] + sections[1]
-        back = qp - jnp.minimum(qp, policy.slots - 1)  # [B] >= 0: rotate sink keys back
-        head = jnp.swapaxes(keys[:, :, :n], 1, 2)  # [B, n, K, H]
-        rotated = ops.rope_reference(head, jnp.broadcast_to(back[:, None], head.shape[:2]),
-                                     theta=rope[0], scaling=rope[1])  # fmt: skip
-        sink = (kpos[:, :, :n] >= 0) & (kpos[:, :, :n] < policy.sinks)
-        head = jnp.where(sink[..., None], jnp.swapaxes(rotated, 1, 2), keys[:, :, :n])
-        keys = jnp.concatenate([head, keys[:, :, n:]], axis=2)
+    keys = core.rotate_sink_keys(keys, kpos, qp, sections[0] + sections[1], policy, rope)
     kpos = jnp.broadcast_to(kpos, keys.shape[:3]).astype(jnp.int32)
     out, mass = h2o_decode_attention(
         q[:, 0], keys, vals, kpos, qp.astype(jnp.int32), platform=platform, **kw

@@ -95,6 +95,22 @@ def candidates(k, v, state, pos, valid, fmt, policy):
     return cat(keys), cat(vals), cat(kpos), tpos, real, sections
 
 
+def rotate_sink_keys(keys, kpos, qp, n: int, policy, rope):
+    """One query a row at qp [B]: the sink keys among the first `n` candidates of keys
+    [B, K, S', H] (at kpos [B, K or 1, S']) rotated back by qp - min(qp, slots - 1), the
+    query's rank among the keys it sees. Rotating the keys instead of the query (as
+    `attend` does) is the same logit: rotations compose."""
+    if not policy.sinks:
+        return keys
+    back = qp - jnp.minimum(qp, policy.slots - 1)  # [B] >= 0
+    head = jnp.swapaxes(keys[:, :, :n], 1, 2)  # [B, n, K, H]
+    rotated = rope_reference(head, jnp.broadcast_to(back[:, None], head.shape[:2]),
+                             theta=rope[0], scaling=rope[1])  # fmt: skip
+    sink = (kpos[:, :, :n] >= 0) & (kpos[:, :, :n] < policy.sinks)
+    head = jnp.where(sink[..., None], jnp.swapaxes(rotated, 1, 2), keys[:, :, :n])
+    return jnp.concatenate([head, keys[:, :, n:]], axis=2)
+
+
 def attend(q, keys, vals, kpos, tpos, real, policy, *, n_cand, rope, scale, sliding_window,
            softcap, mass: bool):  # fmt: skip
     """q [B, T, N, H] at tpos over keys / vals [B, K, S', H] at kpos [B, K, S'], of which

@@ -68,16 +68,12 @@ inline uint16_t Narrow(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-inline float Load(const float* p, int64_t i) { return p[i]; }
-inline float Load(const uint16_t* p, int64_t i) { return Widen(p[i]); }
 inline void Store(float* p, int64_t i, float x) { p[i] = x; }
 inline void Store(uint16_t* p, int64_t i, float x) { p[i] = Narrow(x); }
 
 #if defined(__AVX2__) && defined(__FMA__)
 using pallax_cpu::Exp8;
 using pallax_cpu::HSum;
-using pallax_cpu::Load8;
-inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
 #endif
 
 // ------------------------------------------------------------------ the partials
@@ -111,22 +107,7 @@ void AttendRange(const AttnProblem& p, int64_t b, int64_t kvh, int64_t j0, int64
     for (int64_t jj = 0; jj < nb; ++jj) {
       const T* krow = kc + (jb + jj) * h;
       for (int64_t gi = 0; gi < g; ++gi) {
-        const float* qrow = qs + gi * h;
-        float dot = 0.0f;
-        int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (; i + 16 <= h; i += 16) {
-          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qrow + i), Load8(krow + i), a0);
-          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qrow + i + 8), Load8(krow + i + 8), a1);
-        }
-        for (; i + 8 <= h; i += 8) {
-          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qrow + i), Load8(krow + i), a0);
-        }
-        dot = HSum(_mm256_add_ps(a0, a1));
-#endif
-        for (; i < h; ++i) dot += qrow[i] * Load(krow, i);
-        logits[gi * kKeyBlock + jj] = Capped(p, dot);
+        logits[gi * kKeyBlock + jj] = Capped(p, pallax_cpu::Dot(qs + gi * h, krow, h));
       }
     }
     // Online softmax: rescale the running sums to the new max, add the block.
@@ -160,16 +141,7 @@ void AttendRange(const AttnProblem& p, int64_t b, int64_t kvh, int64_t j0, int64
     for (int64_t jj = 0; jj < nb; ++jj) {
       const T* vrow = vc + (jb + jj) * h;
       for (int64_t gi = 0; gi < g; ++gi) {
-        const float w = logits[gi * kKeyBlock + jj];
-        float* acc = parts[gi].acc;
-        int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-        const __m256 w8 = _mm256_set1_ps(w);
-        for (; i + 8 <= h; i += 8) {
-          _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(w8, Load8(vrow + i), _mm256_loadu_ps(acc + i)));
-        }
-#endif
-        for (; i < h; ++i) acc[i] += w * Load(vrow, i);
+        pallax_cpu::Axpy(logits[gi * kKeyBlock + jj], vrow, parts[gi].acc, h);
       }
     }
   }

@@ -1,5 +1,6 @@
 // Helpers shared by the CPU kernels: bfloat16 widening to float32 (exact: a bf16 is the
-// top half of a float32) and, with AVX2, 8 at a time; a horizontal sum; e^x for 8 lanes.
+// top half of a float32) and, with AVX2, 8 at a time; a horizontal sum; e^x for 8 lanes;
+// the float32 x (float32 or bfloat16) dot product and axpy the attention kernels share.
 
 #ifndef PALLAX_CPU_KERNELS_BF16_H_
 #define PALLAX_CPU_KERNELS_BF16_H_
@@ -20,7 +21,12 @@ inline float Widen(uint16_t b) {
   return f;
 }
 
+inline float Load(const float* p, int64_t i) { return p[i]; }
+inline float Load(const uint16_t* p, int64_t i) { return Widen(p[i]); }
+
 #if defined(__AVX2__) && defined(__FMA__)
+inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+
 // 8 bfloat16 -> 8 float32: zero-extend to 32 bits, shift left by 16.
 inline __m256 Load8(const uint16_t* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -55,6 +61,37 @@ inline __m256 Exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 #endif
+
+// sum_i a[i] * b[i] over h elements, b float32 or bfloat16 (two 8-lane accumulators).
+template <typename T>
+inline float Dot(const float* a, const T* b, int64_t h) {
+  float dot = 0.0f;
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; i + 16 <= h; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Load8(b + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), Load8(b + i + 8), a1);
+  }
+  for (; i + 8 <= h; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Load8(b + i), a0);
+  dot = HSum(_mm256_add_ps(a0, a1));
+#endif
+  for (; i < h; ++i) dot += a[i] * Load(b, i);
+  return dot;
+}
+
+// acc[0..h) += w * x[0..h), x float32 or bfloat16.
+template <typename T>
+inline void Axpy(float w, const T* x, float* acc, int64_t h) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 w8 = _mm256_set1_ps(w);
+  for (; i + 8 <= h; i += 8) {
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(w8, Load8(x + i), _mm256_loadu_ps(acc + i)));
+  }
+#endif
+  for (; i < h; ++i) acc[i] += w * Load(x, i);
+}
 
 }  // namespace pallax_cpu
 

@@ -82,33 +82,8 @@ inline float Capped(const KiviProblem& p, float logit) {
   return p.softcap > 0.0f ? p.softcap * std::tanh(logit / p.softcap) : logit;
 }
 
-inline float Dot(const float* a, const float* b, int64_t h) {
-  int64_t i = 0;
-  float dot = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  for (; i + 16 <= h; i += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
-  }
-  for (; i + 8 <= h; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
-  dot = pallax_cpu::HSum(_mm256_add_ps(a0, a1));
-#endif
-  for (; i < h; ++i) dot += a[i] * b[i];
-  return dot;
-}
-
-// acc[0..h) += w * x[0..h)
-inline void Axpy(float w, const float* x, float* acc, int64_t h) {
-  int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 w8 = _mm256_set1_ps(w);
-  for (; i + 8 <= h; i += 8) {
-    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(w8, _mm256_loadu_ps(x + i), _mm256_loadu_ps(acc + i)));
-  }
-#endif
-  for (; i < h; ++i) acc[i] += w * x[i];
-}
+using pallax_cpu::Axpy;
+using pallax_cpu::Dot;
 
 // The quantized values of one packed row, in channel order, as float32: f[h]
 // (the scalar path: any head dim).
@@ -129,6 +104,19 @@ inline bool Vectorized(const KiviProblem& p) {
   return false;
 #endif
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+// The 8 packed bytes at row[j] widened to 32-bit lanes, and the levels of slot m
+// (channels m * H/per + j ..+8) of such a widening as float32.
+inline __m256i Bytes8(const uint8_t* row, int64_t j) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
+}
+
+inline __m256 Levels8(__m256i x, int64_t m, int64_t bits, __m256i mask) {
+  return _mm256_cvtepi32_ps(
+      _mm256_and_si256(_mm256_srl_epi32(x, _mm_cvtsi32_si128(static_cast<int>(m * bits))), mask));
+}
+#endif
 
 // Online softmax state of the G' query heads of one task: running max and sum, the
 // weighted sums of the values' quantized levels times their scales acc [G', H] and of
@@ -197,11 +185,9 @@ inline void KeyLogits(const KiviProblem& p, const uint8_t* row, const float* qk,
     __m256 acc[16];
     for (int64_t gi = 0; gi < g; ++gi) acc[gi] = _mm256_setzero_ps();
     for (int64_t j = 0; j < hp; j += 8) {
-      const __m256i x =
-          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
+      const __m256i x = Bytes8(row, j);
       for (int64_t m = 0; m < per; ++m) {
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_and_si256(
-            _mm256_srl_epi32(x, _mm_cvtsi32_si128(static_cast<int>(m * p.bits))), mask));
+        const __m256 f = Levels8(x, m, p.bits, mask);
         const float* qc = qk + m * hp + j;
         for (int64_t gi = 0; gi < g; ++gi) acc[gi] = _mm256_fmadd_ps(_mm256_loadu_ps(qc + gi * h), f, acc[gi]);
       }
@@ -233,11 +219,9 @@ inline void ValueAccumulate(const KiviProblem& p, const uint8_t* row, const floa
     const int64_t per = 8 / p.bits, hp = h / per;
     const __m256i mask = _mm256_set1_epi32((1 << p.bits) - 1);
     for (int64_t j = 0; j < hp; j += 8) {
-      const __m256i x =
-          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
+      const __m256i x = Bytes8(row, j);
       for (int64_t m = 0; m < per; ++m) {
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_and_si256(
-            _mm256_srl_epi32(x, _mm_cvtsi32_si128(static_cast<int>(m * p.bits))), mask));
+        const __m256 f = Levels8(x, m, p.bits, mask);
         const int64_t c0 = m * hp + j, grp = c0 / gs;
         for (int64_t gi = 0; gi < g; ++gi) {
           float* a = part.acc.data() + gi * h + c0;

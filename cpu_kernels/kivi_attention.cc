@@ -444,10 +444,11 @@ ffi::Error KiviAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8> kd, ffi::
       vs.element_type() != st || vz.element_type() != st) {
     return bad("scales and zeros must all be f32 or all bf16");
   }
-  const bool want_mass = mass_rows->element_count() > 0;
-  if (want_mass && (!Is(mass_rows->dimensions(), {B, K, S}) ||
-                    !Is(mass_cand->dimensions(), {B, K, C}))) {
-    return bad("mass results must be [B, K, S] and [B, K, C], or empty");
+  if (!Is(out->dimensions(), {B, p.n, H})) return bad("out must be [B, N, H]");
+  const bool want_mass = mass_rows->dimensions().size() == 3;  // else the [0] placeholders
+  if (want_mass ? !Is(mass_rows->dimensions(), {B, K, S}) || !Is(mass_cand->dimensions(), {B, K, C})
+                : mass_rows->element_count() != 0 || mass_cand->element_count() != 0) {
+    return bad("mass results must be [B, K, S] and [B, K, C], or both [0]");
   }
   p.rheads = rd[1];
   p.cheads = cd[1];

@@ -187,3 +187,28 @@ def test_portable_build_matches_the_reference():
         state, new = _filled(fmt, pol, lengths, n, kv, h, window, softcap, 11)
         _assert_step_matches(fmt, pol, state, new, lengths, [1] * len(lengths), window, softcap,
                              h, suffix=suffix)  # fmt: skip
+
+
+def test_the_handler_refuses_results_of_the_wrong_shape():
+    """The FFI handler checks its results too: a short `out` or a mass result of the
+    wrong shape is an error, not a write out of bounds."""
+    b, n, kv, h, s, c = 1, 2, 1, 32, 32, 3
+    u8 = lambda *shape: jnp.zeros(shape, jnp.uint8)  # noqa: E731
+    f32 = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+    args = (f32(b, n, h), u8(b, kv, s, h // 4), f32(b, kv, s // 32, h), f32(b, kv, s // 32, h),
+            u8(b, kv, s, h // 4), f32(b, kv, s, 1), f32(b, kv, s, 1),
+            jnp.zeros((b, 1, s), jnp.int32), f32(b, kv, c, h), f32(b, kv, c, h),
+            jnp.zeros((b, 1, c), jnp.int32))  # fmt: skip
+    attrs = dict(bits=np.int64(2), group_size=np.int64(32), scale=np.float32(1.0),
+                 softcap=np.float32(0.0))  # fmt: skip
+
+    def call(out_shape, mass_rows, mass_cand):
+        types = [jax.ShapeDtypeStruct(x, jnp.float32) for x in (out_shape, mass_rows, mass_cand)]
+        return jax.ffi.ffi_call(kivi.TARGET_KIVI, types)(*args, **attrs)
+
+    out, _, _ = call((b, n, h), (0,), (0,))
+    np.testing.assert_array_equal(out, 0.0)  # no visible key
+    with pytest.raises(Exception, match="out must be"):
+        jax.block_until_ready(call((b, n - 1, h), (0,), (0,)))
+    with pytest.raises(Exception, match="mass results must be"):
+        jax.block_until_ready(call((b, n, h), (b, kv, s), (b, kv, c + 1)))

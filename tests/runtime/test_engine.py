@@ -243,8 +243,11 @@ def test_engine_runs_a_sharded_model(smollm2):
 
     from pallax.passes import shard
 
-    if len(jax.devices()) < 4:
-        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    assert len(jax.devices()) >= 4, (
+        f"{len(jax.devices())} devices: tests/conftest.py sets "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax starts; an XLA_FLAGS "
+        "of your own must include it"
+    )
     compiled = pallax.compile(smollm2, ["int8", shard(tensor=2, data=2)])
     with pytest.raises(ValueError, match="max_batch=3 must be a multiple of data=2"):
         pallax.Engine(compiled, max_batch=3)

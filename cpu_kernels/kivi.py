@@ -72,15 +72,22 @@ def kivi_decode(q, k, v, pos, valid, state: dict, fmt: Kivi, policy, rope, *, sc
     mass_shapes = ((b, kv, rows), (b, kv, c)) if policy.needs_mass else ((0,), (0,))
     out_types = (jax.ShapeDtypeStruct((b, n, h), F32),
                  *(jax.ShapeDtypeStruct(s, F32) for s in mass_shapes))  # fmt: skip
-    scales = [state[name] for name in ("k.scale", "k.zero", "v.scale", "v.zero")]
-    if scales[0].dtype not in (jnp.bfloat16, jnp.float32):  # float16: the kernel reads f32
-        scales = [x.astype(F32) for x in scales]
-    out, mass_rows, mass_cand = jax.ffi.ffi_call(TARGET_KIVI + suffix, out_types)(
-        q[:, 0].astype(F32), state["k.data"], scales[0], scales[1], state["v.data"], scales[2],
-        scales[3], rpos, ck, cv, cpos, bits=np.int64(fmt.bits),
-        group_size=np.int64(fmt.group_size), scale=np.float32(scale),
-        softcap=np.float32(softcap or 0.0),
-    )  # fmt: skip
+    # The packed rows go through the call as aliased results (the kernel leaves them as
+    # they are), and the write below updates the call's results: the write is ordered
+    # after the kernel's reads by data, so XLA updates the cache in place instead of
+    # copying it around the kernel (14 cache-sized copies a step before).
+    names = ("k.data", "k.scale", "k.zero", "v.data", "v.scale", "v.zero")
+    convert = state["k.scale"].dtype not in (jnp.bfloat16, jnp.float32)  # f16: read as f32
+    rows_in = [state[x].astype(F32) if convert and "data" not in x else state[x] for x in names]
+    out_types = (*out_types, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in rows_in))
+    out, mass_rows, mass_cand, *rows_out = jax.ffi.ffi_call(
+        TARGET_KIVI + suffix, out_types, input_output_aliases={i: i + 2 for i in range(1, 7)}
+    )(q[:, 0].astype(F32), *rows_in, rpos, ck, cv, cpos, bits=np.int64(fmt.bits),
+      group_size=np.int64(fmt.group_size), scale=np.float32(scale),
+      softcap=np.float32(softcap or 0.0))  # fmt: skip
+    state = dict(state)
+    state.update((x, r) for x, r in zip(names, rows_out, strict=True)
+                 if not convert or "data" in x)  # fmt: skip
     mass = None
     sections = [n_first, 1, rows, fmt.staging]
     if policy.needs_mass:  # back to the candidates' order: [first, new, rows, staging]

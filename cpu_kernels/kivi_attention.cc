@@ -240,13 +240,140 @@ inline void ValueAccumulate(const KiviProblem& p, const uint8_t* row, const floa
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The vector path with the bit width and the query heads per KV head G' known at compile
+// time, one granule (gs rows from r) at a time: the accumulators stay in registers. The
+// multiply-adds and their order are those of KeyLogits / ValueAccumulate row by row, so
+// the results are the same bits.
+
+// Logits lg [G', gs] of the granule's key rows (kNone where not visible).
+template <int BITS, int G>
+void KeysGranule(const KiviProblem& p, int64_t bk, int64_t r, const int32_t* vis,
+                 const float* qk, const float* cz, float* lg) {
+  constexpr int64_t kPer = 8 / BITS;
+  const int64_t h = p.h, gs = p.gs, hp = h / kPer;
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  for (int64_t j = 0; j < gs; ++j) {
+    if (vis[r + j] < 0) {
+      for (int gi = 0; gi < G; ++gi) lg[gi * gs + j] = kNone;
+      continue;
+    }
+    const uint8_t* row = p.kd + (bk * p.s + r + j) * hp;
+    __m256 acc[G];
+    for (int gi = 0; gi < G; ++gi) acc[gi] = _mm256_setzero_ps();
+    for (int64_t jb = 0; jb < hp; jb += 8) {
+      const __m256i x = Bytes8(row, jb);
+      for (int64_t m = 0; m < kPer; ++m) {
+        const __m256 f = Levels8(x, m, BITS, mask);
+        const float* qc = qk + m * hp + jb;
+        for (int gi = 0; gi < G; ++gi) {
+          acc[gi] = _mm256_fmadd_ps(_mm256_loadu_ps(qc + gi * h), f, acc[gi]);
+        }
+      }
+    }
+    for (int gi = 0; gi < G; ++gi) lg[gi * gs + j] = Capped(p, pallax_cpu::HSum(acc[gi]) + cz[gi]);
+  }
+}
+
+// The granule's value rows weighted by w [G', gs] (0 where not visible): each 8-channel
+// block of acc [G', H] is held in registers across the rows; ws [gs, G', H/G] is scratch.
+template <int BITS, int G>
+void ValuesGranule(const KiviProblem& p, int64_t bk, int64_t r, const int32_t* vis,
+                   const float* w, Partials& part, float* ws) {
+  constexpr int64_t kPer = 8 / BITS;
+  const int64_t h = p.h, gs = p.gs, vg = h / gs, hp = h / kPer;
+  for (int64_t j = 0; j < gs; ++j) {
+    if (vis[r + j] < 0) continue;
+    const int64_t t = bk * p.s + r + j;
+    for (int64_t c = 0; c < vg; ++c) {
+      const float sc = ScaleAt(p, p.vs, t * vg + c), zr = ScaleAt(p, p.vz, t * vg + c);
+      for (int gi = 0; gi < G; ++gi) {
+        const float wi = w[gi * gs + j];
+        part.accz[gi * vg + c] += wi * zr;
+        ws[(j * G + gi) * vg + c] = wi * sc;
+      }
+    }
+  }
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  for (int64_t jb = 0; jb < hp; jb += 8) {
+    __m256 acc[kPer][G];
+    int64_t grp[kPer];
+    for (int64_t m = 0; m < kPer; ++m) {
+      grp[m] = (m * hp + jb) / gs;
+      for (int gi = 0; gi < G; ++gi) acc[m][gi] = _mm256_loadu_ps(part.acc.data() + gi * h + m * hp + jb);
+    }
+    for (int64_t j = 0; j < gs; ++j) {
+      if (vis[r + j] < 0) continue;
+      const __m256i x = Bytes8(p.vd + (bk * p.s + r + j) * hp, jb);
+      const float* wj = ws + j * G * vg;
+      for (int64_t m = 0; m < kPer; ++m) {
+        const __m256 f = Levels8(x, m, BITS, mask);
+        for (int gi = 0; gi < G; ++gi) {
+          acc[m][gi] = _mm256_fmadd_ps(_mm256_set1_ps(wj[gi * vg + grp[m]]), f, acc[m][gi]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < kPer; ++m) {
+      for (int gi = 0; gi < G; ++gi) _mm256_storeu_ps(part.acc.data() + gi * h + m * hp + jb, acc[m][gi]);
+    }
+  }
+}
+
+struct GranuleFns {
+  void (*keys)(const KiviProblem&, int64_t, int64_t, const int32_t*, const float*, const float*,
+               float*) = nullptr;
+  void (*values)(const KiviProblem&, int64_t, int64_t, const int32_t*, const float*, Partials&,
+                 float*) = nullptr;
+};
+
+template <int BITS>
+GranuleFns GranuleFnsFor(int64_t g) {
+  switch (g) {
+    case 1: return {&KeysGranule<BITS, 1>, &ValuesGranule<BITS, 1>};
+    case 2: return {&KeysGranule<BITS, 2>, &ValuesGranule<BITS, 2>};
+    case 3: return {&KeysGranule<BITS, 3>, &ValuesGranule<BITS, 3>};
+    case 4: return {&KeysGranule<BITS, 4>, &ValuesGranule<BITS, 4>};
+    case 5: return {&KeysGranule<BITS, 5>, &ValuesGranule<BITS, 5>};
+    case 6: return {&KeysGranule<BITS, 6>, &ValuesGranule<BITS, 6>};
+    case 7: return {&KeysGranule<BITS, 7>, &ValuesGranule<BITS, 7>};
+    case 8: return {&KeysGranule<BITS, 8>, &ValuesGranule<BITS, 8>};
+    default: return {};
+  }
+}
+#else
+struct GranuleFns {
+  void (*keys)(const KiviProblem&, int64_t, int64_t, const int32_t*, const float*, const float*,
+               float*) = nullptr;
+  void (*values)(const KiviProblem&, int64_t, int64_t, const int32_t*, const float*, Partials&,
+                 float*) = nullptr;
+};
+#endif
+
+// The compiled granule functions for p's bits and G' (up to 8 query heads per KV head on
+// the vector path), or none: then the row-by-row path runs.
+GranuleFns SelectGranuleFns(const KiviProblem& p) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (!Vectorized(p)) return {};
+  switch (p.bits) {
+    case 2: return GranuleFnsFor<2>(p.g);
+    case 4: return GranuleFnsFor<4>(p.g);
+    case 8: return GranuleFnsFor<8>(p.g);
+    default: return {};
+  }
+#else
+  (void)p;
+  return {};
+#endif
+}
+
 // Rows [r0, r1) (whole granules) of (b, kvh); qs [G', H] the scaled queries.
-void AttendRows(const KiviProblem& p, int64_t b, int64_t kvh, int64_t r0, int64_t r1,
-                const float* qs, Partials& part) {
+void AttendRows(const KiviProblem& p, const GranuleFns& fns, int64_t b, int64_t kvh, int64_t r0,
+                int64_t r1, const float* qs, Partials& part) {
   const int64_t h = p.h, g = p.g, gs = p.gs, hb = h * p.bits / 8, vg = h / gs;
   const int64_t bk = b * p.kv + kvh;
   const int32_t* vis = p.rpos + (b * p.rheads + (p.rheads == 1 ? 0 : kvh)) * p.s;
   std::vector<float> ksc(h), kzr(h), qk(g * h), cz(g), vsc(vg), vzr(vg), tmp(h), lg(g * gs);
+  std::vector<float> ws(fns.values != nullptr ? gs * g * vg : 0);
   for (int64_t r = r0; r < r1; r += gs) {
     bool any = false;
     for (int64_t j = r; j < r + gs; ++j) any |= vis[j] >= 0;
@@ -260,12 +387,16 @@ void AttendRows(const KiviProblem& p, int64_t b, int64_t kvh, int64_t r0, int64_
       for (int64_t i = 0; i < h; ++i) qk[gi * h + i] = qs[gi * h + i] * ksc[i];
       cz[gi] = Dot(qs + gi * h, kzr.data(), h);
     }
-    for (int64_t j = 0; j < gs; ++j) {
-      if (vis[r + j] < 0) {
-        for (int64_t gi = 0; gi < g; ++gi) lg[gi * gs + j] = kNone;
-      } else {
-        KeyLogits(p, p.kd + (bk * p.s + r + j) * hb, qk.data(), cz.data(), lg.data() + j, gs,
-                  tmp.data());
+    if (fns.keys != nullptr) {
+      fns.keys(p, bk, r, vis, qk.data(), cz.data(), lg.data());
+    } else {
+      for (int64_t j = 0; j < gs; ++j) {
+        if (vis[r + j] < 0) {
+          for (int64_t gi = 0; gi < g; ++gi) lg[gi * gs + j] = kNone;
+        } else {
+          KeyLogits(p, p.kd + (bk * p.s + r + j) * hb, qk.data(), cz.data(), lg.data() + j, gs,
+                    tmp.data());
+        }
       }
     }
     if (p.lg_rows != nullptr) {
@@ -274,6 +405,10 @@ void AttendRows(const KiviProblem& p, int64_t b, int64_t kvh, int64_t r0, int64_
       }
     }
     Softmax(part, lg.data(), gs, gs, g, h);
+    if (fns.values != nullptr) {
+      fns.values(p, bk, r, vis, lg.data(), part, ws.data());
+      continue;
+    }
     for (int64_t j = 0; j < gs; ++j) {
       if (vis[r + j] < 0) continue;
       const int64_t t = bk * p.s + r + j;
@@ -339,6 +474,7 @@ void Run(const KiviProblem& p) {
   const int64_t row_chunks = (p.s + chunk - 1) / chunk;
   const int64_t per_pair = row_chunks + 1;  // + the candidates
   const int64_t pairs = p.b * p.kv, tasks = pairs * per_pair, g = p.g, h = p.h;
+  const GranuleFns fns = SelectGranuleFns(p);
   if (p.lg_rows != nullptr) {
     std::fill(p.lg_rows, p.lg_rows + pairs * g * p.s, kNone);
   }
@@ -353,7 +489,7 @@ void Run(const KiviProblem& p) {
     Partials part(g, h, h / p.gs);
     if (part_i < row_chunks) {
       const int64_t r0 = part_i * chunk;
-      AttendRows(p, b, kvh, r0, std::min(p.s, r0 + chunk), qg, part);
+      AttendRows(p, fns, b, kvh, r0, std::min(p.s, r0 + chunk), qg, part);
     } else {
       AttendCandidates(p, b, kvh, qg, part);
     }
@@ -402,7 +538,10 @@ ffi::Error KiviAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8> kd, ffi::
                          ffi::Buffer<ffi::F32> ck, ffi::Buffer<ffi::F32> cv,
                          ffi::Buffer<ffi::S32> cpos, ffi::ResultBuffer<ffi::F32> out,
                          ffi::ResultBuffer<ffi::F32> mass_rows,
-                         ffi::ResultBuffer<ffi::F32> mass_cand, int64_t bits, int64_t group_size,
+                         ffi::ResultBuffer<ffi::F32> mass_cand, ffi::Result<ffi::AnyBuffer> kd_o,
+                         ffi::Result<ffi::AnyBuffer> ks_o, ffi::Result<ffi::AnyBuffer> kz_o,
+                         ffi::Result<ffi::AnyBuffer> vd_o, ffi::Result<ffi::AnyBuffer> vs_o,
+                         ffi::Result<ffi::AnyBuffer> vz_o, int64_t bits, int64_t group_size,
                          float scale, float softcap) {
   const auto qd = q.dimensions(), kdd = kd.dimensions(), ckd = ck.dimensions();
   const auto bad = [&](const std::string& what) {
@@ -476,6 +615,22 @@ ffi::Error KiviAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8> kd, ffi::
     p.lg_rows = lg_rows.data();
     p.lg_cand = lg_cand.data();
   }
+  // The packed rows come back unchanged as results 3..8, aliased to their arguments (the
+  // caller's input_output_aliases: no copy); were XLA to give them buffers of their own,
+  // they are copied.
+  const void* ins[] = {kd.untyped_data(), ks.untyped_data(), kz.untyped_data(),
+                       vd.untyped_data(), vs.untyped_data(), vz.untyped_data()};
+  const size_t in_bytes[] = {kd.size_bytes(), ks.size_bytes(), kz.size_bytes(),
+                             vd.size_bytes(), vs.size_bytes(), vz.size_bytes()};
+  ffi::Result<ffi::AnyBuffer>* outs[] = {&kd_o, &ks_o, &kz_o, &vd_o, &vs_o, &vz_o};
+  for (int i = 0; i < 6; ++i) {
+    if ((*outs[i])->size_bytes() != in_bytes[i]) return bad("a passed-through array resized");
+  }
+  for (int i = 0; i < 6; ++i) {
+    if ((*outs[i])->untyped_data() != ins[i]) {
+      std::memcpy((*outs[i])->untyped_data(), ins[i], in_bytes[i]);
+    }
+  }
   if (B == 0 || p.n == 0 || H == 0) return ffi::Error::Success();
   Run(p);
   return ffi::Error::Success();
@@ -499,6 +654,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxKiviAttention, KiviAttention,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [B, N, H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mass_rows [B, K, S] or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mass_cand [B, K, C] or [0]
+                                  .Ret<ffi::AnyBuffer>()  // k.data, passed through
+                                  .Ret<ffi::AnyBuffer>()  // k.scale
+                                  .Ret<ffi::AnyBuffer>()  // k.zero
+                                  .Ret<ffi::AnyBuffer>()  // v.data
+                                  .Ret<ffi::AnyBuffer>()  // v.scale
+                                  .Ret<ffi::AnyBuffer>()  // v.zero
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size")
                                   .Attr<float>("scale")

@@ -202,12 +202,17 @@ def test_the_handler_refuses_results_of_the_wrong_shape():
     attrs = dict(bits=np.int64(2), group_size=np.int64(32), scale=np.float32(1.0),
                  softcap=np.float32(0.0))  # fmt: skip
 
-    def call(out_shape, mass_rows, mass_cand):
+    def call(out_shape, mass_rows, mass_cand, rows=args[1:7]):
         types = [jax.ShapeDtypeStruct(x, jnp.float32) for x in (out_shape, mass_rows, mass_cand)]
+        types += [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in rows]  # passed through
         return jax.ffi.ffi_call(kivi.TARGET_KIVI, types)(*args, **attrs)
 
-    out, _, _ = call((b, n, h), (0,), (0,))
+    out, _, _, *rows = call((b, n, h), (0,), (0,))
     np.testing.assert_array_equal(out, 0.0)  # no visible key
+    for got, want in zip(rows, args[1:7], strict=True):  # not aliased here: copied
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(Exception, match="passed-through array resized"):
+        jax.block_until_ready(call((b, n, h), (0,), (0,), rows=(u8(b, kv, s, 1), *args[2:7])))
     with pytest.raises(Exception, match="out must be"):
         jax.block_until_ready(call((b, n - 1, h), (0,), (0,)))
     with pytest.raises(Exception, match="mass results must be"):

@@ -45,19 +45,23 @@ def kivi_decode(q, k, v, pos, valid, state: dict, fmt: Kivi, policy, rope, *, sc
     real = valid > 0
     # The full-precision candidates: [first rows, the new token, staging], as
     # core.candidates orders them around the rows.
+    # They go to the kernel in the cache's bfloat16 where they are bfloat16 values (the new
+    # token is admitted to that dtype), which halves the bytes gathered every step;
+    # float32 when rotated sink keys are among them.
+    cdt = jnp.bfloat16 if dtype == jnp.bfloat16 and not policy.sinks else F32
     ck, cv, cpos = [], [], []
     if n_first:
         j = jnp.arange(n_first, dtype=jnp.int32)[None, :]
-        ck.append(state["k.first"].astype(F32))
-        cv.append(state["v.first"].astype(F32))
+        ck.append(state["k.first"].astype(cdt))
+        cv.append(state["v.first"].astype(cdt))
         cpos.append(jnp.where(j < jnp.minimum(stored, n_first)[:, None], j, -1))
-    ck.append(fmt.admit(jnp.swapaxes(k, 1, 2), dtype))
-    cv.append(fmt.admit(jnp.swapaxes(v, 1, 2), dtype))
+    ck.append(fmt.admit(jnp.swapaxes(k, 1, 2), dtype).astype(cdt))
+    cv.append(fmt.admit(jnp.swapaxes(v, 1, 2), dtype).astype(cdt))
     cpos.append(jnp.where(real, pos, -1)[:, None])
     if fmt.staging:
         spos = ring_positions(pos, fmt.staging)
-        ck.append(state["k.res"].astype(F32))
-        cv.append(state["v.res"].astype(F32))
+        ck.append(state["k.res"].astype(cdt))
+        cv.append(state["v.res"].astype(cdt))
         cpos.append(jnp.where(spos >= stored[:, None], spos, -1))
     ck, cv = jnp.concatenate(ck, axis=2), jnp.concatenate(cv, axis=2)
     cpos = _visible(jnp.concatenate(cpos, axis=1)[:, None], pos, policy, sliding_window)

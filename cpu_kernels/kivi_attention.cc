@@ -7,8 +7,8 @@
 //       [B, K, S, H*b/8] with per-token scale and zero v.scale, v.zero [B, K, S, H/G]
 //       per group of G channels (ir/kvcache/kivi.py; the strided packing: byte j of a
 //       row holds channels j, j + H/m, ... for m = 8 / b values a byte);
-//     - C full-precision candidates ck, cv [B, K, C, H] float32 (the first rows, the new
-//       token, the staging ring: whatever the slot policy keeps unencoded);
+//     - C full-precision candidates ck, cv [B, K, C, H] float32 or bfloat16 (the first
+//       rows, the new token, the staging ring: whatever the slot policy keeps unencoded);
 //   mass_rows [B, K, S], mass_cand [B, K, C] (optional) = the attention each key gets,
 //     summed over the G' = N / K query heads of its KV head (H2O's score).
 //
@@ -63,8 +63,9 @@ struct KiviProblem {
   const void* vs = nullptr;
   const void* vz = nullptr;
   const int32_t* rpos = nullptr;  // [B, rheads, S]
-  const float* ck = nullptr;      // [B, K, C, H]
-  const float* cv = nullptr;
+  const void* ck = nullptr;       // [B, K, C, H] float32 or bfloat16 (bf16_cand)
+  const void* cv = nullptr;
+  bool bf16_cand = false;
   const int32_t* cpos = nullptr;  // [B, cheads, C]
   float* out = nullptr;           // [B, N, H]
   float* mass_rows = nullptr;     // [B, K, S] or null
@@ -427,14 +428,15 @@ void AttendRows(const KiviProblem& p, const GranuleFns& fns, int64_t b, int64_t 
   }
 }
 
-// The full-precision candidates of (b, kvh).
+// The full-precision candidates of (b, kvh), stored as T (float, or uint16_t: bfloat16).
+template <typename T>
 void AttendCandidates(const KiviProblem& p, int64_t b, int64_t kvh, const float* qs,
                       Partials& part) {
   const int64_t h = p.h, g = p.g, c = p.c, bk = b * p.kv + kvh;
   if (c == 0) return;
   const int32_t* vis = p.cpos + (b * p.cheads + (p.cheads == 1 ? 0 : kvh)) * c;
-  const float* keys = p.ck + bk * c * h;
-  const float* vals = p.cv + bk * c * h;
+  const T* keys = static_cast<const T*>(p.ck) + bk * c * h;
+  const T* vals = static_cast<const T*>(p.cv) + bk * c * h;
   std::vector<float> lg(g * c);
   for (int64_t j = 0; j < c; ++j) {
     for (int64_t gi = 0; gi < g; ++gi) {
@@ -491,7 +493,11 @@ void Run(const KiviProblem& p) {
       const int64_t r0 = part_i * chunk;
       AttendRows(p, fns, b, kvh, r0, std::min(p.s, r0 + chunk), qg, part);
     } else {
-      AttendCandidates(p, b, kvh, qg, part);
+      if (p.bf16_cand) {
+        AttendCandidates<uint16_t>(p, b, kvh, qg, part);
+      } else {
+        AttendCandidates<float>(p, b, kvh, qg, part);
+      }
     }
     std::copy(part.max.begin(), part.max.end(), maxes.begin() + t * g);
     std::copy(part.sum.begin(), part.sum.end(), sums.begin() + t * g);
@@ -535,7 +541,7 @@ bool Is(ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
 ffi::Error KiviAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8> kd, ffi::AnyBuffer ks,
                          ffi::AnyBuffer kz, ffi::Buffer<ffi::U8> vd, ffi::AnyBuffer vs,
                          ffi::AnyBuffer vz, ffi::Buffer<ffi::S32> rpos,
-                         ffi::Buffer<ffi::F32> ck, ffi::Buffer<ffi::F32> cv,
+                         ffi::AnyBuffer ck, ffi::AnyBuffer cv,
                          ffi::Buffer<ffi::S32> cpos, ffi::ResultBuffer<ffi::F32> out,
                          ffi::ResultBuffer<ffi::F32> mass_rows,
                          ffi::ResultBuffer<ffi::F32> mass_cand, ffi::Result<ffi::AnyBuffer> kd_o,
@@ -583,6 +589,10 @@ ffi::Error KiviAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8> kd, ffi::
       vs.element_type() != st || vz.element_type() != st) {
     return bad("scales and zeros must all be f32 or all bf16");
   }
+  const auto ct = ck.element_type();
+  if ((ct != ffi::DataType::F32 && ct != ffi::DataType::BF16) || cv.element_type() != ct) {
+    return bad("candidates must both be f32 or both bf16");
+  }
   if (!Is(out->dimensions(), {B, p.n, H})) return bad("out must be [B, N, H]");
   const bool want_mass = mass_rows->dimensions().size() == 3;  // else the [0] placeholders
   if (want_mass ? !Is(mass_rows->dimensions(), {B, K, S}) || !Is(mass_cand->dimensions(), {B, K, C})
@@ -602,8 +612,9 @@ ffi::Error KiviAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8> kd, ffi::
   p.vs = vs.untyped_data();
   p.vz = vz.untyped_data();
   p.rpos = rpos.typed_data();
-  p.ck = ck.typed_data();
-  p.cv = cv.typed_data();
+  p.ck = ck.untyped_data();
+  p.cv = cv.untyped_data();
+  p.bf16_cand = ct == ffi::DataType::BF16;
   p.cpos = cpos.typed_data();
   p.out = out->typed_data();
   std::vector<float> lg_rows, lg_cand;
@@ -648,8 +659,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxKiviAttention, KiviAttention,
                                   .Arg<ffi::AnyBuffer>()         // v.scale [B, K, S, H/G]
                                   .Arg<ffi::AnyBuffer>()         // v.zero
                                   .Arg<ffi::Buffer<ffi::S32>>()  // rpos [B, 1 or K, S]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // ck [B, K, C, H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // cv [B, K, C, H]
+                                  .Arg<ffi::AnyBuffer>()         // ck [B, K, C, H] f32 | bf16
+                                  .Arg<ffi::AnyBuffer>()         // cv [B, K, C, H] likewise
                                   .Arg<ffi::Buffer<ffi::S32>>()  // cpos [B, 1 or K, C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [B, N, H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mass_rows [B, K, S] or [0]

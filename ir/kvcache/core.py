@@ -223,7 +223,6 @@ def _stage_token(state, k, v, pos, valid, fmt, policy) -> dict:
     pos % C; first row pos when pos < F) rather than a select over every slot."""
     live = valid > 0  # [B]
     out = dict(state)
-    put = jax.vmap(lambda a, x, j: lax.dynamic_update_slice(a, x, (0, j, 0)))
     targets = []
     if fmt.staging:
         targets.append((("k.res", "v.res"), jnp.mod(pos, fmt.staging), live))
@@ -234,10 +233,23 @@ def _stage_token(state, k, v, pos, valid, fmt, policy) -> dict:
         )
     for names, row, take in targets:
         for name, new in zip(names, (k, v), strict=True):
-            arr = state[name]
-            upd = put(arr, jnp.swapaxes(new, 1, 2).astype(arr.dtype), row)
-            out[name] = jnp.where(take[:, None, None, None], upd, arr)
+            out[name] = _put_rows(state[name], jnp.swapaxes(new, 1, 2), row, take)
     return out
+
+
+def _put_rows(arr, x, row, take):
+    """arr [B, K, C, H] with x [B, K, 1, H] at slot row[b] of each batch row where take[b].
+
+    One scatter of whole rows, in place, on the bits (an unsigned integer of the width):
+    XLA:CPU computes a bfloat16 scatter in float32, converting the whole array there and
+    back, and a select over the array would read and write all of it."""
+    bits = jnp.dtype(f"uint{8 * arr.dtype.itemsize}")
+    a = lax.bitcast_convert_type(arr, bits)
+    xi = lax.bitcast_convert_type(x.astype(arr.dtype), bits)
+    get = jax.vmap(lambda a, j: lax.dynamic_slice(a, (0, j, 0), (a.shape[0], 1, a.shape[2])))
+    xi = jnp.where(take[:, None, None, None], xi, get(a, row))  # kept rows: their old row
+    a = jax.vmap(lambda a, x, j: lax.dynamic_update_slice(a, x, (0, j, 0)))(a, xi, row)
+    return lax.bitcast_convert_type(a, arr.dtype)
 
 
 def _stage(st, k, v, m_new, pos, valid, *, fmt, policy):

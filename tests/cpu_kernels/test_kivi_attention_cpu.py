@@ -24,7 +24,7 @@ ROPE = (10000.0, 1.0)
 S = 128  # cache rows of the full policy
 
 
-def _state(fmt, pol, b, kv, h):
+def _state(fmt, pol, b, kv, h, dtype=jnp.float32):
     def size(d):
         if isinstance(d, int):
             return d
@@ -32,7 +32,7 @@ def _state(fmt, pol, b, kv, h):
 
     return {
         n: jnp.zeros(tuple(size(d) for d in shape), dt)
-        for n, (shape, dt) in core.layer_parts(fmt, pol, kv, h, jnp.float32).items()
+        for n, (shape, dt) in core.layer_parts(fmt, pol, kv, h, dtype).items()
     }
 
 
@@ -51,9 +51,9 @@ def _kernel(fmt, pol, window, softcap, scale, suffix=""):
     return jax.jit(run)
 
 
-def _filled(fmt, pol, lengths, n, kv, h, window, softcap, seed):
-    """The reference's cache after a prompt of lengths[b] tokens per row, and the next
-    token's q, k, v."""
+def _filled(fmt, pol, lengths, n, kv, h, window, softcap, seed, dtype=jnp.float32):
+    """The reference's cache (full-precision parts in `dtype`) after a prompt of
+    lengths[b] tokens per row, and the next token's q, k, v."""
     rng = np.random.default_rng(seed)
     b, t = len(lengths), max(lengths)
 
@@ -66,7 +66,7 @@ def _filled(fmt, pol, lengths, n, kv, h, window, softcap, seed):
     scale = h**-0.5
     _, state = _reference(fmt, pol, window, softcap, scale)(
         q, k, v, jnp.zeros(b, jnp.int32), jnp.asarray(lengths, jnp.int32),
-        _state(fmt, pol, b, kv, h),
+        _state(fmt, pol, b, kv, h, dtype),
     )  # fmt: skip
     return state, (f(b, 1, n, h), f(b, 1, kv, h).at[..., 3].add(4.0), f(b, 1, kv, h))
 
@@ -111,6 +111,16 @@ def test_matches_the_reference(case):
     valid = [1] * len(lengths)
     valid[-1] = 0  # a padding row: attends, writes nothing
     _assert_step_matches(fmt, pol, state, new, lengths, valid, window, softcap, h)
+
+
+@pytest.mark.parametrize("case", ["kivi2-full", "kivi2-h2o", "kivi4-sinks-first"])
+def test_bfloat16_cache_matches_the_reference(case):
+    """A cache whose full-precision parts are bfloat16 (a bf16 model's): the candidates
+    reach the kernel as bfloat16 (float32 under sinks, whose sink keys are rotated)."""
+    fmt, pol, lengths, n, kv, h, window, softcap = CASES[case]
+    state, new = _filled(fmt, pol, lengths, n, kv, h, window, softcap, 5, jnp.bfloat16)
+    assert state["k.res"].dtype == jnp.bfloat16
+    _assert_step_matches(fmt, pol, state, new, lengths, [1] * len(lengths), window, softcap, h)
 
 
 @pytest.mark.parametrize("case", ["kivi2-full", "kivi2-h2o", "kivi2-sinks"])
@@ -213,6 +223,11 @@ def test_the_handler_refuses_results_of_the_wrong_shape():
         np.testing.assert_array_equal(got, want)
     with pytest.raises(Exception, match="passed-through array resized"):
         jax.block_until_ready(call((b, n, h), (0,), (0,), rows=(u8(b, kv, s, 1), *args[2:7])))
+    with pytest.raises(Exception, match="candidates must both be f32 or both bf16"):
+        mixed = (*args[:9], args[9].astype(jnp.bfloat16), args[10])
+        types = [jax.ShapeDtypeStruct(x, jnp.float32) for x in ((b, n, h), (0,), (0,))]
+        types += [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[1:7]]
+        jax.block_until_ready(jax.ffi.ffi_call(kivi.TARGET_KIVI, types)(*mixed, **attrs))
     with pytest.raises(Exception, match="out must be"):
         jax.block_until_ready(call((b, n - 1, h), (0,), (0,)))
     with pytest.raises(Exception, match="mass results must be"):

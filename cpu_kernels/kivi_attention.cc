@@ -241,6 +241,14 @@ inline void ValueAccumulate(const KiviProblem& p, const uint8_t* row, const floa
   }
 }
 
+// The granule functions of the vector path (none: the row-by-row path).
+struct GranuleFns {
+  void (*keys)(const KiviProblem&, int64_t, int64_t, const int32_t*, const float*, const float*,
+               float*) = nullptr;
+  void (*values)(const KiviProblem&, int64_t, int64_t, const int32_t*, const float*, Partials&,
+                 float*) = nullptr;
+};
+
 #if defined(__AVX2__) && defined(__FMA__)
 // The vector path with the bit width and the query heads per KV head G' known at compile
 // time, one granule (gs rows from r) at a time: the accumulators stay in registers. The
@@ -320,13 +328,6 @@ void ValuesGranule(const KiviProblem& p, int64_t bk, int64_t r, const int32_t* v
   }
 }
 
-struct GranuleFns {
-  void (*keys)(const KiviProblem&, int64_t, int64_t, const int32_t*, const float*, const float*,
-               float*) = nullptr;
-  void (*values)(const KiviProblem&, int64_t, int64_t, const int32_t*, const float*, Partials&,
-                 float*) = nullptr;
-};
-
 template <int BITS>
 GranuleFns GranuleFnsFor(int64_t g) {
   switch (g) {
@@ -341,13 +342,6 @@ GranuleFns GranuleFnsFor(int64_t g) {
     default: return {};
   }
 }
-#else
-struct GranuleFns {
-  void (*keys)(const KiviProblem&, int64_t, int64_t, const int32_t*, const float*, const float*,
-               float*) = nullptr;
-  void (*values)(const KiviProblem&, int64_t, int64_t, const int32_t*, const float*, Partials&,
-                 float*) = nullptr;
-};
 #endif
 
 // The compiled granule functions for p's bits and G' (up to 8 query heads per KV head on

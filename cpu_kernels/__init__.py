@@ -42,7 +42,7 @@ from jax.interpreters import mlir
 from pallax.cpu_kernels import build, kivi
 from pallax.ir import kvcache
 from pallax.ir import primitives as ops
-from pallax.ir.kvcache import DENSE, FULL, Dense, Kivi
+from pallax.ir.kvcache import DENSE, FULL, Dense, Int8, Kivi
 
 ENV_SWITCH = "PALLAX_CPU_KERNELS"
 TARGET = "pallax_qmatmul"
@@ -239,12 +239,20 @@ def _lm_head_cpu_rule(x, table, *, softcap):
 
 # -------------------------------------------------------------- decode attention
 TARGET_ATTENTION = "pallax_decode_attention"
+TARGET_ATTENTION_INT8 = "pallax_decode_attention_int8"
 
 
 def use_attention_kernel(q, k_cache) -> bool:
     """Whether `attention` runs in the kernel: single-token decode over a float32 or
     bfloat16 cache (prefill, T > 1, and other dtypes keep the XLA rule)."""
     return q.shape[1] == 1 and k_cache.dtype in (jnp.float32, jnp.bfloat16) and available()
+
+
+def use_int8_kv_kernel(q, format, policy) -> bool:
+    """Whether `attention` over an int8 x full cache runs in attention.cc's int8 entry:
+    single-token decode (prefill and chunks, T > 1, and the eviction policies keep the
+    reference)."""
+    return isinstance(format, Int8) and policy == FULL and q.shape[1] == 1 and available()
 
 
 def use_kivi_kernel(q, format) -> bool:
@@ -290,11 +298,40 @@ def _attention_ffi(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, sof
     return out[:, None].astype(q.dtype), k_cache, v_cache
 
 
+def _attention_int8_ffi(q, k, v, pos, valid, state, format, *, scale, sliding_window,
+                        softcap, suffix=""):  # fmt: skip
+    """The int8 x full cache's decode step: the token quantized by the format's `encode`
+    (in XLA, the same rounding as prefill's writes), written and attended in the kernel."""
+    b, _, n, h = q.shape
+    new = format.encode(k[:, 0], v[:, 0])  # [B, K, H] int8, [B, K] scales
+    names = ("k.data", "k.scale", "v.data", "v.scale")
+    out_types = (jax.ShapeDtypeStruct((b, n, h), jnp.float32),) + tuple(
+        jax.ShapeDtypeStruct(state[name].shape, state[name].dtype) for name in names
+    )
+    call = jax.ffi.ffi_call(TARGET_ATTENTION_INT8 + suffix, out_types,
+                            input_output_aliases={i: i - 4 for i in range(5, 9)})  # fmt: skip
+    out, *rows = call(
+        q[:, 0].astype(jnp.float32), new["k.data"], new["k.scale"], new["v.data"],
+        new["v.scale"], *(state[name] for name in names), pos.astype(jnp.int32),
+        valid.astype(jnp.int32), scale=np.float32(scale), window=np.int64(sliding_window or 0),
+        softcap=np.float32(softcap or 0.0),
+    )  # fmt: skip
+    return out[:, None].astype(q.dtype), dict(zip(names, rows, strict=True))
+
+
 def _attention_cpu_rule(q, k, v, pos, valid, *cache, format, policy, rope, scale,
                         sliding_window, softcap):  # fmt: skip
-    """Decode (T = 1): dense x full in the C++ kernel that writes in place, KIVI x any
-    policy in the packed-cache kernel (kivi.py); everything else: the reference."""
+    """Decode (T = 1): dense x full and int8 x full in the C++ kernel that writes in place,
+    KIVI x any policy in the packed-cache kernel (kivi.py); everything else: the
+    reference."""
     dense_full = isinstance(format, Dense) and policy == FULL
+    if use_int8_kv_kernel(q, format, policy):
+        names = kvcache.part_names(format, policy)
+        out, new = _attention_int8_ffi(
+            q, k, v, pos, valid, dict(zip(names, cache, strict=True)), format, scale=scale,
+            sliding_window=sliding_window, softcap=softcap,
+        )  # fmt: skip
+        return (out, *(new[n] for n in names))
     if use_kivi_kernel(q, format):
         names = kvcache.part_names(format, policy)
         out, new = kivi.kivi_decode(
@@ -333,5 +370,5 @@ register()
 __all__ = [
     "BF16_MAX_ROWS", "MAX_ROWS", "available", "bf16_matmul", "decode_attention_cpu",
     "f32_matmul", "qmatmul_cpu", "register", "supported", "use_attention_kernel",
-    "use_float_kernel", "use_kernel", "use_kivi_kernel",
+    "use_float_kernel", "use_int8_kv_kernel", "use_kernel", "use_kivi_kernel",
 ]  # fmt: skip

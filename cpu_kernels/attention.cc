@@ -5,7 +5,13 @@
 //
 // The caches are float32 or bfloat16 and are aliased to the call's second and third
 // results (input_output_aliases), so the write happens in the buffer the decode loop
-// carries. This is why the kernel exists: in XLA the write and the dots over the written
+// carries. A second entry point takes the int8 KV format (ir/kvcache/int8.py): int8 rows
+// with one float32 scale per row and head, the new token arriving already quantized (by
+// the format's own `encode`, in XLA) and written only where valid[b] > 0, as the
+// reference writes it. Its logits are scale_j * (q . k_j) and its value weights
+// e_j * vscale_j: the products the reference forms in another order, so equal to it up to
+// float rounding, and, as for the float caches, each row's result depends on that row
+// alone (not on the batch, the cache length or the thread count). This is why the kernel exists: in XLA the write and the dots over the written
 // cache make XLA:CPU copy every cache array several times a step to keep the loop's
 // buffers (ir/primitives/attention.decode_attention_split), a cost that grows with the context.
 //
@@ -26,6 +32,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -48,10 +55,16 @@ struct AttnProblem {
   int64_t window = 0;  // 0: none
   float scale = 1.0f, softcap = 0.0f;  // softcap 0: none
   const float* q = nullptr;   // [B, N, H]
-  const float* k = nullptr;   // [B, K, H]
-  const float* v = nullptr;   // [B, K, H]
+  const void* k = nullptr;    // [B, K, H]: float32, or int8 for the int8 caches
+  const void* v = nullptr;
   void* kc = nullptr;         // [B, K, S, H]
   void* vc = nullptr;
+  // The int8 caches' scales: of the new token [B, K] and of the rows [B, K, S].
+  const float* k_new_scale = nullptr;
+  const float* v_new_scale = nullptr;
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;
+  const int32_t* valid = nullptr;  // [B] (int8 caches): write the token where > 0
   const int32_t* pos = nullptr;
   float* out = nullptr;       // [B, N, H]
 };
@@ -97,6 +110,9 @@ void AttendRange(const AttnProblem& p, int64_t b, int64_t kvh, int64_t j0, int64
   const int64_t h = p.h, g = p.g;
   const T* kc = static_cast<const T*>(p.kc) + ((b * p.kv + kvh) * p.s) * h;
   const T* vc = static_cast<const T*>(p.vc) + ((b * p.kv + kvh) * p.s) * h;
+  constexpr bool kInt8 = std::is_same_v<T, int8_t>;
+  const float* ks = kInt8 ? p.k_scale + (b * p.kv + kvh) * p.s : nullptr;  // [S]
+  const float* vs = kInt8 ? p.v_scale + (b * p.kv + kvh) * p.s : nullptr;
   float stack[16 * kKeyBlock];
   std::vector<float> heap;
   if (g > 16) heap.resize(g * kKeyBlock);
@@ -107,7 +123,9 @@ void AttendRange(const AttnProblem& p, int64_t b, int64_t kvh, int64_t j0, int64
     for (int64_t jj = 0; jj < nb; ++jj) {
       const T* krow = kc + (jb + jj) * h;
       for (int64_t gi = 0; gi < g; ++gi) {
-        logits[gi * kKeyBlock + jj] = Capped(p, pallax_cpu::Dot(qs + gi * h, krow, h));
+        float logit = pallax_cpu::Dot(qs + gi * h, krow, h);
+        if constexpr (kInt8) logit *= ks[jb + jj];
+        logits[gi * kKeyBlock + jj] = Capped(p, logit);
       }
     }
     // Online softmax: rescale the running sums to the new max, add the block.
@@ -140,8 +158,10 @@ void AttendRange(const AttnProblem& p, int64_t b, int64_t kvh, int64_t j0, int64
     // Values: acc[g] += sum_j e_j * v_j.
     for (int64_t jj = 0; jj < nb; ++jj) {
       const T* vrow = vc + (jb + jj) * h;
+      const float row_scale = kInt8 ? vs[jb + jj] : 1.0f;
       for (int64_t gi = 0; gi < g; ++gi) {
-        pallax_cpu::Axpy(logits[gi * kKeyBlock + jj], vrow, parts[gi].acc, h);
+        const float e = logits[gi * kKeyBlock + jj];
+        pallax_cpu::Axpy(kInt8 ? e * row_scale : e, vrow, parts[gi].acc, h);
       }
     }
   }
@@ -159,12 +179,29 @@ void WriteToken(const AttnProblem& p, int64_t b) {
   const int64_t slot = std::min<int64_t>(std::max<int64_t>(p.pos[b], 0), p.s - 1);
   for (int64_t kvh = 0; kvh < p.kv; ++kvh) {
     const int64_t at = ((b * p.kv + kvh) * p.s + slot) * p.h;
-    const float* kn = p.k + (b * p.kv + kvh) * p.h;
-    const float* vn = p.v + (b * p.kv + kvh) * p.h;
+    const float* kn = static_cast<const float*>(p.k) + (b * p.kv + kvh) * p.h;
+    const float* vn = static_cast<const float*>(p.v) + (b * p.kv + kvh) * p.h;
     for (int64_t i = 0; i < p.h; ++i) {
       Store(static_cast<T*>(p.kc), at + i, kn[i]);
       Store(static_cast<T*>(p.vc), at + i, vn[i]);
     }
+  }
+}
+
+// The int8 caches: the quantized token and its scales, at slot pos[b] when valid[b] > 0
+// and pos[b] is a slot (the reference's scatter drops the rest).
+template <>
+void WriteToken<int8_t>(const AttnProblem& p, int64_t b) {
+  const int64_t slot = p.pos[b];
+  if (p.valid[b] <= 0 || slot < 0 || slot >= p.s) return;
+  for (int64_t kvh = 0; kvh < p.kv; ++kvh) {
+    const int64_t row = (b * p.kv + kvh) * p.s + slot, token = b * p.kv + kvh;
+    std::memcpy(static_cast<int8_t*>(p.kc) + row * p.h,
+                static_cast<const int8_t*>(p.k) + token * p.h, p.h);
+    std::memcpy(static_cast<int8_t*>(p.vc) + row * p.h,
+                static_cast<const int8_t*>(p.v) + token * p.h, p.h);
+    p.k_scale[row] = p.k_new_scale[token];
+    p.v_scale[row] = p.v_new_scale[token];
   }
 }
 
@@ -239,41 +276,57 @@ void Run(const AttnProblem& p) {
   }
 }
 
+// Shapes: q [B, N, H], k, v [B, K, H], caches [B, K, S, H], pos [B] -> p's sizes, or an
+// error naming the call.
+template <typename Dims>
+ffi::Error Sizes(const char* name, Dims qd, Dims kd, Dims vd, Dims kcd, Dims vcd, Dims posd,
+                 AttnProblem* p) {
+  const auto same = [](auto a, auto b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+  };
+  if (qd.size() != 3 || kd.size() != 3 || kcd.size() != 4 || !same(vd, kd) ||
+      !same(vcd, kcd) || posd.size() != 1) {
+    return ffi::Error::InvalidArgument(
+        std::string(name) + ": need q [B, N, H], k, v [B, K, H], caches [B, K, S, H], pos [B]");
+  }
+  p->b = qd[0];
+  p->n = qd[1];
+  p->h = qd[2];
+  p->kv = kd[1];
+  p->s = kcd[2];
+  if (kd[0] != p->b || kd[2] != p->h || kcd[0] != p->b || kcd[1] != p->kv || kcd[3] != p->h ||
+      posd[0] != p->b || p->kv == 0 || p->n % p->kv != 0 || p->s == 0) {
+    return ffi::Error::InvalidArgument(
+        std::string(name) + ": shapes disagree: q [" + std::to_string(p->b) + ", " +
+        std::to_string(p->n) + ", " + std::to_string(p->h) + "], cache [" +
+        std::to_string(kcd[0]) + ", " + std::to_string(kcd[1]) + ", " +
+        std::to_string(kcd[2]) + ", " + std::to_string(kcd[3]) + "]");
+  }
+  p->g = p->n / p->kv;
+  return ffi::Error::Success();
+}
+
+// The caches are aliased to the results; should XLA ever pass separate buffers, the
+// results start as copies of the inputs.
+inline void Adopt(ffi::AnyBuffer in, void* out) {
+  if (out != in.untyped_data()) std::memcpy(out, in.untyped_data(), in.size_bytes());
+}
+
 ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::AnyBuffer k_cache,
                            ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pos,
                            ffi::ResultBuffer<ffi::F32> out, ffi::Result<ffi::AnyBuffer> k_out,
                            ffi::Result<ffi::AnyBuffer> v_out, float scale, int64_t window,
                            float softcap) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), cd = k_cache.dimensions();
-  const auto same = [](auto a, auto b) {
-    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
-  };
-  if (qd.size() != 3 || kd.size() != 3 || cd.size() != 4 || !same(v.dimensions(), kd) ||
-      !same(v_cache.dimensions(), cd) || pos.dimensions().size() != 1) {
-    return ffi::Error::InvalidArgument(
-        "pallax_decode_attention: need q [B, N, H], k, v [B, K, H], caches [B, K, S, H], "
-        "pos [B]");
-  }
   AttnProblem p;
-  p.b = qd[0];
-  p.n = qd[1];
-  p.h = qd[2];
-  p.kv = kd[1];
-  p.s = cd[2];
-  if (kd[0] != p.b || kd[2] != p.h || cd[0] != p.b || cd[1] != p.kv || cd[3] != p.h ||
-      pos.dimensions()[0] != p.b || p.kv == 0 || p.n % p.kv != 0 || p.s == 0) {
-    return ffi::Error::InvalidArgument(
-        "pallax_decode_attention: shapes disagree: q [" + std::to_string(p.b) + ", " +
-        std::to_string(p.n) + ", " + std::to_string(p.h) + "], cache [" +
-        std::to_string(cd[0]) + ", " + std::to_string(cd[1]) + ", " + std::to_string(cd[2]) +
-        ", " + std::to_string(cd[3]) + "]");
-  }
+  ffi::Error err = Sizes("pallax_decode_attention", q.dimensions(), k.dimensions(),
+                         v.dimensions(), k_cache.dimensions(), v_cache.dimensions(),
+                         pos.dimensions(), &p);
+  if (err.failure()) return err;
   const auto dt = k_cache.element_type();
   if ((dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) || v_cache.element_type() != dt) {
     return ffi::Error::InvalidArgument("pallax_decode_attention: caches must be f32 or bf16");
   }
-  p.g = p.n / p.kv;
   p.window = window;
   p.scale = scale;
   p.softcap = softcap;
@@ -284,17 +337,65 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   p.out = out->typed_data();
   p.kc = k_out->untyped_data();
   p.vc = v_out->untyped_data();
-  // The caches are aliased to the results; should XLA ever pass separate buffers, the
-  // results start as copies of the inputs.
-  const size_t bytes = k_cache.size_bytes();
-  if (p.kc != k_cache.untyped_data()) std::memcpy(p.kc, k_cache.untyped_data(), bytes);
-  if (p.vc != v_cache.untyped_data()) std::memcpy(p.vc, v_cache.untyped_data(), bytes);
+  Adopt(k_cache, p.kc);
+  Adopt(v_cache, p.vc);
   if (p.b == 0 || p.n == 0 || p.h == 0) return ffi::Error::Success();
   if (dt == ffi::DataType::F32) {
     Run<float>(p);
   } else {
     Run<uint16_t>(p);
   }
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionInt8(
+    ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k, ffi::Buffer<ffi::F32> k_new_scale,
+    ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> v_new_scale, ffi::AnyBuffer k_data,
+    ffi::AnyBuffer k_scale, ffi::AnyBuffer v_data, ffi::AnyBuffer v_scale,
+    ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> valid, ffi::ResultBuffer<ffi::F32> out,
+    ffi::Result<ffi::AnyBuffer> k_data_out, ffi::Result<ffi::AnyBuffer> k_scale_out,
+    ffi::Result<ffi::AnyBuffer> v_data_out, ffi::Result<ffi::AnyBuffer> v_scale_out,
+    float scale, int64_t window, float softcap) {
+  constexpr const char* kName = "pallax_decode_attention_int8";
+  AttnProblem p;
+  ffi::Error err = Sizes(kName, q.dimensions(), k.dimensions(), v.dimensions(),
+                         k_data.dimensions(), v_data.dimensions(), pos.dimensions(), &p);
+  if (err.failure()) return err;
+  const auto rows = [&](auto d, int64_t rank) {  // [B, K, S] or [B, K]
+    return d.size() == static_cast<size_t>(rank) && d[0] == p.b && d[1] == p.kv &&
+           (rank == 2 || d[2] == p.s);
+  };
+  const auto f32 = [](ffi::AnyBuffer a) { return a.element_type() == ffi::DataType::F32; };
+  if (k_data.element_type() != ffi::DataType::S8 || v_data.element_type() != ffi::DataType::S8 ||
+      !f32(k_scale) || !f32(v_scale) || !rows(k_scale.dimensions(), 3) ||
+      !rows(v_scale.dimensions(), 3) || !rows(k_new_scale.dimensions(), 2) ||
+      !rows(v_new_scale.dimensions(), 2) || valid.dimensions().size() != 1 ||
+      valid.dimensions()[0] != p.b) {
+    return ffi::Error::InvalidArgument(
+        std::string(kName) + ": need int8 caches [B, K, S, H] with float32 scales [B, K, S], "
+        "the token's float32 scales [B, K] and valid [B]");
+  }
+  p.window = window;
+  p.scale = scale;
+  p.softcap = softcap;
+  p.q = q.typed_data();
+  p.k = k.typed_data();
+  p.v = v.typed_data();
+  p.k_new_scale = k_new_scale.typed_data();
+  p.v_new_scale = v_new_scale.typed_data();
+  p.pos = pos.typed_data();
+  p.valid = valid.typed_data();
+  p.out = out->typed_data();
+  p.kc = k_data_out->untyped_data();
+  p.vc = v_data_out->untyped_data();
+  p.k_scale = static_cast<float*>(k_scale_out->untyped_data());
+  p.v_scale = static_cast<float*>(v_scale_out->untyped_data());
+  Adopt(k_data, p.kc);
+  Adopt(v_data, p.vc);
+  Adopt(k_scale, p.k_scale);
+  Adopt(v_scale, p.v_scale);
+  if (p.b == 0 || p.n == 0 || p.h == 0) return ffi::Error::Success();
+  Run<int8_t>(p);
   return ffi::Error::Success();
 }
 
@@ -311,6 +412,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxDecodeAttention, DecodeAttention,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [B, N, H]
                                   .Ret<ffi::AnyBuffer>()         // k_cache (aliased)
                                   .Ret<ffi::AnyBuffer>()         // v_cache (aliased)
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxDecodeAttentionInt8, DecodeAttentionInt8,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [B, N, H]
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // k [B, K, H] quantized
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // its scales [B, K]
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // v [B, K, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // its scales [B, K]
+                                  .Arg<ffi::AnyBuffer>()         // k.data [B, K, S, H] int8
+                                  .Arg<ffi::AnyBuffer>()         // k.scale [B, K, S] f32
+                                  .Arg<ffi::AnyBuffer>()         // v.data
+                                  .Arg<ffi::AnyBuffer>()         // v.scale
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // pos [B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // valid [B]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [B, N, H]
+                                  .Ret<ffi::AnyBuffer>()         // k.data (aliased)
+                                  .Ret<ffi::AnyBuffer>()         // k.scale (aliased)
+                                  .Ret<ffi::AnyBuffer>()         // v.data (aliased)
+                                  .Ret<ffi::AnyBuffer>()         // v.scale (aliased)
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("window")
                                   .Attr<float>("softcap"));

@@ -1,6 +1,6 @@
 // Helpers shared by the CPU kernels: bfloat16 widening to float32 (exact: a bf16 is the
 // top half of a float32) and, with AVX2, 8 at a time; a horizontal sum; e^x for 8 lanes;
-// the float32 x (float32 or bfloat16) dot product and axpy the attention kernels share.
+// the float32 x (float32, bfloat16 or int8) dot product and axpy the attention kernels share.
 
 #ifndef PALLAX_CPU_KERNELS_BF16_H_
 #define PALLAX_CPU_KERNELS_BF16_H_
@@ -23,6 +23,7 @@ inline float Widen(uint16_t b) {
 
 inline float Load(const float* p, int64_t i) { return p[i]; }
 inline float Load(const uint16_t* p, int64_t i) { return Widen(p[i]); }
+inline float Load(const int8_t* p, int64_t i) { return static_cast<float>(p[i]); }
 
 #if defined(__AVX2__) && defined(__FMA__)
 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -31,6 +32,12 @@ inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 Load8(const uint16_t* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// 8 int8 -> 8 float32 (exact).
+inline __m256 Load8(const int8_t* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
 inline float HSum(__m256 v) {
@@ -62,7 +69,7 @@ inline __m256 Exp8(__m256 x) {
 }
 #endif
 
-// sum_i a[i] * b[i] over h elements, b float32 or bfloat16 (two 8-lane accumulators).
+// sum_i a[i] * b[i] over h elements, b float32, bfloat16 or int8 (two 8-lane accumulators).
 template <typename T>
 inline float Dot(const float* a, const T* b, int64_t h) {
   float dot = 0.0f;
@@ -80,7 +87,7 @@ inline float Dot(const float* a, const T* b, int64_t h) {
   return dot;
 }
 
-// acc[0..h) += w * x[0..h), x float32 or bfloat16.
+// acc[0..h) += w * x[0..h), x float32, bfloat16 or int8.
 template <typename T>
 inline void Axpy(float w, const T* x, float* acc, int64_t h) {
   int64_t i = 0;

@@ -167,10 +167,15 @@ void AttendRange(const AttnProblem& p, int64_t b, int64_t kvh, int64_t j0, int64
   }
 }
 
-// The keys query row b sees: [lo, hi] (hi < lo: none).
+// The keys query row b sees: [lo, hi] (hi < lo: none). An int8 row whose token is not
+// real (valid 0: not written) sees the slots before it, as in the reference. (Positions
+// past the cache, pos >= S, never reach a kernel: the runtimes size the cache to the
+// request. The float caches would overwrite slot S - 1; the int8 entry writes nothing
+// and attends the S rows without the token.)
 inline void KeyRange(const AttnProblem& p, int64_t b, int64_t* lo, int64_t* hi) {
   const int64_t pos = p.pos[b];
-  *hi = std::min<int64_t>(pos, p.s - 1);
+  const bool own = p.valid == nullptr || p.valid[b] > 0;
+  *hi = std::min<int64_t>(own ? pos : pos - 1, p.s - 1);
   *lo = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
 }
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
 import os
 import pathlib
-import shutil
-import tempfile
 
 import pytest
 
@@ -19,17 +16,6 @@ def pytest_collection_modifyitems(config, items):
 
 # Multi-device tests need virtual CPU devices; set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
-# jax's persistent compilation cache, for this session and the subprocesses it starts
-# (they inherit the variables): many tests compile the same model with the same passes
-# and shapes, and a second compile of the same module is then a read. Executables that
-# compiled in under a second are not stored. A fresh directory each session, removed
-# at exit, unless the caller names one.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _xla_cache = tempfile.mkdtemp(prefix="pallax-tests-xla-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
-    atexit.register(shutil.rmtree, _xla_cache, True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 PROMPTS = [
     "The capital of France is",

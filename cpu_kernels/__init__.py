@@ -298,10 +298,13 @@ def _attention_ffi(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, sof
     return out[:, None].astype(q.dtype), k_cache, v_cache
 
 
-def _attention_int8_ffi(q, k, v, pos, valid, state, format, *, scale, sliding_window,
-                        softcap, suffix=""):  # fmt: skip
-    """The int8 x full cache's decode step: the token quantized by the format's `encode`
-    (in XLA, the same rounding as prefill's writes), written and attended in the kernel."""
+def _attention_int8_ffi(q, k, v, pos, valid, state, format, policy, rope, *, scale,
+                        sliding_window, softcap, suffix=""):  # fmt: skip
+    """The int8 x full cache's decode step (`kivi.kivi_decode`'s signature; the policy is
+    full, and there is no rope in the cache): the token quantized by the format's
+    `encode` (in XLA, the same rounding as prefill's writes), written and attended in
+    the kernel."""
+    del policy, rope
     b, _, n, h = q.shape
     new = format.encode(k[:, 0], v[:, 0])  # [B, K, H] int8, [B, K] scales
     names = ("k.data", "k.scale", "v.data", "v.scale")
@@ -326,15 +329,14 @@ def _attention_cpu_rule(q, k, v, pos, valid, *cache, format, policy, rope, scale
     reference."""
     dense_full = isinstance(format, Dense) and policy == FULL
     if use_int8_kv_kernel(q, format, policy):
+        rows_kernel = _attention_int8_ffi
+    elif use_kivi_kernel(q, format):
+        rows_kernel = kivi.kivi_decode
+    else:
+        rows_kernel = None
+    if rows_kernel is not None:  # the cache arrays by name, in the op's order
         names = kvcache.part_names(format, policy)
-        out, new = _attention_int8_ffi(
-            q, k, v, pos, valid, dict(zip(names, cache, strict=True)), format, scale=scale,
-            sliding_window=sliding_window, softcap=softcap,
-        )  # fmt: skip
-        return (out, *(new[n] for n in names))
-    if use_kivi_kernel(q, format):
-        names = kvcache.part_names(format, policy)
-        out, new = kivi.kivi_decode(
+        out, new = rows_kernel(
             q, k, v, pos, valid, dict(zip(names, cache, strict=True)), format, policy, rope,
             scale=scale, sliding_window=sliding_window, softcap=softcap,
         )  # fmt: skip

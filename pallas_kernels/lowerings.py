@@ -2,11 +2,12 @@
 
 CPU keeps the reference rules registered with the primitives. jax picks the rule
 for the platform it lowers for, so one exported module can carry all three.
-Where a kernel does not cover a case (for example prefill attention, T > 1, or
-float32 decode attention on CUDA, whose Mosaic GPU kernel is 16-bit only) the
-rule falls back to the reference math for that platform. The Triton kernels
-(`qmatmul`, the KIVI and slot attention kernels on CUDA) need
-`export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")` at export.
+Where a kernel does not cover a case (for example prefill attention over a
+compressed or evicting cache, or float32 decode attention on CUDA, whose Mosaic GPU
+kernel is 16-bit only) the rule falls back to the reference math for that platform.
+The Triton kernels (`qmatmul`, flash prefill attention, the KIVI and slot attention
+kernels on CUDA) need `export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")`
+at export.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pallax.ir import kvcache
 from pallax.ir import primitives as ops
 from pallax.ir.kvcache import FULL, Dense, Kivi, core
 from pallax.pallas_kernels.decode_attention import decode_attention
+from pallax.pallas_kernels.flash_attention import flash_attention
+from pallax.pallas_kernels.flash_attention import supports as flash_supports
 from pallax.pallas_kernels.h2o_attention import h2o_decode_attention
 from pallax.pallas_kernels.kivi_attention import kivi_decode_attention
 from pallax.pallas_kernels.platforms import PLATFORMS
@@ -41,7 +44,8 @@ def _uses_decode_kernel(q, k_cache, platform) -> bool:
 
 
 def _dense_full_rule(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap, platform):
-    """Write the new k/v, then attend: the FlashDecoding kernel for single-token decode."""
+    """Write the new k/v, then attend: the FlashDecoding kernel for single-token decode,
+    the FlashAttention kernel for prefill and its chunks (T > 1)."""
     k_cache = ops.write_kv(k_cache, k, pos)
     v_cache = ops.write_kv(v_cache, v, pos)
     if _uses_decode_kernel(q, k_cache, platform):
@@ -56,6 +60,11 @@ def _dense_full_rule(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, s
             platform=platform,
         )
         out = out[:, None].astype(q.dtype)  # [B, 1, N, H]
+    elif q.shape[1] > 1 and flash_supports(q.shape, k_cache.shape, k_cache.dtype, platform):
+        out = flash_attention(
+            q.astype(k_cache.dtype), k_cache, v_cache, pos.astype(jnp.int32), scale=scale,
+            sliding_window=sliding_window, softcap=softcap, platform=platform,
+        ).astype(q.dtype)  # fmt: skip
     else:
         out = ops.attention_core(
             q, k_cache, v_cache, pos, scale=scale, sliding_window=sliding_window, softcap=softcap
@@ -68,7 +77,8 @@ def _attention_rule(q, k, v, pos, valid, *cache, format, policy, rope, scale, sl
     """The attention op per storage format: dense x full decodes with the FlashDecoding
     kernel, KIVI x full with the KIVI kernel, every other combination with the slot
     kernel over its candidates (the policy given as slot positions). Prefill and chunks
-    (T > 1) use the reference math."""
+    (T > 1) of the dense cache run the FlashAttention kernel, of the others the
+    reference math."""
     kw = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
     if isinstance(format, Dense) and policy == FULL:
         return _dense_full_rule(q, k, v, *cache, pos, platform=platform, **kw)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax import export
 
-import pallax  # noqa: F401  (registers the lowerings)
+from pallax import pallas_kernels  # noqa: F401  (registers the tpu / cuda lowerings)
+from pallax.ir import primitives as ops
 from pallax.ir.graph import CacheLayout
 from pallax.model import llama
 from pallax.model.configs import ModelConfig
@@ -59,7 +60,12 @@ def test_decode_step_exports_with_kernels(dtype, monkeypatch):
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
 
 
-def test_prefill_attention_falls_back_to_reference_on_accelerators():
+def test_prefill_attention_lowers_to_the_flash_kernel(monkeypatch):
+    """Prefill (T > 1) over the dense cache is the FlashAttention kernel on tpu and cuda: one
+    per layer, no reference attention left; the module's CPU part still runs the graph."""
+    monkeypatch.setenv("PALLAX_CPU_KERNELS", "0")
+    from pallax.pallas_kernels.flash_attention.gpu import TRITON_CUSTOM_CALL
+
     graph = _tiny_graph("bfloat16")
 
     def prefill(w, c, tokens, pos, last):
@@ -68,9 +74,50 @@ def test_prefill_attention_falls_back_to_reference_on_accelerators():
     step = graph.steps["prefill"]
     avals = jax.tree.unflatten(step.in_tree, [v.aval for v in step.jaxpr.jaxpr.invars])
     avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), avals)
-    text = export.export(jax.jit(prefill), platforms=["tpu"])(*avals).mlir_module()
-    assert text.count('kernel_name = "rms_norm"') == 2 * TINY.n_layers + 1
+    checks = [export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
+    exported = export.export(jax.jit(prefill), platforms=["cpu", "cuda", "tpu"],
+                             disabled_checks=checks)(*avals)  # fmt: skip
+    text = exported.mlir_module()
+    n = TINY.n_layers
+    assert text.count('kernel_name = "rms_norm"') == 2 * n + 1
+    assert text.count('kernel_name = "flash_attention"') == n  # tpu
+    assert text.count('name = "flash_attention"') - n == n  # cuda: Triton's name attribute
     assert 'kernel_name = "decode_attention"' not in text
+    args = (graph.weights, graph.cache.allocate(2, 256), jnp.ones((2, 16), jnp.int32),
+            jnp.asarray([0, 7], jnp.int32), jnp.asarray([15, 15], jnp.int32))  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(exported.call(*args)[0]),
+        np.asarray(jax.jit(prefill)(*args)[0]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_dense_rule_prefill_matches_reference(platform, monkeypatch):
+    """The lowering rule's glue around the flash kernel (cache writes, q's cast to the cache
+    dtype, positions), run with the kernel in interpret mode, against the op's reference."""
+    import functools
+
+    from pallax.pallas_kernels import flash_attention as fa
+    from pallax.pallas_kernels import lowerings
+
+    monkeypatch.setattr(lowerings, "flash_attention",
+                        functools.partial(fa.flash_attention, interpret=True))  # fmt: skip
+    rng = np.random.default_rng(0)
+    b, t, n, kv, s, h = 2, 24, 6, 2, 96, 32
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in
+               [(b, t, n, h), (b, t, kv, h), (b, t, kv, h)])  # fmt: skip
+    caches = [jnp.asarray(rng.standard_normal((b, kv, s, h)), jnp.bfloat16) for _ in range(2)]
+    pos = jnp.asarray([0, 50], jnp.int32)
+    kw = dict(scale=h**-0.5, sliding_window=20, softcap=25.0)
+    got = lowerings._dense_full_rule(q, k, v, *caches, pos, platform=platform, **kw)
+    want = ops.dense_attention(q, k, v, *caches, pos, **kw)
+    for g, w in zip(got[1:], want[1:], strict=True):  # the caches: the same writes
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    assert got[0].dtype == q.dtype
+    # bfloat16 cache: the kernel's dots take q in bfloat16, the reference's in float32.
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, None)])

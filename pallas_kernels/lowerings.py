@@ -2,8 +2,8 @@
 
 CPU keeps the reference rules registered with the primitives. jax picks the rule
 for the platform it lowers for, so one exported module can carry all three.
-Where a kernel does not cover a case (for example prefill attention over a
-compressed or evicting cache, or float32 decode attention on CUDA, whose Mosaic GPU
+Where a kernel does not cover a case (for example prefill attention under the H2O
+or sinks policies, or float32 decode attention on CUDA, whose Mosaic GPU
 kernel is 16-bit only) the rule falls back to the reference math for that platform.
 The Triton kernels (`qmatmul`, flash prefill attention, the KIVI and slot attention
 kernels on CUDA) need `export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")`
@@ -77,22 +77,40 @@ def _attention_rule(q, k, v, pos, valid, *cache, format, policy, rope, scale, sl
     """The attention op per storage format: dense x full decodes with the FlashDecoding
     kernel, KIVI x full with the KIVI kernel, every other combination with the slot
     kernel over its candidates (the policy given as slot positions). Prefill and chunks
-    (T > 1) of the dense cache run the FlashAttention kernel, of the others the
-    reference math."""
+    (T > 1) run the FlashAttention kernel: over the dense cache's slots, or over a
+    compressed cache's candidates at their positions; under H2O or sinks, the reference."""
     kw = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
     if isinstance(format, Dense) and policy == FULL:
         return _dense_full_rule(q, k, v, *cache, pos, platform=platform, **kw)
-    if q.shape[1] != 1:
-        return ops.attention_reference(q, k, v, pos, valid, *cache, format=format, policy=policy,
-                                       rope=rope, **kw)  # fmt: skip
     names = kvcache.part_names(format, policy)
     state = dict(zip(names, cache, strict=True))
+    if q.shape[1] != 1:
+        if policy != FULL:  # H2O's mass and the sinks' rotated queries: the reference
+            return ops.attention_reference(q, k, v, pos, valid, *cache, format=format,
+                                           policy=policy, rope=rope, **kw)  # fmt: skip
+        out, state = _candidate_prefill(q, k, v, pos, valid, state, format, platform=platform,
+                                        **kw)  # fmt: skip
+        return (out.astype(q.dtype), *(state[n] for n in names))
     if isinstance(format, Kivi) and policy == FULL:
         out, state = _kivi_decode(q, k, v, pos, valid, state, format, platform=platform, **kw)
     else:
         out, state = _slot_decode(q, k, v, pos, valid, state, format, policy, rope,
                                   platform=platform, **kw)  # fmt: skip
     return (out.astype(q.dtype), *(state[n] for n in names))
+
+
+def _candidate_prefill(q, k, v, pos, valid, state, fmt, *, platform, **kw):
+    """Prefill or a chunk (T > 1) over a compressed cache with every position kept: the
+    reference's candidates (decoded rows, staging, the chunk's own keys as the format
+    admits them) at their positions, attended by the flash kernel, then the reference's
+    write. The candidates are float32, as the reference attends them."""
+    keys, vals, kpos, _, _, sections = core.candidates(k, v, state, pos, valid, fmt, FULL)
+    if not flash_supports(q.shape, keys.shape, keys.dtype, platform):
+        out, state = core.reference(q, k, v, pos, valid, state, fmt, FULL, rope=None, **kw)
+        return out, state
+    out = flash_attention(q.astype(keys.dtype), keys, vals, pos.astype(jnp.int32),
+                          kpos=kpos.astype(jnp.int32), platform=platform, **kw)  # fmt: skip
+    return out, core.write(state, k, v, pos, valid, fmt, FULL, None, sections)
 
 
 def _kivi_decode(q, k, v, pos, valid, state, fmt, *, platform, **kw):

@@ -3,9 +3,14 @@
     python -m pallax.scripts.bench --batch 1 8 --prompt-len 128 --new-tokens 128
     python -m pallax.scripts.bench --cold-start --configs fp32 int4-gptq gguf
     python -m pallax.scripts.bench --shard tensor=2 --configs fp32 int8
+    python -m pallax.scripts.bench --prefill 1024 --configs fp32 bf16 int8 gguf
 
 `--shard` runs every config a second time under the shard pass (in the same rounds) and
 prints the collectives of its compiled decode step.
+
+`--prefill N` times the prompt instead: N-token prompts, one generated token; it prints the
+time to first token (wall clock: prefill and the first sampled token) and prompt tokens/s
+for pallax, transformers (float32 and bfloat16) and llama.cpp, with ratios.
 
 `--cold-start` times a new process to its first token instead: load + compile against an
 exported artifact (`pallax.load_artifact`), with and without the XLA executables kept in
@@ -117,6 +122,58 @@ def llama_cpp_engine(path, prompts, new_tokens):
     return gen
 
 
+def prefill_engines(path, model, kept, pipelines, prompts, hf: bool) -> dict:
+    """{name: first() -> seconds to the first token} for every engine (each warmed up)."""
+    engines = {}
+
+    def timed(fn):
+        def first():
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+
+        first()  # warm-up: compiles, allocations
+        return first
+
+    if hf:
+        for dtype in ("float32", "bfloat16"):
+            gen = hf_engine(path, dtype, prompts)
+            engines[f"transformers {dtype}"] = timed(lambda gen=gen: gen(1))
+    import pallax
+
+    for cfg, passes in pipelines.items():
+        compiled = pallax.compile(kept if cfg.split(" ")[0] == "gguf" else model, passes=passes)
+
+        def first(compiled=compiled):
+            compiled.generate(prompts, max_new_tokens=1, ignore_eos=True)
+            return compiled.last_timings.prefill_s  # the prefill chunks and the first token
+
+        first()
+        engines[f"pallax {cfg}"] = first
+    lc = llama_cpp_engine(path, prompts, 1)
+    if lc is not None:
+        engines["llama.cpp (gguf)"] = timed(lambda: lc(1))
+    return engines
+
+
+def run_prefill(engines: dict, batch: int, length: int, repeats: int) -> None:
+    """Median time to first token of each engine, timed in turns, and prompt tokens/s with
+    ratios against transformers float32 and llama.cpp."""
+    times = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, first in engines.items():
+            times[name].append(first())
+    rate = {n: batch * length / statistics.median(t) for n, t in times.items()}
+    hf, lc = rate.get("transformers float32"), rate.get("llama.cpp (gguf)")
+    for name, r in rate.items():
+        vs_hf = f" | vs transformers fp32 {r / hf:5.2f}x" if hf else ""
+        vs_lc = f" | vs llama.cpp {r / lc:5.2f}x" if lc else ""
+        print(f"prefill {length} | batch {batch:2d} | {name:30s} | first token "
+              f"{statistics.median(times[name]) * 1e3:8.1f} ms | prompt {r:7.1f} tok/s"
+              f"{vs_hf}{vs_lc}")  # fmt: skip
+        sys.stdout.flush()
+
+
 def measure(engines: dict, batch: int, new_tokens: int, repeats: int) -> dict:
     """{name: (median decode tok/s, median end-to-end tok/s)}, the engines timed in turns
     after a warm-up run of both lengths each."""
@@ -158,12 +215,17 @@ def main(argv=None) -> int:
                         help="also run each config under the shard pass, e.g. 'tensor=2' or "
                              "'tensor=2,data=2' (on CPU: that many virtual devices), and print "
                              "the collectives of its decode step")  # fmt: skip
+    parser.add_argument("--prefill", type=int, default=0, metavar="N",
+                        help="time N-token prompts to their first token instead of decode "
+                             "(transformers fp32 and bf16, llama.cpp at batch 1)")  # fmt: skip
     parser.add_argument("--batch-variant", action="store_true",
                         help="also run each config batch-variant (kernel and GEMM forms "
                              "chosen by row count, as before): its cost")  # fmt: skip
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error(f"--new-tokens {args.new_tokens}: must be at least 2 (decode is timed)")
+    if args.prefill < 0:
+        parser.error(f"--prefill {args.prefill}: must be a positive prompt length")
     if args.prompt_len < 1 or args.repeats < 1 or min(args.batch) < 1:
         parser.error(
             f"--prompt-len {args.prompt_len}, --repeats {args.repeats} and --batch "
@@ -196,6 +258,12 @@ def main(argv=None) -> int:
         pipelines.update({f"{c} batch-variant": p for c, p in list(pipelines.items())})
     for c, passes in pipelines.items():  # bad pass names fail here, before any timing
         pallax.compile(kept if c.split(" ")[0] == "gguf" else model, passes=passes)
+    if args.prefill:
+        for b in args.batch:
+            prompts = _prompts(b, args.prefill, model.config.vocab_size)
+            engines = prefill_engines(path, model, kept, pipelines, prompts, not args.no_hf)
+            run_prefill(engines, b, args.prefill, args.repeats)
+        return 0
     n = args.new_tokens
     from pallax.runtime.cost import measured_cpu
 

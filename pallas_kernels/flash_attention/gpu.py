@@ -5,7 +5,9 @@ times the kv head's ``G`` query heads (padded to ``Gp``, the next power of two, 
 a row's query and head are a shift and a mask): the keys and values are loaded once per
 kv head (GQA without repeating them). The program walks only the key blocks its
 queries see (causal, after a window's start) with an online softmax in float32, and
-writes the normalised output straight into ``[B, T, N, H]``.
+writes the normalised output straight into ``[B, T, N, H]``. With candidates (keys at
+explicit positions ``kpos``, in any order) it walks every key block and masks by the
+positions it loads.
 
 Loads of slots no query of the block sees are masked (read as 0), so whatever those
 slots hold (NaN too) never reaches the output; padding rows are masked on load and
@@ -73,15 +75,16 @@ def _flash_attention_gpu_kernel(
     q_ref,  # [B, T, N, H]
     k_ref,  # [B, K, S, H]
     v_ref,  # [B, K, S, H]
-    o_ref,  # [B, T, N, H]
-    *,
+    *refs,  # candidates: kpos [B, K or 1, S] int32; then o_ref [B, T, N, H]
     scale: float,
     sliding_window: int | None,
     softcap: float | None,
     block_q: int,
     block_k: int,
     group_pad: int,
+    candidates: bool,
 ):
+    kpos_ref, o_ref = refs if candidates else (None, *refs)
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t_len, num_heads, head_dim = q_ref.shape[1:]
     seq_len = k_ref.shape[2]
@@ -98,23 +101,31 @@ def _flash_attention_gpu_kernel(
     q_pos = p + t  # [R]
     q_lo = p + j * block_q
     lo = 0 if sliding_window is None else jnp.maximum(q_lo - sliding_window + 1, 0)
-    hi = jnp.minimum(p + jnp.minimum((j + 1) * block_q, t_len), seq_len)  # past the last real query
-    first = lo // block_k
-    stop = jnp.maximum((hi + block_k - 1) // block_k, first)
+    hi = p + jnp.minimum((j + 1) * block_q, t_len)  # past the last real query's position
+    if candidates:  # unordered keys: every block, each key's position read
+        first, stop = 0, pl.cdiv(seq_len, block_k)
+        kh = h if kpos_ref.shape[1] > 1 else 0
+    else:
+        hi = jnp.minimum(hi, seq_len)
+        first = lo // block_k
+        stop = jnp.maximum((hi + block_k - 1) // block_k, first)
 
     def attend(i, carry):
         row_max, denom, acc = carry
         slots = i * block_k + jnp.arange(block_k)
-        seen = (slots >= lo) & (slots < hi)
+        kp = slots
+        if candidates:
+            kp = plgpu.load(kpos_ref.at[b, kh, slots], mask=slots < seq_len, other=-1)
+        seen = (kp >= lo) & (kp < hi) & (slots < seq_len)
         kv_at = (b, h, slots[:, None], cols[None, :])
         keys = plgpu.load(k_ref.at[kv_at], mask=seen[:, None], other=0)
         logits = lax.dot_general(q, keys, _CONTRACT_LAST, precision=precision,
                                  preferred_element_type=jnp.float32) * scale  # fmt: skip
         if softcap is not None:
             logits = softcap * jnp.tanh(logits / softcap)
-        ok = (slots[None, :] <= q_pos[:, None]) & seen[None, :]
+        ok = (kp[None, :] <= q_pos[:, None]) & seen[None, :]
         if sliding_window is not None:
-            ok &= slots[None, :] > q_pos[:, None] - sliding_window
+            ok &= kp[None, :] > q_pos[:, None] - sliding_window
         logits = jnp.where(ok, logits, -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
         safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # a row that saw nothing yet
@@ -133,9 +144,10 @@ def _flash_attention_gpu_kernel(
     plgpu.store(o_ref.at[at], out.astype(o_ref.dtype), mask=real[:, None])
 
 
-def flash_attention_gpu(q, k_cache, v_cache, pos, *, scale, sliding_window, softcap, block_q,
+def flash_attention_gpu(q, k_cache, v_cache, pos, kpos, *, scale, sliding_window, softcap, block_q,
                         block_k, interpret=False):  # fmt: skip
-    """``q`` [B, T, N, H] over the caches [B, K, S, H] -> ``[B, T, N, H]`` in ``q.dtype``.
+    """``q`` [B, T, N, H] over the caches [B, K, S, H] (or candidates at ``kpos``) ->
+    ``[B, T, N, H]`` in ``q.dtype``.
 
     Inputs are validated by the public wrapper in ``kernel.py``.
     """
@@ -153,10 +165,11 @@ def flash_attention_gpu(q, k_cache, v_cache, pos, *, scale, sliding_window, soft
             block_q=block_q,
             block_k=block_k,
             group_pad=group_pad,
-        ),  # fmt: skip
+            candidates=kpos is not None,
+        ),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(batch, num_kv_heads, pl.cdiv(t, block_q)),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="flash_attention",
-    )(pos, q, k_cache, v_cache)
+    )(pos, q, k_cache, v_cache, *([] if kpos is None else [kpos]))

@@ -86,7 +86,7 @@ def _block_bounds(p, j, *, block_q, block_k, t_len, seq_len, sliding_window):
     q_lo = p + j * block_q  # the block's first and last real query positions
     q_hi = p + jnp.minimum((j + 1) * block_q, t_len) - 1
     lo = jnp.int32(0) if sliding_window is None else jnp.maximum(q_lo - sliding_window + 1, 0)
-    hi = jnp.minimum(q_hi + 1, seq_len)
+    hi = q_hi + 1 if seq_len is None else jnp.minimum(q_hi + 1, seq_len)  # None: candidates
     first = lax.div(lo, block_k)  # non-negative: truncation is floor
     stop = jnp.maximum(lax.div(hi + block_k - 1, block_k), first)
     return lo, hi, first, stop
@@ -98,11 +98,8 @@ def _flash_attention_kernel(
     q_ref,  # [R, H]
     k_ref,  # [block_k, H]
     v_ref,  # [block_k, H]
-    o_ref,  # [R, H]
-    max_ref,  # [R, 1] float32 scratch: running max of the logits
-    denom_ref,  # [R, 1] float32 scratch: running softmax denominator
-    acc_ref,  # [R, H] float32 scratch: running unnormalised output
-    *,
+    *refs,  # candidates: kpos as a row [1, block_k] and a column [block_k, 1]; then
+    # o_ref [R, H]; scratch: running max [R, 1], denominator [R, 1], output [R, H] (f32)
     scale: float,
     block_q: int,
     block_k: int,
@@ -110,11 +107,19 @@ def _flash_attention_kernel(
     seq_len: int,
     sliding_window: int | None,
     softcap: float | None,
+    candidates: bool,
 ):
+    if candidates:
+        kpos_row_ref, kpos_col_ref, o_ref, max_ref, denom_ref, acc_ref = refs
+    else:
+        o_ref, max_ref, denom_ref, acc_ref = refs
     b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     p = pos_ref[b]
     lo, hi, first, stop = _block_bounds(p, j, block_q=block_q, block_k=block_k, t_len=t_len,
-                                        seq_len=seq_len, sliding_window=sliding_window)  # fmt: skip
+                                        seq_len=None if candidates else seq_len,
+                                        sliding_window=sliding_window)  # fmt: skip
+    if candidates:  # unordered keys: every block, each key's position read
+        first, stop = 0, pl.num_programs(3)
 
     @pl.when(i == 0)
     def _init():
@@ -131,8 +136,16 @@ def _flash_attention_kernel(
         if softcap is not None:
             logits = softcap * jnp.tanh(logits / softcap)
         q_pos = p + j * block_q + row_ref[...]  # [R, 1]
-        k_pos = i * block_k + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-        logits = jnp.where(visible(q_pos, k_pos, seq_len, sliding_window), logits, -jnp.inf)
+        if candidates:
+            k_pos, v_pos = kpos_row_ref[...], kpos_col_ref[...]  # [1, block_k], [block_k, 1]
+            ok = visible(q_pos, k_pos, None, sliding_window)
+            v_seen = (v_pos >= lo) & (v_pos < hi)  # [block_k, 1]
+        else:
+            k_pos = i * block_k + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+            ok = visible(q_pos, k_pos, seq_len, sliding_window)
+            v_pos = i * block_k + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+            v_seen = (v_pos >= lo) & (v_pos < hi)
+        logits = jnp.where(ok, logits, -jnp.inf)
         prev_max = max_ref[...]
         new_max = jnp.maximum(prev_max, jnp.max(logits, axis=1, keepdims=True))
         safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # a row that saw nothing yet
@@ -140,11 +153,9 @@ def _flash_attention_kernel(
         probs = jnp.exp(logits - safe_max)
         denom_ref[...] = alpha * denom_ref[...] + jnp.sum(probs, axis=1, keepdims=True)
         max_ref[...] = new_max
-
+        # Keys no row of the block sees may hold NaN, and 0 * NaN would poison probs @ v.
         v = v_ref[...]
-        v_pos = i * block_k + lax.broadcasted_iota(jnp.int32, v.shape, 0)
-        # Slots no row of the block sees may hold NaN, and 0 * NaN would poison probs @ v.
-        v = jnp.where((v_pos >= lo) & (v_pos < hi), v, jnp.zeros_like(v))
+        v = jnp.where(v_seen, v, jnp.zeros_like(v))
         update = jnp.dot(probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
         acc_ref[...] = alpha * acc_ref[...] + update
 
@@ -154,7 +165,8 @@ def _flash_attention_kernel(
         o_ref[...] = (acc_ref[...] / jnp.where(denom > 0, denom, 1.0)).astype(o_ref.dtype)
 
 
-def _flash_attention_tpu(q, k_cache, v_cache, pos, *, block_q, block_k, interpret, **static):
+def _flash_attention_tpu(q, k_cache, v_cache, pos, kpos, *, block_q, block_k, interpret,
+                         **static):  # fmt: skip
     batch, t, num_heads, head_dim = q.shape
     _, num_kv_heads, seq_len, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -169,8 +181,25 @@ def _flash_attention_tpu(q, k_cache, v_cache, pos, *, block_q, block_k, interpre
     bounds = functools.partial(_block_bounds, block_q=block_q, block_k=block_k, t_len=t,
                                seq_len=seq_len,
                                sliding_window=static["sliding_window"])  # fmt: skip
+    candidates = kpos is not None
+    extra_specs, extra = [], []
+    if candidates:  # whole blocks of keys: the padding is no key (-1)
+        s_pad = pl.cdiv(seq_len, block_k) * block_k
+        pad = ((0, 0), (0, 0), (0, s_pad - seq_len))
+        k_cache, v_cache = (jnp.pad(c, (*pad, (0, 0))) for c in (k_cache, v_cache))
+        kpos = jnp.pad(kpos, pad, constant_values=-1)
+        heads = kpos.shape[1]  # K, or 1 when every kv head's keys sit at the same positions
+        kh = (lambda h: h) if heads > 1 else (lambda h: 0)
+        extra = [kpos[:, :, None, :], kpos[:, :, :, None]]
+        extra_specs = [
+            pl.BlockSpec((None, None, 1, block_k), lambda b, h, j, i, _: (b, kh(h), 0, i)),
+            pl.BlockSpec((None, None, block_k, 1), lambda b, h, j, i, _: (b, kh(h), i, 0)),
+        ]
+        seq_len = s_pad
 
     def kv_index(b, h, j, i, pos_ref):
+        if candidates:
+            return b, h, i, 0
         _, _, first, stop = bounds(pos_ref[b], j)
         return b, h, jnp.clip(i, first, jnp.maximum(stop - 1, first)), 0
 
@@ -184,13 +213,14 @@ def _flash_attention_tpu(q, k_cache, v_cache, pos, *, block_q, block_k, interpre
             block_k=block_k,
             t_len=t,
             seq_len=seq_len,
+            candidates=candidates,
             **static,
-        ),  # fmt: skip
+        ),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(batch, num_kv_heads, t_pad // block_q, pl.cdiv(seq_len, block_k)),
-            in_specs=[row_spec, qo_spec, kv_spec, kv_spec],
+            in_specs=[row_spec, qo_spec, kv_spec, kv_spec, *extra_specs],
             out_specs=qo_spec,
             scratch_shapes=[
                 pltpu.VMEM((rows, 1), jnp.float32),
@@ -203,12 +233,12 @@ def _flash_attention_tpu(q, k_cache, v_cache, pos, *, block_q, block_k, interpre
         ),
         interpret=interpret,
         name="flash_attention",
-    )(pos, row_index, q, k_cache, v_cache)
+    )(pos, row_index, q, k_cache, v_cache, *extra)
     out = out.reshape(batch, num_kv_heads, t_pad, group, head_dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, t_pad, num_heads, head_dim)[:, :t]
 
 
-def _check_inputs(q, k_cache, v_cache, pos, sliding_window, softcap):
+def _check_inputs(q, k_cache, v_cache, pos, kpos, sliding_window, softcap):
     if q.ndim != 4 or k_cache.ndim != 4:
         raise ValueError(
             f"q.shape={q.shape} must be [B, T, N, H], k_cache.shape={k_cache.shape} [B, K, S, H]"
@@ -225,6 +255,10 @@ def _check_inputs(q, k_cache, v_cache, pos, sliding_window, softcap):
         raise ValueError(f"pos ({pos.shape}, {pos.dtype}) must be int32 [{batch}]")
     if not q.dtype == k_cache.dtype == v_cache.dtype:
         raise ValueError(f"dtypes differ: {q.dtype=} {k_cache.dtype=} {v_cache.dtype=}")
+    if kpos is not None:
+        shapes = [(batch, k, k_cache.shape[2]) for k in {1, num_kv_heads}]
+        if kpos.shape not in shapes or kpos.dtype != jnp.int32:
+            raise ValueError(f"kpos ({kpos.shape}, {kpos.dtype}) must be int32 of {shapes}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"{sliding_window=} must be positive or None")
     if softcap is not None and softcap <= 0:
@@ -240,6 +274,7 @@ def flash_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    kpos: jax.Array | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
     platform: str | None = None,
@@ -248,7 +283,9 @@ def flash_attention(
 
     Same contract as ``flash_attention_reference``: ``q`` [B, T, N, H] at positions
     ``pos[b] + t``, caches [B, K, S, H] holding the chunk's keys, ``pos`` [B] int32;
-    slots a query does not see never reach the output, even when they hold NaN.
+    slots a query does not see never reach the output, even when they hold NaN. With
+    ``kpos`` [B, K or 1, S] the keys are candidates at those positions (-1: none), in any
+    order: every key block is visited, no block is skipped by position.
 
     Args:
       block_sizes: tiling, ``BlockSizes.get_default(platform, head_dim=H)`` if None.
@@ -260,7 +297,7 @@ def flash_attention(
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``.
     """
-    _check_inputs(q, k_cache, v_cache, pos, sliding_window, softcap)
+    _check_inputs(q, k_cache, v_cache, pos, kpos, sliding_window, softcap)
     platform = resolve_platform(platform, interpret)
     group = q.shape[2] // k_cache.shape[1]
     block_sizes = block_sizes or BlockSizes.get_default(platform, head_dim=q.shape[-1],
@@ -272,7 +309,7 @@ def flash_attention(
     )
     if platform == "cuda":
         gpu.check(q.shape, k_cache.shape, q.dtype, block_sizes.block_q, block_sizes.block_k)
-        return gpu.flash_attention_gpu(q, k_cache, v_cache, pos, block_q=block_sizes.block_q,
+        return gpu.flash_attention_gpu(q, k_cache, v_cache, pos, kpos, block_q=block_sizes.block_q,
                                        block_k=block_sizes.block_k, interpret=interpret,
                                        **static)  # fmt: skip
     if block_sizes.block_q % _TPU_ROWS:
@@ -283,6 +320,6 @@ def flash_attention(
             f"{block_sizes.block_k=} must be a multiple of {_TPU_LANES} on TPU when it is below"
             f" {seq_len=}"
         )
-    return _flash_attention_tpu(q, k_cache, v_cache, pos, block_q=block_sizes.block_q,
+    return _flash_attention_tpu(q, k_cache, v_cache, pos, kpos, block_q=block_sizes.block_q,
                                 block_k=block_sizes.block_k, interpret=interpret,
                                 **static)  # fmt: skip

@@ -1,4 +1,5 @@
-"""Pure-jnp causal prefill attention over a dense KV cache: the reference for the kernels."""
+"""Pure-jnp causal prefill attention over a dense KV cache or over candidate keys at
+explicit positions: the reference for the kernels."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import jax
 import jax.numpy as jnp
 
 
-def visible(q_pos: jax.Array, k_pos: jax.Array, seq_len: int, sliding_window: int | None):
+def visible(q_pos, k_pos, seq_len: int | None, sliding_window: int | None):
     """Whether the query at ``q_pos`` attends to the key at ``k_pos`` (broadcasting): the key
-    is a slot of the cache, not after the query, and within its window."""
-    ok = (k_pos <= q_pos) & (k_pos < seq_len)
+    exists (a slot of the cache when ``seq_len`` is given, else a position >= 0), is not
+    after the query, and is within its window."""
+    ok = (k_pos <= q_pos) & ((k_pos < seq_len) if seq_len is not None else (k_pos >= 0))
     if sliding_window is not None:
         ok &= k_pos > q_pos - sliding_window
     return ok
@@ -24,6 +26,7 @@ def flash_attention_reference(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    kpos: jax.Array | None = None,
 ) -> jax.Array:
     """Causal grouped-query attention of a chunk of queries against the cache.
 
@@ -37,9 +40,12 @@ def flash_attention_reference(
       scale: multiplies the logits.
       sliding_window: a query at ``p`` sees keys ``(p - sliding_window, p]`` only.
       softcap: if set, ``logits = softcap * tanh(logits / softcap)`` before masking.
+      kpos: candidates instead of slots: ``[B, K or 1, S]`` int32, the position of each
+        key (-1: no key), in any order (a compressed cache's decoded rows, its staging
+        and the chunk's own keys).
 
-    Slots a query does not see may hold anything, NaN included. A query that sees no
-    key (its position at or past ``S``) gets zeros.
+    Keys a query does not see may hold anything, NaN included. A query that sees no key
+    (its position at or past ``S`` in a dense cache) gets zeros.
 
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``.
@@ -52,16 +58,18 @@ def flash_attention_reference(
     logits = logits * scale
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
-    q_pos = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-    k_pos = jnp.arange(seq_len, dtype=jnp.int32)
-    ok = visible(q_pos[:, :, None], k_pos[None, None, :], seq_len, sliding_window)  # [B, T, S]
-    logits = jnp.where(ok[:, None, None], logits, -jnp.inf)
+    q_pos = (pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :])[:, None, :, None]
+    if kpos is None:  # [B, 1, T, S]
+        ok = visible(q_pos, jnp.arange(seq_len, dtype=jnp.int32), seq_len, sliding_window)
+    else:  # [B, K or 1, T, S]
+        ok = visible(q_pos, kpos[:, :, None, :], None, sliding_window)
+    logits = jnp.where(ok[:, :, None], logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     probs = jnp.exp(logits - row_max)  # masked keys give exactly 0
     denom = jnp.sum(probs, axis=-1, keepdims=True)
-    seen = ok.any(axis=1)  # [B, S]: slots some query sees; NaN elsewhere must not leak
-    v = jnp.where(seen[:, None, :, None], v_cache, jnp.zeros_like(v_cache))
+    seen = ok.any(axis=2)  # [B, K or 1, S]: keys some query sees; NaN elsewhere must not leak
+    v = jnp.where(seen[..., None], v_cache, jnp.zeros_like(v_cache))
     out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v.astype(jnp.float32),
                      preferred_element_type=jnp.float32)  # fmt: skip
     out = out / jnp.moveaxis(jnp.where(denom > 0, denom, 1.0), 3, 1)

@@ -65,6 +65,36 @@ def test_kernel_matches_reference(platform, blocks, shape, pos, window, softcap)
                                atol=base * math.sqrt(shape[4]), rtol=base)  # fmt: skip
 
 
+@pytest.mark.parametrize("platform,blocks", [("tpu", SMALL_TPU), ("cuda", SMALL_GPU)])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_candidates_match_the_dense_cache(platform, blocks, per_head):
+    """Keys at explicit positions in any order (a compressed cache's candidates) give what
+    the same keys in their slots give; missing keys (-1) hold NaN and never leak."""
+    b, t, n, kv, s, h = 2, 21, 6, 2, 200, 32
+    q, k, v, p = _inputs(b, t, n, kv, s, h, jnp.float32, [3, 150])
+    kw = dict(scale=h**-0.5, sliding_window=60, softcap=None)
+    want = flash_attention_reference(q, k, v, p, **kw)
+    rng = np.random.default_rng(1)
+    order = rng.permutation(s + 37)  # 37 empty candidates among the slots
+    kpos = np.where(order < s, order, -1).astype(np.int32)
+    src = np.minimum(order, s - 1)
+    kc, vc = (np.asarray(x)[:, :, src] for x in (k, v))
+    empty = (kpos < 0)[None, None, :, None]
+    kc, vc = np.where(empty, np.nan, kc), np.where(empty, np.nan, vc)
+    kpos = np.broadcast_to(kpos, (b, kv if per_head else 1, s + 37))
+    if per_head:  # kv head 1's candidates in another order
+        perm = rng.permutation(s + 37)
+        kpos = kpos.copy()
+        kpos[:, 1] = kpos[:, 1, perm]
+        kc[:, 1], vc[:, 1] = kc[:, 1, perm], vc[:, 1, perm]
+    args = (q, jnp.asarray(kc), jnp.asarray(vc), p)
+    ref = flash_attention_reference(*args, kpos=jnp.asarray(kpos), **kw)
+    out = flash_attention(*args, kpos=jnp.asarray(kpos), interpret=True, platform=platform,
+                          block_sizes=blocks, **kw)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(want), atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_kernel_bfloat16_default_blocks(platform):
     shape = (2, 70, 9, 3, 600, 64)  # SmolLM2's heads; default tiles, a window
@@ -118,6 +148,7 @@ def test_kernel_lowers_for_accelerators(platform, dtype):
         ({"platform": "cuda"}, ((2, 4, 6, 48), (2, 2, 64, 48)), "head_dim=48"),
         ({"platform": "cuda", "block_sizes": BlockSizes(block_q=2, block_k=16)},
          ((2, 4, 6, 32), (2, 2, 64, 32)), "block_q=2"),
+        ({"kpos": jnp.zeros((2, 3, 64), jnp.int32)}, ((2, 4, 6, 32), (2, 2, 64, 32)), "kpos"),
     ],
 )  # fmt: skip
 def test_bad_inputs_are_refused(kwargs, shapes, match):

@@ -150,3 +150,102 @@ def test_quantized_decode_step_exports_with_qmatmul(bits, group, monkeypatch):
     got = cuda.call(*args)  # the CPU part runs the reference rules
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(jax.jit(decode)(*args)[0]),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("kv_pass", ["kivi:2", "kivi:4", "int8"])
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_compressed_prefill_rule_matches_reference(kv_pass, platform, monkeypatch):
+    """A chunk over a compressed cache on tpu / cuda: the candidates attended by the flash
+    kernel (interpret mode), then the reference's write. Two chunks (a 150-token prompt,
+    then 40 more at a query offset, rows of different lengths) give the reference's
+    output and the very same cache arrays."""
+    import functools
+
+    from pallax.pallas_kernels import flash_attention as fa
+    from pallax.pallas_kernels import lowerings
+    from pallax.passes import compress_kv
+
+    monkeypatch.setattr(lowerings, "flash_attention",
+                        functools.partial(fa.flash_attention, interpret=True))  # fmt: skip
+    graph = run_passes(_tiny_graph("float32"), [compress_kv(*kv_pass.split(":"))])
+    eqn = next(e for e in graph.steps["prefill"].jaxpr.jaxpr.eqns
+               if e.primitive.name == "attention")  # fmt: skip
+    params = dict(eqn.params)
+    cache = graph.cache.allocate(2, 256)
+    from pallax.ir import kvcache
+
+    order = [f"layers.0.{n}" for n in kvcache.part_names(params["format"], params["policy"])]
+    state = [cache[k] for k in order]
+    rng = np.random.default_rng(0)
+    b, n, kv, h = 2, TINY.n_heads, TINY.n_kv_heads, TINY.head_dim
+    for t, pos, valid in [(150, [0, 0], [150, 97]), (40, [150, 97], [40, 33])]:
+        q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in
+                   [(b, t, n, h), (b, t, kv, h), (b, t, kv, h)])  # fmt: skip
+        args = (q, k, v, jnp.asarray(pos, jnp.int32), jnp.asarray(valid, jnp.int32), *state)
+        want = ops.attention_reference(*args, **params)
+        got = lowerings._attention_rule(*args, platform=platform, **params)
+        for g, w in zip(got[1:], want[1:], strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        real = np.arange(t)[None, :] < np.asarray(valid)[:, None]  # padding rows: unused
+        np.testing.assert_allclose(np.asarray(got[0])[real], np.asarray(want[0])[real],
+                                   atol=2e-5, rtol=1e-5)  # fmt: skip
+        state = list(want[1:])
+
+
+# Which ops lower to a kernel, per pipeline, step and platform (TINY: 2 layers, 7 linears
+# each). The one reference fallback left is prefill attention under H2O and sinks
+# (H2O needs each key's exact attention mass; sinks rotate the query per key).
+_NORMS, _LINEARS = 2 * TINY.n_layers + 1, 7 * TINY.n_layers
+KERNEL_TABLE = {  # pipeline: (prefill kernels, decode kernels), the same on tpu and cuda
+    "default": ({"rms_norm": _NORMS, "flash_attention": 2}, {"rms_norm": _NORMS,
+                                                              "decode_attention": 2}),
+    "int8": ({"rms_norm": _NORMS, "qmatmul": _LINEARS, "flash_attention": 2},
+             {"rms_norm": _NORMS, "qmatmul": _LINEARS, "decode_attention": 2}),
+    "int4": ({"rms_norm": _NORMS, "qmatmul": _LINEARS, "flash_attention": 2},
+             {"rms_norm": _NORMS, "qmatmul": _LINEARS, "decode_attention": 2}),
+    "kivi2": ({"rms_norm": _NORMS, "flash_attention": 2},
+              {"rms_norm": _NORMS, "kivi_decode_attention": 2}),
+    "int8kv": ({"rms_norm": _NORMS, "flash_attention": 2},
+               {"rms_norm": _NORMS, "h2o_decode_attention": 2}),
+    "h2o": ({"rms_norm": _NORMS}, {"rms_norm": _NORMS, "h2o_decode_attention": 2}),
+}  # fmt: skip
+_KERNELS = ("rms_norm", "qmatmul", "flash_attention", "decode_attention",
+            "kivi_decode_attention", "h2o_decode_attention")  # fmt: skip
+
+
+def _kernel_counts(text: str, platform: str) -> dict:
+    import re
+
+    counts = {}
+    for name in _KERNELS:
+        if platform == "tpu":
+            c = text.count(f'kernel_name = "{name}"')
+        else:  # Triton's name attribute, or Mosaic GPU's symbol
+            c = len(re.findall(rf'(?<!kernel_)name = "{name}"', text))
+            c += len(re.findall(rf"\b\d*{name}_mosaic_gpu\b", text))
+        if c:
+            counts[name] = c
+    return counts
+
+
+@pytest.mark.parametrize("pipeline", list(KERNEL_TABLE))
+def test_kernel_table(pipeline, monkeypatch):
+    monkeypatch.setenv("PALLAX_CPU_KERNELS", "0")
+    from pallax.pallas_kernels.flash_attention.gpu import TRITON_CUSTOM_CALL
+    from pallax.passes import compress_kv, evict_kv, quantize_weights
+
+    passes = {"default": [], "int8": [quantize_weights(8)],
+              "int4": [quantize_weights(4, group_size=32)], "kivi2": [compress_kv("kivi", 2)],
+              "int8kv": [compress_kv("int8")],
+              "h2o": [evict_kv("h2o", budget=64, recent=16)]}[pipeline]  # fmt: skip
+    graph = run_passes(_tiny_graph("bfloat16"), passes)
+    checks = [export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
+    for step, want in zip(("prefill", "decode"), KERNEL_TABLE[pipeline], strict=True):
+        spec = graph.steps[step]
+        avals = jax.tree.unflatten(spec.in_tree, [v.aval for v in spec.jaxpr.jaxpr.invars])
+        avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), avals)
+        fn = jax.jit(lambda *a, step=step: graph.run(step, *a))
+        for platform in ("tpu", "cuda"):
+            text = export.export(fn, platforms=[platform], disabled_checks=checks)(
+                *avals).mlir_module()  # fmt: skip
+            assert _kernel_counts(text, platform) == want, (pipeline, step, platform)

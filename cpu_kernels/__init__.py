@@ -240,12 +240,30 @@ def _lm_head_cpu_rule(x, table, *, softcap):
 # -------------------------------------------------------------- decode attention
 TARGET_ATTENTION = "pallax_decode_attention"
 TARGET_ATTENTION_INT8 = "pallax_decode_attention_int8"
+TARGET_PREFILL = "pallax_prefill_attention"
 
 
 def use_attention_kernel(q, k_cache) -> bool:
     """Whether `attention` runs in the kernel: single-token decode over a float32 or
     bfloat16 cache (prefill, T > 1, and other dtypes keep the XLA rule)."""
     return q.shape[1] == 1 and k_cache.dtype in (jnp.float32, jnp.bfloat16) and available()
+
+
+def use_prefill_kernel(q, k_cache) -> bool:
+    """Whether dense attention of a chunk (T > 1) runs in prefill_attention.cc: over a
+    float32 or bfloat16 cache (the write stays in XLA)."""
+    return q.shape[1] > 1 and k_cache.dtype in (jnp.float32, jnp.bfloat16) and available()
+
+
+def _prefill_ffi(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap, suffix=""):
+    """Write the chunk's k, v at pos (XLA), then attend in the flash kernel."""
+    k_cache = ops.write_kv(k_cache, k, pos)
+    v_cache = ops.write_kv(v_cache, v, pos)
+    call = jax.ffi.ffi_call(TARGET_PREFILL + suffix, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    out = call(q.astype(jnp.float32), k_cache, v_cache, pos.astype(jnp.int32),
+               scale=np.float32(scale), window=np.int64(sliding_window or 0),
+               softcap=np.float32(softcap or 0.0))  # fmt: skip
+    return out.astype(q.dtype), k_cache, v_cache
 
 
 def use_int8_kv_kernel(q, format, policy) -> bool:
@@ -325,9 +343,12 @@ def _attention_int8_ffi(q, k, v, pos, valid, state, format, policy, rope, *, sca
 def _attention_cpu_rule(q, k, v, pos, valid, *cache, format, policy, rope, scale,
                         sliding_window, softcap):  # fmt: skip
     """Decode (T = 1): dense x full and int8 x full in the C++ kernel that writes in place,
-    KIVI x any policy in the packed-cache kernel (kivi.py); everything else: the
-    reference."""
+    KIVI x any policy in the packed-cache kernel (kivi.py); prefill and chunks (T > 1)
+    of dense x full in the flash prefill kernel; everything else: the reference."""
     dense_full = isinstance(format, Dense) and policy == FULL
+    if dense_full and use_prefill_kernel(q, cache[0]):
+        return _prefill_ffi(q, k, v, *cache, pos, scale=scale, sliding_window=sliding_window,
+                            softcap=softcap)  # fmt: skip
     if use_int8_kv_kernel(q, format, policy):
         rows_kernel = _attention_int8_ffi
     elif use_kivi_kernel(q, format):
@@ -373,4 +394,5 @@ __all__ = [
     "BF16_MAX_ROWS", "MAX_ROWS", "available", "bf16_matmul", "decode_attention_cpu",
     "f32_matmul", "qmatmul_cpu", "register", "supported", "use_attention_kernel",
     "use_float_kernel", "use_int8_kv_kernel", "use_kernel", "use_kivi_kernel",
+    "use_prefill_kernel",
 ]  # fmt: skip

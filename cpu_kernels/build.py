@@ -28,7 +28,7 @@ log = logging.getLogger("pallax.cpu_kernels")
 
 HERE = pathlib.Path(__file__).parent
 SOURCES = (HERE / "qmatmul.cc", HERE / "bf16_matmul.cc", HERE / "attention.cc",
-           HERE / "kivi_attention.cc")  # one library  # fmt: skip
+           HERE / "kivi_attention.cc", HERE / "prefill_attention.cc")  # one library  # fmt: skip
 HEADERS = (HERE / "parallel.h", HERE / "bf16.h", HERE / "qmatmul_common.h", HERE / "qmatmul_avx2.h")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 # FFI target name -> exported handler symbol in SOURCES.
@@ -40,6 +40,7 @@ TARGETS = {
     "pallax_decode_attention": "PallaxDecodeAttention",
     "pallax_decode_attention_int8": "PallaxDecodeAttentionInt8",
     "pallax_kivi_attention": "PallaxKiviAttention",
+    "pallax_prefill_attention": "PallaxPrefillAttention",
 }
 COMPILE_TIMEOUT_S = 300
 

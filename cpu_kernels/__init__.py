@@ -255,15 +255,48 @@ def use_prefill_kernel(q, k_cache) -> bool:
     return q.shape[1] > 1 and k_cache.dtype in (jnp.float32, jnp.bfloat16) and available()
 
 
-def _prefill_ffi(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap, suffix=""):
-    """Write the chunk's k, v at pos (XLA), then attend in the flash kernel."""
-    k_cache = ops.write_kv(k_cache, k, pos)
-    v_cache = ops.write_kv(v_cache, v, pos)
+def _prefill_call(q, k_cache, v_cache, pos, *, scale, sliding_window, softcap, suffix=""):
     call = jax.ffi.ffi_call(TARGET_PREFILL + suffix, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     out = call(q.astype(jnp.float32), k_cache, v_cache, pos.astype(jnp.int32),
                scale=np.float32(scale), window=np.int64(sliding_window or 0),
                softcap=np.float32(softcap or 0.0))  # fmt: skip
-    return out.astype(q.dtype), k_cache, v_cache
+    return out.astype(q.dtype)
+
+
+def _prefill_ffi(q, k, v, k_cache, v_cache, pos, *, scale, sliding_window, softcap, suffix=""):
+    """Write the chunk's k, v at pos (XLA), then attend in the flash kernel."""
+    k_cache = ops.write_kv(k_cache, k, pos)
+    v_cache = ops.write_kv(v_cache, v, pos)
+    out = _prefill_call(q, k_cache, v_cache, pos, scale=scale, sliding_window=sliding_window,
+                        softcap=softcap, suffix=suffix)  # fmt: skip
+    return out, k_cache, v_cache
+
+
+def use_candidate_prefill(q, format, policy) -> bool:
+    """Whether a chunk (T > 1) over a compressed cache with the full policy (int8, KIVI)
+    attends in the flash prefill kernel: its candidates laid out by position."""
+    return q.shape[1] > 1 and policy == FULL and not isinstance(format, Dense) and available()
+
+
+def _candidate_prefill(q, k, v, pos, valid, state, format, *, scale, sliding_window, softcap,
+                       suffix=""):  # fmt: skip
+    """The reference's candidates (decoded rows, staging, first rows, the chunk's own keys
+    as the format admits them: float32) placed at their positions in a dense
+    [B, K, S, H] view, S the rows' slot count (the full policy addresses every position
+    below it, and each position has one candidate), attended by the flash prefill kernel;
+    then the reference's write. A slot no real query sees (a padding token's) is zeros."""
+    keys, vals, kpos, _, _, sections = kvcache.core.candidates(k, v, state, pos, valid, format,
+                                                               FULL)  # fmt: skip
+    b, kv, _, h = keys.shape
+    s = sections[2]
+    kpos = jnp.broadcast_to(kpos, keys.shape[:3])
+    at = jnp.where((kpos >= 0) & (kpos < s), kpos, s)  # s: dropped
+    rows, heads = jnp.arange(b)[:, None, None], jnp.arange(kv)[None, :, None]
+    place = lambda x: jnp.zeros((b, kv, s, h), x.dtype).at[rows, heads, at].set(  # noqa: E731
+        x, mode="drop")  # fmt: skip
+    out = _prefill_call(q, place(keys), place(vals), pos, scale=scale,
+                        sliding_window=sliding_window, softcap=softcap, suffix=suffix)  # fmt: skip
+    return out, kvcache.core.write(state, k, v, pos, valid, format, FULL, None, sections)
 
 
 def use_int8_kv_kernel(q, format, policy) -> bool:
@@ -344,11 +377,18 @@ def _attention_cpu_rule(q, k, v, pos, valid, *cache, format, policy, rope, scale
                         sliding_window, softcap):  # fmt: skip
     """Decode (T = 1): dense x full and int8 x full in the C++ kernel that writes in place,
     KIVI x any policy in the packed-cache kernel (kivi.py); prefill and chunks (T > 1)
-    of dense x full in the flash prefill kernel; everything else: the reference."""
+    with the full policy in the flash prefill kernel (a compressed cache's candidates
+    laid out by position); everything else (H2O, sinks prefill): the reference."""
     dense_full = isinstance(format, Dense) and policy == FULL
     if dense_full and use_prefill_kernel(q, cache[0]):
         return _prefill_ffi(q, k, v, *cache, pos, scale=scale, sliding_window=sliding_window,
                             softcap=softcap)  # fmt: skip
+    if use_candidate_prefill(q, format, policy):
+        names = kvcache.part_names(format, policy)
+        out, new = _candidate_prefill(q, k, v, pos, valid, dict(zip(names, cache, strict=True)),
+                                      format, scale=scale, sliding_window=sliding_window,
+                                      softcap=softcap)  # fmt: skip
+        return (out, *(new[n] for n in names))
     if use_int8_kv_kernel(q, format, policy):
         rows_kernel = _attention_int8_ffi
     elif use_kivi_kernel(q, format):
@@ -394,5 +434,5 @@ __all__ = [
     "BF16_MAX_ROWS", "MAX_ROWS", "available", "bf16_matmul", "decode_attention_cpu",
     "f32_matmul", "qmatmul_cpu", "register", "supported", "use_attention_kernel",
     "use_float_kernel", "use_int8_kv_kernel", "use_kernel", "use_kivi_kernel",
-    "use_prefill_kernel",
+    "use_candidate_prefill", "use_prefill_kernel",
 ]  # fmt: skip

@@ -117,3 +117,42 @@ def test_portable_build_matches_the_reference():
         want = _reference(window, softcap, h**-0.5)(*args)
         np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=2e-5,
                                    rtol=2e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt_name", ["int8", "kivi2", "kivi4-window"])
+def test_compressed_cache_prefill_matches_reference(fmt_name):
+    """A compressed cache with the full policy: two chunks (a 150-token prompt, then 40
+    more at a query offset; rows of different lengths, padded tokens) through the rule
+    give the reference's output on the real tokens and the very same cache arrays."""
+    from pallax.ir import kvcache
+    from pallax.ir.kvcache import FULL, Int8, Kivi
+
+    fmt = {"int8": Int8(), "kivi2": Kivi(bits=2, group_size=32, residual=64),
+           "kivi4-window": Kivi(bits=4, group_size=32, residual=64)}[fmt_name]  # fmt: skip
+    window = 48 if fmt_name.endswith("window") else None
+    b, n, kv, h, s = 2, 6, 2, 64, 256
+    parts = kvcache.core.layer_parts(fmt, FULL, kv, h, jnp.float32)
+    names = kvcache.part_names(fmt, FULL)
+
+    def size(d):  # "B", "S" or "S/g" (per-group arrays)
+        if isinstance(d, int):
+            return d
+        return b if d == "B" else s // int(d[2:]) if d.startswith("S/") else s
+
+    state = [jnp.zeros(tuple(size(d) for d in parts[nm][0]), parts[nm][1]) for nm in names]
+    params = dict(format=fmt, policy=FULL, rope=None, scale=h**-0.5, sliding_window=window,
+                  softcap=None)  # fmt: skip
+    assert cpu_kernels.use_candidate_prefill(jnp.zeros((1, 2, n, h)), fmt, FULL)
+    rng = np.random.default_rng(0)
+    for t, pos, valid in [(150, [0, 0], [150, 97]), (40, [150, 97], [40, 33])]:
+        q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in
+                   [(b, t, n, h), (b, t, kv, h), (b, t, kv, h)])  # fmt: skip
+        args = (q, k, v, jnp.asarray(pos, jnp.int32), jnp.asarray(valid, jnp.int32), *state)
+        want = jax.jit(lambda *a: ops.attention_reference(*a, **params))(*args)
+        got = jax.jit(lambda *a: cpu_kernels._attention_cpu_rule(*a, **params))(*args)
+        for g, w in zip(got[1:], want[1:], strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        real = np.arange(t)[None, :] < np.asarray(valid)[:, None]  # padding rows: unused
+        np.testing.assert_allclose(np.asarray(got[0])[real], np.asarray(want[0])[real],
+                                   atol=3e-5, rtol=3e-5)  # fmt: skip
+        state = list(want[1:])

@@ -66,8 +66,9 @@ struct PrefillProblem {
 struct Staged {
   std::vector<float> kt, v;
   int64_t blocks = 0;
-  const float* Keys(const PrefillProblem& p, int64_t b, int64_t kvh, int64_t block) const {
-    return kt.data() + (((b * p.kv + kvh) * blocks + block) * p.h) * kKeyBlock;
+  // Where block `block` of (row b, KV head kvh) starts in kt.
+  int64_t KeysAt(const PrefillProblem& p, int64_t b, int64_t kvh, int64_t block) const {
+    return (((b * p.kv + kvh) * blocks + block) * p.h) * kKeyBlock;
   }
 };
 
@@ -205,7 +206,7 @@ void StageBlock(const PrefillProblem& p, int64_t b, int64_t kvh, int64_t block, 
   if (jb > hi || jb + kKeyBlock <= lo) return;  // no query of the row sees it
   const int64_t h = p.h, nb = std::min(kKeyBlock, p.s - jb);
   const T* kc = static_cast<const T*>(p.kc) + ((b * p.kv + kvh) * p.s + jb) * h;
-  float* kt = const_cast<float*>(st.Keys(p, b, kvh, block));
+  float* kt = st.kt.data() + st.KeysAt(p, b, kvh, block);
   for (int64_t i = 0; i < h; ++i) {
     for (int64_t j = 0; j < nb; ++j) kt[i * kKeyBlock + j] = pallax_cpu::Load(kc, j * h + i);
     for (int64_t j = nb; j < kKeyBlock; ++j) kt[i * kKeyBlock + j] = 0.0f;
@@ -239,7 +240,7 @@ void RunTile(const PrefillProblem& p, int64_t b, int64_t kvh, int64_t t0, const 
                    : st.v.data() + (b * p.kv + kvh) * p.s * h;
   for (int64_t jb = (lo / kKeyBlock) * kKeyBlock; jb <= hi; jb += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, p.s - jb);
-    const float* kt = st.Keys(p, b, kvh, jb / kKeyBlock);  // [H, block]
+    const float* kt = st.kt.data() + st.KeysAt(p, b, kvh, jb / kKeyBlock);  // [H, block]
     const float* v = values + jb * h;                      // [block, H]
     float* logits = w.logits.data();
     ByRows(

@@ -32,6 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallax.pallas_kernels.flash_attention.reference import visible
+
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 MIN_TILE = 16  # smallest M, N and K of a Triton dot
 MAX_HEAD_DIM = 256
@@ -123,9 +125,7 @@ def _flash_attention_gpu_kernel(
                                  preferred_element_type=jnp.float32) * scale  # fmt: skip
         if softcap is not None:
             logits = softcap * jnp.tanh(logits / softcap)
-        ok = (kp[None, :] <= q_pos[:, None]) & seen[None, :]
-        if sliding_window is not None:
-            ok &= kp[None, :] > q_pos[:, None] - sliding_window
+        ok = visible(q_pos[:, None], kp[None, :], None, sliding_window) & seen[None, :]
         logits = jnp.where(ok, logits, -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
         safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # a row that saw nothing yet

@@ -6,15 +6,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallax.pallas_kernels.h2o_attention import shared
+
 
 def visible(q_pos, k_pos, seq_len: int | None, sliding_window: int | None):
-    """Whether the query at ``q_pos`` attends to the key at ``k_pos`` (broadcasting): the key
-    exists (a slot of the cache when ``seq_len`` is given, else a position >= 0), is not
-    after the query, and is within its window."""
-    ok = (k_pos <= q_pos) & ((k_pos < seq_len) if seq_len is not None else (k_pos >= 0))
-    if sliding_window is not None:
-        ok &= k_pos > q_pos - sliding_window
-    return ok
+    """Whether the query at ``q_pos`` attends to the key at ``k_pos`` (broadcasting): the
+    slot policy's rule (``h2o_attention.shared.visible``: a key >= 0, not after the query,
+    within its window), and for a dense cache (``seq_len`` given) a slot of the cache."""
+    ok = shared.visible(k_pos, q_pos, sliding_window)
+    return ok if seq_len is None else ok & (k_pos < seq_len)
 
 
 def flash_attention_reference(

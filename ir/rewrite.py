@@ -22,7 +22,21 @@ _INLINED = ("pjit", "jit", "closed_call", "core_call")
 
 
 def eval_with_rules(jaxpr: jcore.Jaxpr, consts, args, rules: dict) -> list:
+    """Evaluate (or re-trace) `jaxpr` equation by equation with `rules`.
+
+    Each value is dropped after its last use, so an eager evaluation (calibration
+    runs the whole model this way on thousands of tokens) holds the live
+    activations only, not every intermediate of every layer.
+    """
     env: dict = {}
+    last_use: dict = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                last_use[v] = i
+    for v in jaxpr.outvars:
+        if not isinstance(v, jcore.Literal):
+            last_use[v] = len(jaxpr.eqns)
 
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -31,8 +45,11 @@ def eval_with_rules(jaxpr: jcore.Jaxpr, consts, args, rules: dict) -> list:
         env[v] = c
     for v, a in zip(jaxpr.invars, args, strict=True):
         env[v] = a
-    for eqn in jaxpr.eqns:
+    for i, eqn in enumerate(jaxpr.eqns):
         invals = [read(v) for v in eqn.invars]
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal) and last_use[v] == i:
+                env.pop(v, None)  # (an equation may read a value twice)
         rule = rules.get(eqn.primitive)
         if rule is not None:
             outs = rule(eqn, *invals)

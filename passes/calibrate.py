@@ -21,17 +21,22 @@ from pallax.ir import primitives
 from pallax.ir.graph import Graph, StepSpec, capture
 from pallax.ir.rewrite import eval_with_rules
 
-DEFAULT_TEXT = os.path.join(
-    os.path.dirname(os.path.dirname(__file__)), "data", "calibration_text.txt"
-)
+DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "calibration")
 DEFAULT_SEQ_LEN = 256
 MAX_TOKENS = 8192
+HELD_OUT = 4  # every 4th calibration sequence is held out (GPTQ chooses its dampening on it)
 
 
 def default_calibration() -> tuple[str, ...]:
-    """The built-in calibration text (original prose, code, dialogue; not the eval text)."""
-    with open(DEFAULT_TEXT, encoding="utf-8") as f:
-        return (f.read(),)
+    """The built-in calibration texts, one per genre (data/calibration/*.txt: narrative,
+    dialogue, code, technical, encyclopedic, lists and tables, math, news; original
+    writing, CC0, see LICENSE.txt there). None of them is used for evaluation."""
+    names = sorted(n for n in os.listdir(DEFAULT_DIR) if n.endswith(".txt") and n != "LICENSE.txt")
+    out = []
+    for n in names:
+        with open(os.path.join(DEFAULT_DIR, n), encoding="utf-8") as f:
+            out.append(f.read())
+    return tuple(out)
 
 
 def check_calibration(calibration) -> tuple:
@@ -65,6 +70,8 @@ def calibration_batch(calibration: tuple, tokenizer, vocab: int, seq_len: int) -
 
     Items shorter than one sequence are joined with the others; a remainder shorter than
     seq_len is kept as its own (shorter) final sequence only if nothing else exists.
+    Past MAX_TOKENS, evenly spaced sequences are kept, so every part of the
+    calibration (every genre of the default) is still represented.
     """
     ids: list[int] = []
     for i, item in enumerate(calibration):
@@ -73,11 +80,27 @@ def calibration_batch(calibration: tuple, tokenizer, vocab: int, seq_len: int) -
         if bad:
             raise ValueError(f"calibration[{i}] has token id {bad[0]} outside [0, {vocab})")
         ids.extend(toks)
-    ids = ids[:MAX_TOKENS]
     if len(ids) < seq_len:
         return np.asarray([ids], np.int32)
     n = len(ids) // seq_len
-    return np.asarray(ids[: n * seq_len], np.int32).reshape(n, seq_len)
+    seqs = np.asarray(ids[: n * seq_len], np.int32).reshape(n, seq_len)
+    keep = MAX_TOKENS // seq_len
+    if n > keep:
+        seqs = seqs[np.linspace(0, n - 1, keep).round().astype(int)]
+    return seqs
+
+
+def held_out_rows(n: int, t: int) -> np.ndarray:
+    """Which of the N * T activation rows of a calibration batch [N, T] are held out
+    (bool [N * T], row-major): every HELD_OUT-th sequence; with fewer than HELD_OUT
+    sequences, the last 1 / HELD_OUT of each sequence's positions; none when a
+    sequence is too short to split (fewer than 2 * HELD_OUT tokens in all)."""
+    held = np.zeros((n, t), bool)
+    if n >= HELD_OUT:
+        held[HELD_OUT - 1 :: HELD_OUT] = True
+    elif n * t >= 2 * HELD_OUT:
+        held[:, t - max(1, t // HELD_OUT) :] = True
+    return held.reshape(-1)
 
 
 LinearHook = Callable[[str, np.ndarray, object], object]

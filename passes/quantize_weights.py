@@ -41,6 +41,17 @@ GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "gptq")
 DEFAULT_GROUP_SIZE = {4: 128, 8: None}
 MAX_OUTLIER_FRACTION = 0.25
+DEFAULT_DAMP = 0.1  # GPTQ's dampening when there is no held-out data to choose it on
+
+
+def gram(x) -> np.ndarray:
+    """X^T X of activations x [rows, I] as float64 (summed in float32 blocks of 2048 rows:
+    GPTQ dampens H by at least 1% of its mean diagonal, far above float32's rounding)."""
+    h = np.zeros((x.shape[1], x.shape[1]), np.float64)
+    for r in range(0, x.shape[0], 2048):
+        b = np.asarray(x[r : r + 2048], np.float32)
+        h += b.T @ b
+    return h
 
 
 def weight_names(graph: Graph, prim) -> set[str]:
@@ -94,6 +105,7 @@ class QuantizeWeights:
     embeddings: bool = False
     head: bool = False
     table_bits: int | None = None  # the tables' width when not `bits` (8: per channel)
+    damp: float | None = None  # GPTQ's dampening; None: chosen per weight on held-out data
     name: str = dataclasses.field(default="quantize_weights", init=False)
     requires = removes = frozenset({FLOAT_WEIGHTS})
     provides = frozenset({QUANTIZED_WEIGHTS})
@@ -142,6 +154,17 @@ class QuantizeWeights:
                     "outlier_threshold needs int8 per channel; table_bits=4 tables cannot "
                     "keep outlier columns"
                 )
+        d = self.damp
+        if d is not None:
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 100:
+                raise ValueError(
+                    f"quantize_weights damp={d!r} must be a number in (0, 100] (a fraction of "
+                    "the Hessian's mean diagonal) or None (chosen per weight on held-out "
+                    "calibration data)"
+                )
+            if self.method != "gptq":
+                raise ValueError(f"quantize_weights damp={d!r} is GPTQ's; method={self.method!r}")
+        object.__setattr__(self, "choices", {})
         if self.calibration is not None:
             if not self.needs_calibration:
                 raise ValueError(
@@ -159,6 +182,7 @@ class QuantizeWeights:
         if self.table_bits is not None and self.table_bits != self.bits:
             kind += f" (tables int{self.table_bits})"
         extra = " gptq" if self.method == "gptq" else ""
+        extra += f" damp={self.damp:g}" if self.damp is not None else ""
         extra += f" outliers>{self.outlier_threshold:g}" if self.outlier_threshold else ""
         return kind + extra
 
@@ -235,8 +259,10 @@ class QuantizeWeights:
         if tokenizer is None and any(isinstance(c, str) for c in items):
             raise ValueError("calibration text needs the model's tokenizer; this graph has none")
         tokens = calibrate.calibration_batch(items, tokenizer, vocab, calibrate.DEFAULT_SEQ_LEN)
+        held = calibrate.held_out_rows(*tokens.shape)
         done: dict[str, QuantizedWeight] = {}
         hessian: list = [None, None]
+        self.choices.clear()
 
         def on_linear(name, x, w):
             if name not in linears and name not in tables:
@@ -251,19 +277,24 @@ class QuantizeWeights:
             if self.method == "gptq" and name in linears:
                 from pallax.passes import gptq
 
-                if hessian[0] is not x:  # q/k/v and gate/up share their input and Hessian
-                    hessian[:] = [x, gptq.hessian_update(None, x, 0)[0]]
-                h = hessian[1]
+                if hessian[0] is not x:  # q/k/v and gate/up share their input and Hessians
+                    hessian[:] = [x, [gram(x[~held]), gram(x[held]), {}]]
+                fit, out, memo = hessian[1]
                 wf = np.asarray(jnp.asarray(w, jnp.float32))
                 if idx is not None and len(idx):
-                    h = h.copy()
-                    h[idx, :] = 0.0
-                    h[:, idx] = 0.0
+                    fit, out, memo = fit.copy(), out.copy(), {}
+                    for h in (fit, out):
+                        h[idx, :] = 0.0
+                        h[:, idx] = 0.0
                     wr = wf.copy()
                     wr[:, idx] = 0.0
                 else:
                     wr = wf
-                q = gptq.gptq_quantize(wr, h, bits=self.bits, group_size=self.group_size)
+                args = {"bits": self.bits, "group_size": self.group_size}
+                if self.damp is None and held.any():
+                    q, self.choices[name] = gptq.gptq_select(wr, fit, out, memo=memo, **args)
+                else:
+                    q = gptq.gptq_quantize(wr, fit + out, damp=self.damp or DEFAULT_DAMP, **args)
                 if idx is not None and len(idx):
                     q = _with_outliers(q, wf, idx)
             elif name in tables:
@@ -331,6 +362,7 @@ def quantize_weights(
     embeddings: bool = False,
     head: bool = False,
     table_bits: int | None = None,
+    damp: float | None = None,
 ) -> QuantizeWeights:
     """The weight quantization pass (see the module docstring).
 
@@ -339,12 +371,16 @@ def quantize_weights(
     method="gptq"): int4 GPTQ. `calibration` is a list of strings or token-id arrays
     (default: a built-in text) for GPTQ and outlier detection. `table_bits=8` with
     `head=True` / `embeddings=True` keeps the table at int8 per channel under int4
-    linears (as GGUF's Q4_K_M mixes widths): an int4 table is lossy.
+    linears (as GGUF's Q4_K_M mixes widths): an int4 table is lossy. GPTQ's `damp`
+    (None, the default) is chosen per weight on a held-out quarter of the calibration
+    data among gptq.DAMPS, with round to nearest as a candidate (see gptq.gptq_select);
+    a number fixes it for every weight.
     """
     if isinstance(bits, str):
         if not bits.isdigit():
             raise ValueError(f"quantize_weights bits={bits!r} is not an integer")
         bits = int(bits)
     return QuantizeWeights(
-        bits, group_size, method, outlier_threshold, calibration, embeddings, head, table_bits
+        bits, group_size, method, outlier_threshold, calibration, embeddings, head, table_bits,
+        damp,
     )

@@ -2,9 +2,11 @@
 
     python -m pallax.scripts.eval_ppl --model smollm2-135m --passes none bf16 int8
     python -m pallax.scripts.eval_ppl --file my_text.txt --window 1024 --stride 512
+    python -m pallax.scripts.eval_ppl --genres --passes none int4 int4-gptq
 
-The text (default: `data/eval_text.txt`, shipped with pallax) is tokenized with the
-model's own tokenizer and scored in sliding windows of --window tokens moved by
+The text (default: `data/eval_text.txt`, shipped with pallax; several --file, or
+--genres for the held-out genres of `data/eval_genres/`, each reported on its own
+line) is tokenized with the model's own tokenizer and scored in sliding windows of --window tokens moved by
 --stride: each token is counted once, in the first window where it has at least
 window - stride tokens of context (the first window counts all of its tokens).
 Every window goes through `CompiledModel.score`, i.e. the compiled graph and its
@@ -21,7 +23,14 @@ import sys
 
 import numpy as np
 
-DEFAULT_TEXT = pathlib.Path(__file__).resolve().parent.parent / "data" / "eval_text.txt"
+DATA = pathlib.Path(__file__).resolve().parent.parent / "data"
+DEFAULT_TEXT = DATA / "eval_text.txt"
+GENRES = DATA / "eval_genres"
+
+
+def genre_files() -> list[pathlib.Path]:
+    """The held-out genres (poetry, legal, medical, ...): text no calibration set sees."""
+    return sorted(f for f in GENRES.glob("*.txt") if f.name != "LICENSE.txt")
 
 
 def window_log_probs(compiled, ids, window: int, stride: int, chunk_size: int) -> np.ndarray:
@@ -54,7 +63,11 @@ def _check(args, context_length: int) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--file", default=str(DEFAULT_TEXT), help="text file (UTF-8)")
+    parser.add_argument("--file", nargs="+", default=[str(DEFAULT_TEXT)],
+                        help="text files (UTF-8), each reported on its own")  # fmt: skip
+    parser.add_argument("--genres", action="store_true",
+                        help="score the held-out genres of data/eval_genres/ (instead of "
+                             "--file)")  # fmt: skip
     parser.add_argument(
         "--passes", nargs="+", default=["none"],
         help="pipelines: 'none' or comma-separated pass names, e.g. bf16 int8; a pipeline "
@@ -73,7 +86,12 @@ def main(argv=None) -> int:
     import pallax
 
     try:
-        text = pathlib.Path(args.file).read_text(encoding="utf-8")
+        files = genre_files() if args.genres else [pathlib.Path(f) for f in args.file]
+        stems = [f.stem for f in files]
+        names = stems if len(set(stems)) == len(stems) else [str(f) for f in files]
+        texts = {k: f.read_text(encoding="utf-8") for k, f in zip(names, files, strict=True)}
+        if not texts:
+            raise ValueError(f"no *.txt texts in {GENRES}")
         model = pallax.load(args.model)
         _check(args, model.config.context_length)
         pipelines = [[] if p == "none" else [s for s in p.split(",") if s] for p in args.passes]
@@ -95,30 +113,34 @@ def main(argv=None) -> int:
     except (OSError, ValueError, TypeError) as e:
         print(f"eval_ppl: error: {e}", file=sys.stderr)
         return 2
-    n = len(model.tokenizer.encode(text))
-    print(f"{args.model}: {n} tokens, window {args.window}, stride {args.stride}")
-    base = None
-    ids = model.tokenizer.encode(text)
+    n = sum(len(model.tokenizer.encode(t)) for t in texts.values())
+    what = f"{len(texts)} texts, " if len(texts) > 1 else ""
+    print(f"{args.model}: {what}{n} tokens, window {args.window}, stride {args.stride}")
+    base: dict[str, float] = {}
+    ids = model.tokenizer.encode(next(iter(texts.values())))
     prompts = agreement_prompts(ids, length=args.prompt_len) if args.agreement else []
     base_tokens = None
     for name, c in zip(args.passes, compiled, strict=True):
-        ppl = perplexity(c, text, args.window, args.stride, args.chunk_size)
-        base = base or ppl
         mb = c.pipeline_graph().weight_bytes() / 1e6
-        line = (
-            f"{name:24s} | ppl {ppl:9.4f} | {100 * (ppl / base - 1):+6.2f}% | weights {mb:8.1f} MB"
-        )
-        if prompts:
-            outs = c.generate(prompts, max_new_tokens=args.agreement, ignore_eos=True)
-            toks = np.asarray([o.token_ids for o in outs])
-            base_tokens = toks if base_tokens is None else base_tokens
-            same = toks == base_tokens
-            prefix = np.where(same.all(1), same.shape[1], np.argmin(same, axis=1))
-            line += (
-                f" | greedy: {int(same.all(1).sum())}/{len(prompts)} identical, "
-                f"{same.mean():.0%} of tokens, mean common prefix {prefix.mean():.1f}"
+        for genre, text in texts.items():
+            ppl = perplexity(c, text, args.window, args.stride, args.chunk_size)
+            base.setdefault(genre, ppl)
+            label = f"{name:24s} | " + (f"{genre:16s} | " if len(texts) > 1 else "")
+            line = (
+                f"{label}ppl {ppl:9.4f} | {100 * (ppl / base[genre] - 1):+6.2f}% | "
+                f"weights {mb:8.1f} MB"
             )
-        print(line, flush=True)
+            if prompts and genre == next(iter(texts)):
+                outs = c.generate(prompts, max_new_tokens=args.agreement, ignore_eos=True)
+                toks = np.asarray([o.token_ids for o in outs])
+                base_tokens = toks if base_tokens is None else base_tokens
+                same = toks == base_tokens
+                prefix = np.where(same.all(1), same.shape[1], np.argmin(same, axis=1))
+                line += (
+                    f" | greedy: {int(same.all(1).sum())}/{len(prompts)} identical, "
+                    f"{same.mean():.0%} of tokens, mean common prefix {prefix.mean():.1f}"
+                )
+            print(line, flush=True)
     return 0
 
 

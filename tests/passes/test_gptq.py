@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pallax.ir import qformat
-from pallax.passes.gptq import gptq_quantize, hessian_update, layer_error
+from pallax.passes.gptq import DAMPS, gptq_quantize, gptq_select, hessian_update, layer_error
 
 
 def make_problem(o, i, *, n=2048, outliers=4, seed=0):
@@ -218,3 +218,71 @@ def test_real_sized_layer():
     q = gptq_quantize(w, h, group_size=128)
     qformat.check(q)
     assert layer_error(w, q, h) < 0.5 * layer_error(w, qformat.quantize_rtn(w, 4, 128), h)
+
+
+def _split(x, held_every=4):
+    held = np.zeros(len(x), bool)
+    held[held_every - 1 :: held_every] = True
+    return hessian_update(None, x[~held])[0], hessian_update(None, x[held])[0]
+
+
+def test_select_batched_candidates_equal_one_at_a_time():
+    """The candidates run stacked in one column loop; each equals gptq_quantize with its
+    damp, and the returned weight is the winner refitted on both parts of the data."""
+    w, _, x = make_problem(24, 64, n=512)
+    fit, held = _split(x)
+    q, choice = gptq_select(w, fit, held, group_size=32)
+    assert set(choice.errors) == {"rtn", *DAMPS}
+    for d in DAMPS:
+        one = gptq_quantize(w, fit, group_size=32, damp=d)
+        assert choice.errors[d] == pytest.approx(layer_error(w, one, held), rel=1e-4)
+    assert choice.errors["rtn"] == pytest.approx(
+        layer_error(w, qformat.quantize_rtn(w, 4, 32), held), rel=1e-4
+    )
+    assert choice.damp == min(DAMPS, key=choice.errors.get)
+    want = gptq_quantize(w, fit + held, group_size=32, damp=choice.damp)
+    assert np.array_equal(int_values(q), int_values(want))
+
+
+def test_select_falls_back_to_rtn_when_gptq_overfits():
+    """Few independent inputs per feature (256 rows for 192 features): GPTQ fits the
+    sample's noise and does worse than rounding on new rows; selection sees it on the
+    held-out rows and returns round to nearest."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((320, 192))
+    w = (0.05 * rng.standard_normal((64, 192))).astype(np.float32)
+    fit, held = _split(x, held_every=5)
+    q, choice = gptq_select(w, fit, held, group_size=64)
+    assert choice.damp is None and choice.errors["rtn"] < min(choice.errors[d] for d in DAMPS)
+    assert np.array_equal(int_values(q), int_values(qformat.quantize_rtn(w, 4, 64)))
+
+
+def test_select_picks_gptq_with_enough_correlated_data():
+    w, _, x = make_problem(64, 128, n=4096, outliers=4)
+    fit, held = _split(x)
+    q, choice = gptq_select(w, fit, held, bits=8, group_size=None, damps=(0.01, 0.1))
+    assert choice.damp in (0.01, 0.1)
+    assert layer_error(w, q, held) < 0.8 * choice.errors["rtn"]
+    qformat.check(q)
+
+
+def test_select_memo_shares_factors_without_changing_results():
+    w, _, x = make_problem(16, 64, n=512)
+    w2 = w[::-1].copy()
+    fit, held = _split(x)
+    memo = {}
+    a = [gptq_select(v, fit, held, group_size=32, memo=memo) for v in (w, w2)]
+    b = [gptq_select(v, fit, held, group_size=32) for v in (w, w2)]
+    assert sum(k[0] == "factor" for k in memo) <= len(DAMPS) + 2  # not twice that
+    for (qa, ca), (qb, cb) in zip(a, b, strict=True):
+        assert ca == cb and np.array_equal(int_values(qa), int_values(qb))
+
+
+def test_select_bad_input():
+    w, h, _ = make_problem(8, 16, n=64)
+    with pytest.raises(ValueError, match="damps is empty"):
+        gptq_select(w, h, h, damps=())
+    with pytest.raises(ValueError, match="damp=-1.0"):
+        gptq_select(w, h, h, group_size=8, damps=(0.1, -1))
+    with pytest.raises(ValueError, match="held"):
+        gptq_select(w, h, h[:8, :8], group_size=8)

@@ -81,3 +81,24 @@ def test_kept_quantization_and_agreement(capsys, smollm2_gguf_path, tmp_path):
 def test_bad_input(capsys, smollm2_gguf_path, argv, message):
     assert eval_ppl.main(["--model", str(smollm2_gguf_path), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_genres_each_on_its_own_line(capsys, smollm2_gguf_path, monkeypatch, tmp_path):
+    """--genres scores every file of data/eval_genres/ (here two small stand-ins) and
+    reports each genre on its own line, with its change against the first pipeline."""
+    for name, text in [("alpha", "The tide came in over the flats at noon. " * 8),
+                       ("beta", "Clause 4.2: the Licensee shall not sublicense. " * 8)]:  # fmt: skip
+        (tmp_path / f"{name}.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "LICENSE.txt").write_text("not a genre", encoding="utf-8")
+    monkeypatch.setattr(eval_ppl, "GENRES", tmp_path)
+    argv = ["--model", str(smollm2_gguf_path), "--genres", "--window", "64", "--stride", "32",
+            "--passes", "none", "quantize_weights:8"]  # fmt: skip
+    assert eval_ppl.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "2 texts" in lines[0] and len(lines) == 5
+    assert [line.split("|")[1].strip() for line in lines[1:]] == ["alpha", "beta"] * 2
+    assert all("+0.00%" in line for line in lines[1:3])
+
+
+def test_genres_ship_with_pallax():
+    assert {f.stem for f in eval_ppl.genre_files()} >= {"poetry", "legal", "medical", "sports"}

@@ -54,22 +54,29 @@ from pallax.ir import qformat
 from pallax.ir.qformat import QuantizedWeight
 
 
-def hessian_update(h: np.ndarray | None, x, count: int = 0) -> tuple[np.ndarray, int]:
+def hessian_update(
+    h: np.ndarray | None, x, count: int = 0, *, products=np.float64
+) -> tuple[np.ndarray, int]:
     """Add one calibration batch x [..., I] to the running sum h = X^T X (float64).
 
     Returns (h, count) with count the number of input rows seen so far. GPTQ only
     needs H up to a positive factor (dampening is relative), so the sum works as is;
-    h / count is the mean if a scale-free quantity is wanted.
+    h / count is the mean if a scale-free quantity is wanted. `products=np.float32`
+    multiplies blocks of 2,048 rows in float32 (about 3x faster) and sums the blocks
+    in float64: GPTQ dampens H by at least 1% of its mean diagonal, far above
+    float32's rounding.
     """
     x = np.asarray(x)
     if x.ndim < 1:
         raise ValueError(f"hessian_update: x must have an input-feature axis, got {x.shape=}")
-    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    x = x.reshape(-1, x.shape[-1])
     if h is None:
         h = np.zeros((x.shape[1], x.shape[1]), np.float64)
     elif h.shape != (x.shape[1], x.shape[1]):
         raise ValueError(f"hessian_update: {h.shape=} does not match x's {x.shape[1]} features")
-    h += x.T @ x
+    for r in range(0, x.shape[0], 2048):
+        b = x[r : r + 2048].astype(products)
+        h += b.T @ b
     return h, count + x.shape[0]
 
 
@@ -155,8 +162,7 @@ def gptq_select(
     damps = tuple(float(d) for d in (DAMPS if damps is None else damps))
     if not damps:
         raise ValueError("gptq_select: damps is empty")
-    for d in damps:
-        g = _check_args(w, fit, bits, group_size, d, block_size)
+    g = _check_args(w, fit, bits, group_size, min(damps), block_size)  # the least damp: a bad one
     if held.shape != fit.shape or not np.all(np.isfinite(held)):
         raise ValueError(f"gptq_select: held {held.shape} must be finite and {fit.shape}")
     memo = {} if memo is None else memo
@@ -193,9 +199,9 @@ def _gptq_batch(w, hess, damps, bits, g, block_size, act_order, static_groups, m
     """GPTQ of one w [O, I] against one Hessian with K dampenings at once.
 
     The K problems are stacked on a leading axis, so the column loop (whose Python
-    overhead is most of GPTQ's time at these sizes) runs once for all of them. `memo` (a dict the caller
-    keeps while the Hessians live) reuses factors across weights that share a
-    Hessian (q/k/v, gate/up). Returns integer values [K, O, I] and grids scale,
+    overhead is most of GPTQ's time at these sizes) runs once for all of them.
+    `memo` (a dict the caller keeps while the Hessians live) reuses factors across
+    weights that share a Hessian (q/k/v, gate/up). Returns integer values [K, O, I] and grids scale,
     offset [K, O, G] in the original column order.
     """
     o, i = w.shape

@@ -44,16 +44,6 @@ MAX_OUTLIER_FRACTION = 0.25
 DEFAULT_DAMP = 0.1  # GPTQ's dampening when there is no held-out data to choose it on
 
 
-def gram(x) -> np.ndarray:
-    """X^T X of activations x [rows, I] as float64 (summed in float32 blocks of 2048 rows:
-    GPTQ dampens H by at least 1% of its mean diagonal, far above float32's rounding)."""
-    h = np.zeros((x.shape[1], x.shape[1]), np.float64)
-    for r in range(0, x.shape[0], 2048):
-        b = np.asarray(x[r : r + 2048], np.float32)
-        h += b.T @ b
-    return h
-
-
 def weight_names(graph: Graph, prim) -> set[str]:
     """Names of the graph weights used as the weight operand of `prim`, in any step."""
     operand = {primitives.linear_p: 1, primitives.lm_head_p: 1, primitives.embed_p: 1}[prim]
@@ -278,7 +268,9 @@ class QuantizeWeights:
                 from pallax.passes import gptq
 
                 if hessian[0] is not x:  # q/k/v and gate/up share their input and Hessians
-                    hessian[:] = [x, [gram(x[~held]), gram(x[held]), {}]]
+                    fit, out = (gptq.hessian_update(None, x[m], products=np.float32)[0]
+                                for m in (~held, held))  # fmt: skip
+                    hessian[:] = [x, [fit, out, {}]]
                 fit, out, memo = hessian[1]
                 wf = np.asarray(jnp.asarray(w, jnp.float32))
                 if idx is not None and len(idx):
@@ -381,6 +373,13 @@ def quantize_weights(
             raise ValueError(f"quantize_weights bits={bits!r} is not an integer")
         bits = int(bits)
     return QuantizeWeights(
-        bits, group_size, method, outlier_threshold, calibration, embeddings, head, table_bits,
+        bits,
+        group_size,
+        method,
+        outlier_threshold,
+        calibration,
+        embeddings,
+        head,
+        table_bits,
         damp,
     )

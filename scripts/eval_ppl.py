@@ -6,9 +6,10 @@
 
 The text (default: `data/eval_text.txt`, shipped with pallax; several --file, or
 --genres for the held-out genres of `data/eval_genres/`, each reported on its own
-line) is tokenized with the model's own tokenizer and scored in sliding windows of --window tokens moved by
---stride: each token is counted once, in the first window where it has at least
-window - stride tokens of context (the first window counts all of its tokens).
+line) is tokenized with the model's own tokenizer and scored in sliding windows of
+--window tokens moved by --stride: each token is counted once, in the first window
+where it has at least window - stride tokens of context (the first window counts all
+of its tokens).
 Every window goes through `CompiledModel.score`, i.e. the compiled graph and its
 KV cache in --chunk-size pieces. Prints perplexity, weight bytes and the change
 against the first pipeline.

@@ -86,8 +86,9 @@ def test_bad_input(capsys, smollm2_gguf_path, argv, message):
 def test_genres_each_on_its_own_line(capsys, smollm2_gguf_path, monkeypatch, tmp_path):
     """--genres scores every file of data/eval_genres/ (here two small stand-ins) and
     reports each genre on its own line, with its change against the first pipeline."""
-    for name, text in [("alpha", "The tide came in over the flats at noon. " * 8),
-                       ("beta", "Clause 4.2: the Licensee shall not sublicense. " * 8)]:  # fmt: skip
+    texts = [("alpha", "The tide came in over the flats at noon. " * 8),
+             ("beta", "Clause 4.2: the Licensee shall not sublicense. " * 8)]  # fmt: skip
+    for name, text in texts:
         (tmp_path / f"{name}.txt").write_text(text, encoding="utf-8")
     (tmp_path / "LICENSE.txt").write_text("not a genre", encoding="utf-8")
     monkeypatch.setattr(eval_ppl, "GENRES", tmp_path)

@@ -53,7 +53,11 @@ using PrepareFn = void (*)(const Problem&, int64_t);
   for (int64_t o = o0; o < o1; ++o) {
     for (int64_t r = r0; r < r1; ++r) {
       float total = DotBlocksScalar(p, o, r, 0, p.nblocks);
-      if (p.offset != nullptr) total += OffsetTerm(p, o, r);
+      if (p.offset != nullptr) {
+        float off;
+        OffsetTerms<1>(p, o, r, &off);
+        total += off;
+      }
       p.y[r * p.out + o] = total;
     }
   }

@@ -218,11 +218,13 @@ void Micro(const Problem& p, int64_t o, int64_t r0) {
   });
   const int64_t tail = FirstTailBlock<L>(p);
   for (int i = 0; i < NW; ++i) {
+    float offs[NR];
+    if (p.offset != nullptr) OffsetTerms<NR>(p, o + i, r0, offs);
     for (int r = 0; r < NR; ++r) {
       float total = HorizontalSum(acc[i][r]);
       if (L == Layout::kQ8Uniform) total *= s[i * p.groups];
       if (tail < p.nblocks) total += DotBlocksScalar(p, o + i, r0 + r, tail, p.nblocks);
-      if (p.offset != nullptr) total += OffsetTerm(p, o + i, r0 + r);
+      if (p.offset != nullptr) total += offs[r];
       p.y[(r0 + r) * p.out + o + i] = total;
     }
   }

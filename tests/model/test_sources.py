@@ -44,6 +44,26 @@ def test_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache" / "tiny-model").iterdir())
 
 
+def test_processes_fetching_at_once_each_write_their_own_file(tmp_path, monkeypatch):
+    """Two test workers (or the processes of a multi-process run on one host) resolving a
+    model at once: each assembles its own temporary file, and the one put in place last
+    is whole (a shared `.part` name interleaved their writes)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [os.urandom(4 << 20) for _ in range(3)]
+    src, installed = _source(tmp_path, chunks)
+    monkeypatch.setattr(sources, "_installed_file", installed)
+    monkeypatch.setenv("PALLAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(KNOWN_MODELS, "tiny-model", src)
+    target = tmp_path / "cache" / "tiny-model" / "tiny.gguf"
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: sources._download(src, target), range(8)))
+    assert target.read_bytes() == b"".join(chunks)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["tiny.gguf"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o644)
+
+
 def test_gemma3_is_a_known_model():
     assert KNOWN_MODELS["gemma3-270m"].filename == "gemma-3-270m-q4_k_m.gguf"
     assert len(KNOWN_MODELS["gemma3-270m"].parts) == 4

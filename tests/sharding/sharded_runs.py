@@ -8,7 +8,9 @@ import os
 import sys
 
 DEVICES = int(os.environ.get("PALLAX_TEST_DEVICES", "8"))
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
+)
 
 import json  # noqa: E402
 

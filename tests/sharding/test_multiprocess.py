@@ -4,13 +4,12 @@ same sharded `generate` and get the same text as one process unsharded."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
-from processes import free_port, run_all  # this directory
+from processes import free_port, run_all, subprocess_env  # this directory
 
 SCRIPT = pathlib.Path(__file__).with_name("multiprocess_runs.py")
 pytestmark = pytest.mark.slow
@@ -59,7 +58,7 @@ def test_cli_two_processes_print_the_same_text(tmp_path):
     # the mesh must span both processes: tensor=2 on process 0's devices alone is refused
     cmd[cmd.index("tensor=4,data=2")] = "tensor=2"
     cmd[cmd.index(address)] = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     procs = [subprocess.Popen([*cmd, str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, env=env) for i in range(2)]  # fmt: skip
     try:

@@ -6,21 +6,20 @@ input is refused by name."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from processes import free_port, run_all  # this directory
+from processes import free_port, run_all, subprocess_env  # this directory
 
 SCRIPT = pathlib.Path(__file__).with_name("sharded_runs.py")
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(*args, devices: int = 8) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     env["PALLAX_TEST_DEVICES"] = str(devices)
     out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
                          timeout=1500, env=env)  # fmt: skip

@@ -14,6 +14,7 @@ artifact is trusted code (its modules already carry compiled kernels).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -99,6 +100,28 @@ def lower(module, donate: int, mesh=None):
     return jax.jit(module.call, donate_argnums=(donate,)).lower(
         *jax.tree.unflatten(treedef, specs), **kwargs
     )
+
+
+@contextlib.contextmanager
+def fresh_compiles():
+    """Compiles in this block bypass jax's persistent compilation cache
+    (`jax_compilation_cache_dir`): an XLA:CPU executable that came from that cache
+    serializes without its code, and run from an artifact it fails with "Function ...
+    not found". The executables an artifact keeps are compiled here; the cache is back
+    on (as configured) after the block. Not thread-safe against other compiles of the
+    process, which compile without the cache meanwhile."""
+    from jax._src import compilation_cache
+
+    if not compilation_cache.is_persistent_cache_enabled():
+        yield
+        return
+    compilation_cache.reset_cache()  # is_cache_used() is decided once, then remembered
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.reset_cache()
 
 
 def serialize(compiled) -> bytes:

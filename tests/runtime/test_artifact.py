@@ -276,6 +276,47 @@ def test_a_module_that_does_not_compile_is_reported_with_its_kernels(smollm2, tm
     assert "pallax_qmatmul" in error and "portable=True" in error, error
 
 
+# Runs in a process with jax's persistent compilation cache on: the second export's
+# compiles are cache hits, whose executables serialized without their code.
+JAX_CACHE = textwrap.dedent(
+    """
+    import json, sys
+    import pallax
+
+    gguf, root = sys.argv[1:3]
+    compiled = pallax.compile(pallax.load(gguf), ["int8"])
+    sizes = dict(batch_sizes=(1,), cache_sizes=(64,), prefill_sizes=(16,), score_chunk=16)
+    for name in ("first", "second"):
+        compiled.export(f"{root}/{name}", **sizes)
+    want = [o.text for o in compiled.generate(["Hello there"], max_new_tokens=6)]
+    art = pallax.load_artifact(f"{root}/second")
+    got = [o.text for o in art.generate(["Hello there"], max_new_tokens=6)]
+    print(json.dumps({"want": want, "got": got, "hits": art.xla_cache_hits}))
+    """
+)
+
+
+def test_export_with_jax_compilation_cache_on(smollm2_gguf_path, tmp_path):
+    """An export in a process that uses jax's persistent compilation cache keeps
+    executables that run (before: the cache's executables, re-serialized, failed with
+    "Function ... not found" in the artifact's first call)."""
+    import os
+
+    from tests.model.test_synthetic_gguf import write_tiny
+
+    gguf = write_tiny(tmp_path / "tiny.gguf", smollm2_gguf_path)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", JAX_CACHE, str(gguf), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["hits"] == ["prefill-b1-t16-s64", "decode-b1-s64"], out
+    assert out["got"] == out["want"], out
+    assert any((tmp_path / "jax-cache").iterdir())  # the cache was on
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst

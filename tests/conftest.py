@@ -19,10 +19,10 @@ def pytest_collection_modifyitems(config, items):
 # Multi-device tests need virtual CPU devices; set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-# One jax persistent compilation cache for the run: the workers (pytest -n) and the
-# subprocesses tests start share what any of them compiled (a program compiled again in
-# a later module or another process is read back). The first process of the run (xdist's
-# controller, or pytest alone) makes it, its workers inherit it, and it goes at the end.
+# One jax persistent compilation cache for the run: the subprocesses tests start (and
+# xdist's workers, with pytest -n) share what any of them compiled (a program compiled
+# again in a later module or another process is read back). The first process of the run
+# makes it, the processes it starts inherit it, and it goes at the end.
 # A JAX_COMPILATION_CACHE_DIR of the user's own is used as it is.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pallax-tests-jax-cache-")
@@ -38,9 +38,9 @@ def pytest_sessionfinish(session):
 @pytest.fixture(autouse=True, scope="module")
 def _release_after_module():
     """At the end of each test file: drop the memo of transformed weights (every pass's
-    output for the session's models: GBs over a run) and jax's executables, so that two
-    workers fit this machine's memory. Session fixtures' models keep their own weights;
-    what they compile again comes from the compilation cache above."""
+    output for the session's models: GBs over a run) and jax's executables, so that the
+    process does not grow with every file run before. Session fixtures' models keep
+    their own weights; what they compile again comes from the compilation cache above."""
     yield
     import gc
 

@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallax.ir.kvcache import blocked
 from pallax.ir.kvcache.format import F32, ring_positions
+from pallax.ir.primitives import base
 from pallax.ir.primitives.rope import rope_reference
 
 
@@ -78,8 +80,14 @@ def candidates(k, v, state, pos, valid, fmt, policy):
         keys.append(state["k.first"].astype(F32))
         vals.append(state["v.first"].astype(F32))
         kpos.append(bk(jnp.where(j < jnp.minimum(stored, n_first)[:, None], j, -1)))
-    keys.append(fmt.admit(jnp.swapaxes(k, 1, 2), dtype))
-    vals.append(fmt.admit(jnp.swapaxes(v, 1, 2), dtype))
+    # the call's tokens as the cache will hold them: positions below F in the first rows'
+    # full precision (a query later in the chunk sees what decode would), the rest as
+    # the format admits them
+    own = (tpos < n_first)[:, None, :, None]
+    for out, x in ((keys, k), (vals, v)):
+        x = jnp.swapaxes(x, 1, 2)
+        held = fmt.admit(x, dtype)
+        out.append(jnp.where(own, x.astype(dtype).astype(F32), held) if n_first else held)
     kpos.append(bk(jnp.where(real, tpos, -1)))
     keys.append(rk)
     vals.append(rv)
@@ -281,10 +289,13 @@ def reference(q, k, v, pos, valid, state: dict, fmt, policy, *, rope, scale, sli
               softcap):  # fmt: skip
     """Attend, then write: (out [B, T, N, H] in q's dtype, the new state)."""
     keys, vals, kpos, tpos, real, sections = candidates(k, v, state, pos, valid, fmt, policy)
-    out, mass = attend(
-        q, keys, vals, kpos, tpos, real, policy, n_cand=sections[0] + sections[1], rope=rope,
-        scale=scale, sliding_window=sliding_window, softcap=softcap, mass=policy.needs_mass,
-    )  # fmt: skip
+    kw = dict(rope=rope, scale=scale, sliding_window=sliding_window, softcap=softcap,
+              mass=policy.needs_mass)  # fmt: skip
+    if base.BATCH_INVARIANT:
+        out, mass = blocked.attend(q, keys, vals, kpos, tpos, real, policy, rows=sections[2], **kw)
+    else:
+        out, mass = attend(q, keys, vals, kpos, tpos, real, policy,
+                           n_cand=sections[0] + sections[1], **kw)  # fmt: skip
     new = write(state, k, v, pos, valid, fmt, policy, mass, sections)
     return out.astype(q.dtype), new
 

@@ -12,6 +12,7 @@ from pallax.ir.kvcache.policy import DROP, Policy, scatter_granules
 @dataclasses.dataclass(frozen=True)
 class Full(Policy):
     name = "full"
+    by_position = True
 
     def rows(self, fmt):
         return "S"

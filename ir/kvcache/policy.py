@@ -15,6 +15,9 @@ primitive) with:
 - `place(fmt, st, enc, starts, leaving, stored, end, scores)`: one sequence: the
   encoded granules starting at `starts` [L] (`leaving` [L]: they leave staging in
   this call) go to their rows; returns the new row and policy arrays;
+- `by_position`, `key_window`: whether the batch-invariant attention may lay the
+  candidates out by position (each position at most once; a query sees the sinks and
+  at most `key_window` positions up to its own, None: every one);
 - `needs_mass`: the attention returns each key's attention mass for `place` (H2O);
 - `unbounded`: positions are assigned within the cache, so generation may run past
   the model's context length.
@@ -34,6 +37,14 @@ class Policy:
     name = "policy"
     needs_mass = False
     unbounded = False
+    # Whether each position has at most one candidate and a query sees a span of them
+    # bounded by `key_window` (None: all below it): the batch-invariant attention then
+    # lays the candidates out by position (ir/kvcache/blocked.py).
+    by_position = False
+
+    @property
+    def key_window(self) -> int | None:
+        return None
 
     @property
     def sinks(self) -> int:

@@ -32,6 +32,11 @@ class Sinks(Policy):
     window: int = 252
     name = "sinks"
     unbounded = True
+    by_position = True
+
+    @property
+    def key_window(self) -> int:
+        return self.window
 
     @property
     def sinks(self) -> int:

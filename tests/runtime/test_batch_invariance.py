@@ -107,6 +107,62 @@ def test_tiled_prefill_attention_is_the_attention_and_invariant(kw, monkeypatch)
         np.testing.assert_array_equal(got, want, err_msg=f"B={b} T={t} S={s}")
 
 
+def _policy_calls(fmt, policy, b, dtype, chunks, steps=4, s=256):
+    """Row 0 of a batch of `b` through calls of `chunks` tokens then `steps` decode
+    steps over a `fmt` x `policy` cache (the other rows random): its outputs of every call
+    and its cache arrays at the end."""
+    from pallax.ir import kvcache
+    from pallax.ir.primitives.attention import attention_p, attention_params
+
+    kv, g, h, n = 3, 3, 64, sum(chunks) + steps
+    rng, own = np.random.default_rng(b), np.random.default_rng(7)
+    x = [rng.standard_normal((b, n, heads, h)).astype(np.float32) for heads in (kv * g, kv, kv)]
+    for a in x:
+        a[0] = own.standard_normal(a.shape[1:])
+    cache = [
+        jnp.zeros(tuple({"B": b, "S": s}.get(d, d) for d in shape), dt)
+        for shape, dt in kvcache.layer_parts(fmt, policy, kv, h, dtype).values()
+    ]
+    params = attention_params(x[0], fmt, policy, (10000.0, 1.0), None, None, None)
+    call = jax.jit(lambda *a: attention_p.bind(*a, **params))
+    outs, pos = [], 0
+    for t in (*chunks, *[1] * steps):
+        q, k, v = (jnp.asarray(a[:, pos : pos + t], dtype) for a in x)
+        res = call(q, k, v, jnp.full((b,), pos, jnp.int32), jnp.full((b,), t, jnp.int32), *cache)
+        outs.append(np.asarray(res[0][0].astype(jnp.float32)))
+        cache, pos = list(res[1:]), pos + t
+    return np.concatenate(outs), [np.asarray(c[0].astype(jnp.float32)) for c in cache]
+
+
+@pytest.mark.parametrize(
+    "fmt,policy,dtype",
+    [("dense", "sinks", "bfloat16"), ("int8", "sinks", "float32"),
+     ("dense", "h2o", "float32"), ("int8", "h2o", "bfloat16")],
+)  # fmt: skip
+def test_evicting_cache_attention_is_invariant(fmt, policy, dtype, monkeypatch):
+    """The attention over a cache no kernel serves (sinks, H2O; the reference on CPU):
+    a row's outputs and cache bits do not depend on its batch-mates and, for a policy
+    laid out by position (sinks), on where the prompt's chunks start (the engine's chunks
+    are not generate's). Found on an AVX2-only machine, where the one-shot form gave the
+    engine other greedy tokens than `generate` for bf16 + sinks and int4 + H2O."""
+    from pallax.ir import kvcache
+
+    f = kvcache.FORMATS[fmt]()
+    p = kvcache.Sinks(4, 28) if policy == "sinks" else kvcache.H2O(48, 16)
+    dt = jnp.dtype(dtype)
+    want, cache = _policy_calls(f, p, 1, dt, (64,))
+    runs = [(4, (64,))] + ([(1, (40, 24)), (4, (17, 30, 17))] if policy == "sinks" else [])
+    for b, chunks in runs:
+        out, got = _policy_calls(f, p, b, dt, chunks)
+        np.testing.assert_array_equal(out, want, err_msg=f"B={b} chunks {chunks}")
+        for x, y in zip(got, cache, strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=f"cache, B={b} chunks {chunks}")
+    monkeypatch.setattr(ops.base, "BATCH_INVARIANT", False)  # the one-shot reference
+    ref, _ = _policy_calls(f, p, 1, dt, (64,))
+    tol = 8e-3 if dtype == "bfloat16" else 2e-6  # one bfloat16 ulp in the output
+    np.testing.assert_allclose(want, ref, rtol=tol, atol=tol)
+
+
 # ----------------------------------------------------------------- end to end
 def _prefill_logits(compiled, prompts):
     """The first-token logits of each prompt, run as one generate batch would run them."""

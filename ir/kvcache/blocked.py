@@ -49,17 +49,21 @@ def _scatter(x, kp, at, size):
     return keys, where
 
 
-def layout(keys, vals, kpos, pos, t: int, rows: int, policy, sliding_window):
+def layout(keys, vals, kpos, pos, t: int, rows: int, n_cand: int, policy, sliding_window):
     """(sink keys, values, positions [B, K, n] or None; the other keys, values, positions
-    [B, K, L]): by position for `policy.by_position`, else the candidates' order."""
+    [B, K, L]): by position for `policy.by_position`, else the candidates' order. As in
+    `core.attend`, the sinks met at their rank are those among the first `n_cand`
+    candidates (the first rows, the call's tokens); a sink position still in a format's
+    staging (KIVI) is met at its true distance."""
     b, kv, sp, _ = keys.shape
     kp = jnp.broadcast_to(kpos, (b, kv, sp))
     if not policy.by_position:
         return None, _pad(keys, vals, kp, _round_up(sp, TILE_K))
     n_sinks = policy.sinks
     sink = None
+    ranked = (kp >= 0) & (kp < n_sinks) & (jnp.arange(sp) < n_cand)
     if n_sinks:
-        at = jnp.where((kp >= 0) & (kp < n_sinks), kp, n_sinks)
+        at = jnp.where(ranked, kp, n_sinks)
         (sk, spos), (sv, _) = _scatter(keys, kp, at, n_sinks), _scatter(vals, kp, at, n_sinks)
         sink = (sk, sv, spos)
     windows = [w for w in (policy.key_window, sliding_window) if w is not None]
@@ -71,7 +75,7 @@ def layout(keys, vals, kpos, pos, t: int, rows: int, policy, sliding_window):
         start = jnp.zeros_like(pos)
         size = _round_up(rows + t, TILE_K)
     at = kp - start[:, None, None]
-    at = jnp.where((kp >= max(n_sinks, 0)) & (at >= 0) & (at < size), at, size)
+    at = jnp.where((kp >= 0) & ~ranked & (at >= 0) & (at < size), at, size)
     (mk, mpos), (mv, _) = _scatter(keys, kp, at, size), _scatter(vals, kp, at, size)
     return sink, (mk, mv, mpos)
 
@@ -82,10 +86,11 @@ def _pad(keys, vals, kp, size):
     return jnp.pad(keys, z), jnp.pad(vals, z), jnp.pad(kp, z[:3], constant_values=-1)
 
 
-def attend(q, keys, vals, kpos, tpos, real, policy, *, rows, rope, scale, sliding_window,
-           softcap, mass: bool):  # fmt: skip
+def attend(q, keys, vals, kpos, tpos, real, policy, *, rows, n_cand, rope, scale,
+           sliding_window, softcap, mass: bool):  # fmt: skip
     """`core.attend`'s contract (q [B, T, N, H] at tpos [B, T] over the candidates keys /
-    vals [B, K, S', H] at kpos; `rows` the format's row count), in a fixed order:
+    vals [B, K, S', H] at kpos; `rows` the format's row count, `n_cand` the candidates
+    that may be sinks met at their rank), in a fixed order:
     (out [B, T, N, H] float32, each candidate's attention mass [B, K, S'] or None)."""
     b, t, n, h = q.shape
     kv, sp = keys.shape[1], keys.shape[2]
@@ -136,7 +141,7 @@ def attend(q, keys, vals, kpos, tpos, real, policy, *, rows, rope, scale, slidin
 
     carry = (jnp.full((b, kv, tb, r), -jnp.inf, F32), jnp.zeros((b, kv, tb, r), F32),
              jnp.zeros((b, kv, tb, r, h), F32))  # fmt: skip
-    sink, (mk, mv, mpos) = layout(keys, vals, kpos, pos, t, rows, policy, sliding_window)
+    sink, (mk, mv, mpos) = layout(keys, vals, kpos, pos, t, rows, n_cand, policy, sliding_window)
     if sink is not None:  # sink j meets the query at its rank: rotate it by that minus qp
         theta, scaling = rope
         qs = rope_reference(q32, jnp.minimum(qpos, policy.slots - 1) - qpos, theta=theta,

@@ -289,13 +289,12 @@ def reference(q, k, v, pos, valid, state: dict, fmt, policy, *, rope, scale, sli
               softcap):  # fmt: skip
     """Attend, then write: (out [B, T, N, H] in q's dtype, the new state)."""
     keys, vals, kpos, tpos, real, sections = candidates(k, v, state, pos, valid, fmt, policy)
-    kw = dict(rope=rope, scale=scale, sliding_window=sliding_window, softcap=softcap,
-              mass=policy.needs_mass)  # fmt: skip
+    kw = dict(n_cand=sections[0] + sections[1], rope=rope, scale=scale,
+              sliding_window=sliding_window, softcap=softcap, mass=policy.needs_mass)  # fmt: skip
     if base.BATCH_INVARIANT:
         out, mass = blocked.attend(q, keys, vals, kpos, tpos, real, policy, rows=sections[2], **kw)
     else:
-        out, mass = attend(q, keys, vals, kpos, tpos, real, policy,
-                           n_cand=sections[0] + sections[1], **kw)  # fmt: skip
+        out, mass = attend(q, keys, vals, kpos, tpos, real, policy, **kw)
     new = write(state, k, v, pos, valid, fmt, policy, mass, sections)
     return out.astype(q.dtype), new
 

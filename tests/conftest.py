@@ -9,11 +9,29 @@ import tempfile
 
 import pytest
 
+# With `pytest -n 2 --dist loadgroup` (the README's command) the suite runs in two worker
+# processes, split by file in two fixed groups rather than file by file as they come: the
+# files of SECOND_WORKER in one, every other file in the other. Left to xdist, both workers
+# end up loading every model and its HF twin (9-10 GB each), and with a sharding
+# subprocess (5.6 GB) beside them one was OOM-killed on this 24 GiB machine. Here the HF
+# twins stay in one worker, and the sharding subprocesses start from the other while it
+# is still small. Without -n the groups are inert and one process runs everything.
+SECOND_WORKER = ("tests/sharding/", "tests/passes/")
 
+
+def _group(item) -> str:
+    path = pathlib.Path(str(item.fspath)).as_posix()
+    return "second" if any(f"/{d}" in path for d in SECOND_WORKER) else "first"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (its hook runs last)
 def pytest_collection_modifyitems(config, items):
     """The sharding tests first: their subprocess holds several copies of a model on 8
-    virtual devices, and this process grows with the session's fixtures (24 GiB here)."""
+    virtual devices, and a process grows with the session's fixtures. Then each test's
+    worker group (above)."""
     items.sort(key=lambda item: 0 if "tests/sharding/" in str(item.fspath) else 1)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
 
 
 # Multi-device tests need virtual CPU devices; set before jax initialises.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import weakref
 from collections.abc import Callable
@@ -110,7 +112,40 @@ def printing_dump(step: str, out=print) -> Callable[[str, Graph], None]:
     return dump
 
 
+# (key, input ids) -> _Entry, weakly where a holder keeps the entry (see `holding`)
 _WEIGHT_MEMO: dict = {}
+_HOLDER: contextvars.ContextVar[dict | None] = contextvars.ContextVar("holder", default=None)
+
+
+class _Entry:
+    """A memoized transform: weak references to its inputs and its output."""
+
+    __slots__ = ("refs", "out", "__weakref__")
+
+    def __init__(self, refs, out):
+        self.refs, self.out = refs, out
+
+    def alive(self) -> bool:
+        return all(r() is not None for r in self.refs)
+
+
+@contextlib.contextmanager
+def holding(held: dict):
+    """Within it, `map_weights` keeps what it computes alive through `held` (a dict the
+    caller owns: a compiled model's) and only weakly in the memo: the transformed weights
+    go when their last compiled model does, not when the input weights do. Without it, the
+    memo holds them itself for as long as the inputs live."""
+    token = _HOLDER.set(held)
+    try:
+        yield
+    finally:
+        _HOLDER.reset(token)
+
+
+def _lookup(memo_key):
+    item = _WEIGHT_MEMO.get(memo_key)
+    entry = item() if isinstance(item, weakref.ref) else item
+    return entry if entry is not None and entry.alive() else None
 
 
 def _family(key):
@@ -123,16 +158,21 @@ def map_weights(key, weights: dict, fn: Callable[[dict], dict], *, family=None) 
     Graphs are captured again for each new batch/length bucket, and the pipeline
     runs again on each capture; this keeps the weight transformation of a pass
     (cast, quantize, ...) from being recomputed for the same input weights.
-    With `family`, only the latest key of that family is kept per input weights (the
-    shard pass: a process that tries many meshes holds one placed copy, not one each;
-    two live models sharded differently over the same weights re-place them on each new
-    bucket capture, a cost paid for not holding a copy per mesh).
+    Under `holding(held)` (each compiled model's captures) the result lives as long as
+    `held` does, so a model compiled under many pipelines in turn keeps only the live
+    ones' weights. With `family`, only the latest key of that family is kept per input
+    weights (the shard pass: a process that tries many meshes holds one placed copy, not
+    one each; two live models sharded differently over the same weights re-place them on
+    each new bucket capture, a cost paid for not holding a copy per mesh).
     """
     ids = tuple((k, id(v)) for k, v in sorted(weights.items()))
     memo_key = (key, ids)
-    hit = _WEIGHT_MEMO.get(memo_key)
-    if hit is not None and all(ref() is not None for ref in hit[0]):
-        return hit[1]
+    held = _HOLDER.get()
+    entry = _lookup(memo_key)
+    if entry is not None:
+        if held is not None:
+            held[memo_key] = entry
+        return entry.out
     if family is not None:
         for k in [k for k in _WEIGHT_MEMO if k[1] == ids and _family(k[0]) == family]:
             del _WEIGHT_MEMO[k]
@@ -141,6 +181,15 @@ def map_weights(key, weights: dict, fn: Callable[[dict], dict], *, family=None) 
         refs = [weakref.ref(v) for _, v in sorted(weights.items())]
     except TypeError:
         return out
+    entry = _Entry(refs, out)
+    if held is None:
+        _WEIGHT_MEMO[memo_key] = entry
+    else:
+        held[memo_key] = entry  # one entry per key: a re-placed copy replaces the last
+        _WEIGHT_MEMO[memo_key] = weakref.ref(entry)
+    for k in [k for k in _WEIGHT_MEMO if _lookup(k) is None]:
+        del _WEIGHT_MEMO[k]
+    return out
     _WEIGHT_MEMO[memo_key] = (refs, out)
     for k in [k for k, (r, _) in _WEIGHT_MEMO.items() if any(x() is None for x in r)]:
         del _WEIGHT_MEMO[k]

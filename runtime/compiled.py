@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from pallax import cpu_kernels as _cpu_kernels  # registers the CPU kernel lowerings
 from pallax import pallas_kernels as _pallas_kernels  # registers the tpu / cuda lowerings
 from pallax.ir.graph import Graph, StepSpec, capture
-from pallax.ir.manager import run_passes
+from pallax.ir.manager import holding, run_passes
 from pallax.ir.printer import format_graph
 from pallax.ir.qformat import QuantizedWeight
 from pallax.model.architectures import module_for
@@ -58,6 +58,7 @@ class CompiledModel(Generator):
         self.passes = tuple(passes)
         self._graphs: dict = {}
         self._fns: dict = {}
+        self._held: dict = {}  # weights the passes made for this model (ir/manager.py)
         self.capture_seconds = 0.0  # tracing + passes; XLA compiles lazily on first call
         # The smallest batch bucket. XLA:CPU drops a batch axis of size 1 and fuses the rest
         # of a step differently: Gemma 3's decode logits move by ~1e-5 between batch 1 and
@@ -101,7 +102,8 @@ class CompiledModel(Generator):
             graph = use_packed_weights(graph, weights, "kept from " + _kinds(weights))
         else:
             graph = capture(self.model.forward, weights, self.model.cache_layout(), specs, meta)
-        return run_passes(graph, self.passes)
+        with holding(self._held):  # the passes' weight transforms live as long as self
+            return run_passes(graph, self.passes)
 
     def pipeline_graph(self) -> Graph:
         """The graph at a small canonical shape (B=1, prefill 16, cache 256), after passes."""

@@ -160,3 +160,58 @@ def test_weight_memo_keeps_one_entry_per_family():
     assert ("shard", 1) not in keys and ("shard", 2) in keys and ("cast", 1) in keys
     manager.map_weights(("shard", 1), weights, fn("a"), family="shard")
     assert calls == ["cast", "a", "b", "a"]  # recomputed: evicted by ("shard", 2)
+
+
+def test_weight_memo_under_a_holder_lives_as_long_as_the_holder():
+    """Under `holding(held)` (a compiled model's captures) the transformed weights live in
+    `held`: hits while it lives, in any holder, and gone with the last holder, while the
+    input weights live on (a model compiled under one pipeline after another)."""
+    import gc
+    import weakref
+
+    import jax.numpy as jnp
+
+    from pallax.ir import manager
+
+    weights = {"w": jnp.ones((2, 2))}
+    calls = []
+
+    def fn(ws):
+        calls.append(1)
+        return {k: v * 2 for k, v in ws.items()}
+
+    first, second = {}, {}
+    with manager.holding(first):
+        out = manager.map_weights(("int8",), weights, fn)
+    with manager.holding(second):
+        assert manager.map_weights(("int8",), weights, fn) is out  # a hit, now held twice
+    assert len(calls) == 1 and len(first) == len(second) == 1
+    gone = weakref.ref(out["w"])
+    del out, first
+    gc.collect()
+    assert gone() is not None  # `second` still holds it
+    del second
+    gc.collect()
+    assert gone() is None
+    with manager.holding({}):
+        manager.map_weights(("int8",), weights, fn)
+    assert len(calls) == 2  # computed again for a new holder
+
+
+def test_a_dropped_compiled_model_frees_its_transformed_weights(smollm2):
+    """A model compiled under a pipeline, then dropped, leaves no transformed copy behind
+    (the model itself lives on); new buckets of a live one reuse its weights."""
+    import gc
+    import weakref
+
+    import pallax
+    from pallax.ir.graph import StepSpec
+
+    c = pallax.compile(smollm2, ["int8"])
+    first = c._capture([StepSpec("decode", 1, 1, 256)]).weights["layers.0.wq"]
+    again = c._capture([StepSpec("prefill", 2, 16, 512)]).weights["layers.0.wq"]
+    assert again is first  # a new bucket: no second quantization
+    gone = weakref.ref(first.data)
+    del c, first, again
+    gc.collect()
+    assert gone() is None

@@ -190,7 +190,3 @@ def map_weights(key, weights: dict, fn: Callable[[dict], dict], *, family=None) 
     for k in [k for k in _WEIGHT_MEMO if _lookup(k) is None]:
         del _WEIGHT_MEMO[k]
     return out
-    _WEIGHT_MEMO[memo_key] = (refs, out)
-    for k in [k for k, (r, _) in _WEIGHT_MEMO.items() if any(x() is None for x in r)]:
-        del _WEIGHT_MEMO[k]
-    return out

@@ -118,7 +118,7 @@ _HOLDER: contextvars.ContextVar[dict | None] = contextvars.ContextVar("holder", 
 
 
 class _Entry:
-    """A memoized transform: weak references to its inputs and its output."""
+    """A memoized transform: weak references to its inputs, and its output."""
 
     __slots__ = ("refs", "out", "__weakref__")
 

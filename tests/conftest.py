@@ -59,10 +59,10 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_after_module():
-    """At the end of each test file: drop the memo of transformed weights (every pass's
-    output for the session's models: GBs over a run) and jax's executables, so that the
-    process does not grow with every file run before. Session fixtures' models keep
-    their own weights; what they compile again comes from the compilation cache above."""
+    """At the end of each test file: drop jax's executables and what the weight memo
+    holds itself (transforms made outside a compiled model; a compiled model's own go
+    with it, ir/manager.holding), so that the process does not grow with every file run
+    before. What session fixtures compile again comes from the compilation cache above."""
     yield
     import gc
 

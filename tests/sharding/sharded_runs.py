@@ -104,8 +104,8 @@ def _reads(m) -> dict:
 
 
 def _release(compiled) -> None:
-    """Free a compiled model's device arrays: a 1x8 mesh holds 8 copies of the weights,
-    and the memo of weight transforms would keep every mesh's (this machine: 24 GiB)."""
+    """Free a compiled model's device arrays now, not when the caller's name for it is
+    rebound: a 1x8 mesh holds 8 copies of the weights (this machine: 24 GiB)."""
     import gc
 
     import jax

@@ -9,6 +9,8 @@ import tempfile
 
 import pytest
 
+import pallax  # noqa: F401  (sets XLA's CPU flags before any test starts jax)
+
 # With `pytest -n 2 --dist loadgroup` (the README's command) the suite runs in two worker
 # processes, split by file in two fixed groups rather than file by file as they come: the
 # files of SECOND_WORKER in one, every other file in the other. Left to xdist, both workers
@@ -133,21 +135,18 @@ def gemma3_gguf_path() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf_path):
-    import pallax
 
     return pallax.load(smollm2_gguf_path)
 
 
 @pytest.fixture(scope="session")
 def compiled_fp32(smollm2):
-    import pallax
 
     return pallax.compile(smollm2, passes=[])
 
 
 @pytest.fixture(scope="session")
 def compiled_bf16(smollm2):
-    import pallax
 
     return pallax.compile(smollm2, passes=[pallax.passes.cast("bfloat16")])
 
@@ -168,14 +167,12 @@ def hf_smollm2(smollm2_gguf_path):
 
 @pytest.fixture(scope="session")
 def gemma3(gemma3_gguf_path):
-    import pallax
 
     return pallax.load(gemma3_gguf_path)
 
 
 @pytest.fixture(scope="session")
 def compiled_gemma3(gemma3):
-    import pallax
 
     return pallax.compile(gemma3, passes=[])
 

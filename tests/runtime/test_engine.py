@@ -70,7 +70,6 @@ def test_engine_greedy_equals_generate_alone(pipeline, smollm2, smollm2_blocks):
 @pytest.mark.slow
 def test_engine_gemma3_int8_equals_generate_alone(gemma3):
     compiled = pallax.compile(gemma3, ["int8"])
-    compiled.min_batch = 2  # Gemma's one-row steps fuse differently (docs/DESIGN.md)
     _check_equal_to_alone(compiled, PROMPTS[2:], new=8)
 
 

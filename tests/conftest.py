@@ -9,8 +9,6 @@ import tempfile
 
 import pytest
 
-import pallax  # noqa: F401  (sets XLA's CPU flags before any test starts jax)
-
 # With `pytest -n 2 --dist loadgroup` (the README's command) the suite runs in two worker
 # processes, split by file in two fixed groups rather than file by file as they come: the
 # files of SECOND_WORKER in one, every other file in the other. Left to xdist, both workers
@@ -42,6 +40,7 @@ def pytest_collection_modifyitems(config, items):
 
 # Multi-device tests need virtual CPU devices; set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import pallax  # noqa: E402  (after XLA_FLAGS: adds XLA's CPU flags before any test starts jax)
 
 # One jax persistent compilation cache for the run: the subprocesses tests start (and
 # xdist's workers, with pytest -n) share what any of them compiled (a program compiled

@@ -134,19 +134,16 @@ def gemma3_gguf_path() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf_path):
-
     return pallax.load(smollm2_gguf_path)
 
 
 @pytest.fixture(scope="session")
 def compiled_fp32(smollm2):
-
     return pallax.compile(smollm2, passes=[])
 
 
 @pytest.fixture(scope="session")
 def compiled_bf16(smollm2):
-
     return pallax.compile(smollm2, passes=[pallax.passes.cast("bfloat16")])
 
 
@@ -166,13 +163,11 @@ def hf_smollm2(smollm2_gguf_path):
 
 @pytest.fixture(scope="session")
 def gemma3(gemma3_gguf_path):
-
     return pallax.load(gemma3_gguf_path)
 
 
 @pytest.fixture(scope="session")
 def compiled_gemma3(gemma3):
-
     return pallax.compile(gemma3, passes=[])
 
 

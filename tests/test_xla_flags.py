@@ -34,8 +34,13 @@ for rows in (1, 8):
 """
 
 
+def _env(**extra) -> dict:
+    """This process's environment without a user's PALLAX_XLA_FMA, plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k != pallax.FMA_SWITCH}, **extra}
+
+
 def _differing(**env) -> list[int]:
-    full = {**os.environ, "XLA_FLAGS": "", **env}
+    full = _env(XLA_FLAGS="", **env)
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True,
                          env=full, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -45,13 +50,12 @@ def _differing(**env) -> list[int]:
 @pytest.mark.skipif(not X86, reason="the flag is set on x86-64 only")
 def test_the_flag_is_set_unless_the_user_sets_one():
     assert "--xla_cpu_max_isa=AVX" in os.environ["XLA_FLAGS"].split()
-    env = {k: v for k, v in os.environ.items() if k != pallax.FMA_SWITCH}
-    for flags, want in (("", "--xla_cpu_max_isa=AVX"), ("--xla_cpu_max_isa=AVX512", "")):
-        code = "import os, pallax; print(os.environ.get('XLA_FLAGS', ''))"
+    code = "import os, pallax; print(os.environ.get('XLA_FLAGS', ''))"
+    for flags, added in (("", 1), ("--xla_cpu_max_isa=AVX512", 0)):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={**env, "XLA_FLAGS": flags}, timeout=120)  # fmt: skip
+                             env=_env(XLA_FLAGS=flags), timeout=120)  # fmt: skip
         got = out.stdout.split()
-        assert got.count("--xla_cpu_max_isa=AVX") == (1 if want else 0), (flags, got)
+        assert got.count("--xla_cpu_max_isa=AVX") == added, (flags, got)
 
 
 @pytest.mark.skipif(not X86, reason="the flag is set on x86-64 only")

@@ -35,6 +35,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 TARGETS = {
     "pallax_qmatmul": "PallaxQMatmul",
     "pallax_qmatmul_offset": "PallaxQMatmulOffset",
+    "pallax_qmatmul_multi": "PallaxQMatmulMulti",
     "pallax_bf16_matmul": "PallaxBf16Matmul",
     "pallax_f32_matmul": "PallaxF32Matmul",
     "pallax_decode_attention": "PallaxDecodeAttention",

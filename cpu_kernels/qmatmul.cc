@@ -96,14 +96,21 @@ struct Scratch {
   std::vector<float> xd, xsum, xdv;
 };
 
-ffi::Error Run(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
-               ffi::Buffer<ffi::F32> scale, const float* offset,
-               ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group_size) {
-  const auto xd = x.dimensions(), wd = data.dimensions(), sd = scale.dimensions();
+using Dims = ffi::Span<const int64_t>;
+
+std::string Shape(Dims d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+// The problem and kernel of one product, after checking its operands agree.
+ffi::Error Setup(Problem& p, Kernel& kernel, const float* x, Dims xd, const void* data,
+                 ffi::DataType data_type, Dims wd, const float* scale, Dims sd,
+                 const float* offset, float* y, int64_t bits, int64_t group_size) {
   if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2) {
     return ffi::Error::InvalidArgument("pallax_qmatmul: x, data and scale must be 2-D");
   }
-  Problem p;
   p.rows = xd[0];
   p.ip = xd[1];
   p.out = wd[0];
@@ -111,48 +118,44 @@ ffi::Error Run(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
   p.gsize = group_size;
   p.bits = bits;
   const auto want_type = bits == 4 ? ffi::DataType::U8 : ffi::DataType::S8;
-  if ((bits != 4 && bits != 8) || data.element_type() != want_type) {
+  if ((bits != 4 && bits != 8) || data_type != want_type) {
     return ffi::Error::InvalidArgument("pallax_qmatmul: bits=" + std::to_string(bits) +
                                        " needs uint8 (4) or int8 (8) data");
   }
   if (group_size <= 0 || p.groups * group_size != p.ip || sd[0] != p.out ||
       wd[1] != (bits == 4 ? p.ip / 2 : p.ip) || (bits == 4 && group_size % 2)) {
-    return ffi::Error::InvalidArgument(
-        "pallax_qmatmul: shapes disagree: x [" + std::to_string(p.rows) + ", " +
-        std::to_string(p.ip) + "], data [" + std::to_string(wd[0]) + ", " +
-        std::to_string(wd[1]) + "], scale [" + std::to_string(sd[0]) + ", " +
-        std::to_string(sd[1]) + "], group_size=" + std::to_string(group_size));
+    return ffi::Error::InvalidArgument("pallax_qmatmul: shapes disagree: x " + Shape(xd) +
+                                       ", data " + Shape(wd) + ", scale " + Shape(sd) +
+                                       ", group_size=" + std::to_string(group_size));
   }
   p.nblocks = (p.ip + kBlock - 1) / kBlock;
   p.nfull = p.ip / kBlock;
   p.wstride = wd[1];
-  p.x = x.typed_data();
-  p.w = static_cast<const uint8_t*>(data.untyped_data());
-  p.scale = scale.typed_data();
+  p.x = x;
+  p.w = static_cast<const uint8_t*>(data);
+  p.scale = scale;
   p.offset = offset;
-  p.y = y->typed_data();
-  const Kernel kernel = SelectKernel(p);
+  p.y = y;
+  kernel = SelectKernel(p);
   if (kernel.tile == nullptr) {
     return ffi::Error::InvalidArgument("pallax_qmatmul: unsupported bits=" +
                                        std::to_string(bits) +
                                        " group_size=" + std::to_string(group_size));
   }
-  if (p.rows == 0 || p.out == 0) return ffi::Error::Success();
+  return ffi::Error::Success();
+}
 
-  thread_local Scratch scratch;
+// Quantizes the activations into `scratch` (inline when few rows, across the threads when
+// many) and points the problem at them.
+void QuantizeActivations(Problem& p, const Kernel& kernel, Scratch& scratch, int64_t threads) {
   scratch.xq.resize(p.rows * p.nblocks * kBlock);
   scratch.xd.resize(p.rows * p.nblocks);
-  scratch.xsum.resize(offset != nullptr ? p.rows * p.groups : 0);
+  scratch.xsum.resize(p.offset != nullptr ? p.rows * p.groups : 0);
   scratch.xdv.resize(kernel.prepare != nullptr ? p.rows * p.nblocks * 8 : 0);
   p.xq = scratch.xq.data();
   p.xd = scratch.xd.data();
   p.xsum = scratch.xsum.data();
   p.xdv = scratch.xdv.data();
-
-  // Threads: from kMinSpinMacs up, the library's spinning workers (parallel.h); a decode
-  // row (R = 1) of a 576 x 576 int4 weight already splits.
-  const int64_t threads = pallax_cpu::ThreadsFor(p.rows * p.out * p.ip);
-  // Activation rows: quantized inline when few, across the threads when many.
   constexpr int64_t kRowsPerQuantTask = 16;
   if (p.rows <= kRowsPerQuantTask) {
     for (int64_t r = 0; r < p.rows; ++r) QuantizeRow(p, r, kernel.prepare);
@@ -163,19 +166,48 @@ ffi::Error Run(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
       for (int64_t r = t * kRowsPerQuantTask; r < r1; ++r) QuantizeRow(p, r, kernel.prepare);
     });
   }
+}
 
-  // Tasks: row tiles x chunks of output rows (a multiple of the 4-row tiles), about 8
-  // per thread so that the claims balance a thread that the OS or another process slows.
-  const int64_t row_tiles = (p.rows + kRowTile - 1) / kRowTile;
-  const int64_t want_chunks = std::max<int64_t>(1, (threads * 8 + row_tiles - 1) / row_tiles);
+// Tasks: row tiles x chunks of output rows (a multiple of the 4-row tiles), about 8 per
+// thread so that the claims balance a thread that the OS or another process slows.
+struct Tasks {
+  int64_t chunk = 0, chunks = 0, row_tiles = 0;
+  int64_t count() const { return row_tiles * chunks; }
+};
+
+Tasks Split(const Problem& p, int64_t threads) {
+  Tasks t;
+  t.row_tiles = (p.rows + kRowTile - 1) / kRowTile;
+  const int64_t want_chunks = std::max<int64_t>(1, (threads * 8 + t.row_tiles - 1) / t.row_tiles);
   const int64_t per_chunk = ((p.out + want_chunks - 1) / want_chunks + 3) & ~int64_t{3};
-  const int64_t chunk = std::max<int64_t>(8, per_chunk);
-  const int64_t chunks = (p.out + chunk - 1) / chunk;
-  ParallelForSpin(threads, row_tiles * chunks, [&](int64_t t) {
-    const int64_t rt = t / chunks, oc = t % chunks;
-    kernel.tile(p, oc * chunk, std::min(p.out, (oc + 1) * chunk), rt * kRowTile,
-                std::min(p.rows, (rt + 1) * kRowTile));
-  });
+  t.chunk = std::max<int64_t>(8, per_chunk);
+  t.chunks = (p.out + t.chunk - 1) / t.chunk;
+  return t;
+}
+
+void RunTask(const Problem& p, const Kernel& kernel, const Tasks& tasks, int64_t t) {
+  const int64_t rt = t / tasks.chunks, oc = t % tasks.chunks;
+  kernel.tile(p, oc * tasks.chunk, std::min(p.out, (oc + 1) * tasks.chunk), rt * kRowTile,
+              std::min(p.rows, (rt + 1) * kRowTile));
+}
+
+ffi::Error Run(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
+               ffi::Buffer<ffi::F32> scale, const float* offset,
+               ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group_size) {
+  Problem p;
+  Kernel kernel;
+  ffi::Error err = Setup(p, kernel, x.typed_data(), x.dimensions(), data.untyped_data(),
+                         data.element_type(), data.dimensions(), scale.typed_data(),
+                         scale.dimensions(), offset, y->typed_data(), bits, group_size);
+  if (err.failure()) return err;
+  if (p.rows == 0 || p.out == 0) return ffi::Error::Success();
+  thread_local Scratch scratch;
+  // Threads: from kMinSpinMacs up, the library's spinning workers (parallel.h); a decode
+  // row (R = 1) of a 576 x 576 int4 weight already splits.
+  const int64_t threads = pallax_cpu::ThreadsFor(p.rows * p.out * p.ip);
+  QuantizeActivations(p, kernel, scratch, threads);
+  const Tasks tasks = Split(p, threads);
+  ParallelForSpin(threads, tasks.count(), [&](int64_t t) { RunTask(p, kernel, tasks, t); });
   return ffi::Error::Success();
 }
 
@@ -195,9 +227,81 @@ ffi::Error QMatmulOffset(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
   return Run(x, data, scale, offset.typed_data(), y, bits, group_size);
 }
 
+// Several products in one call (the fused projections of one activation, e.g. q / k / v):
+// per member i the operands x_i, data_i, scale_i and, where offset[i], offset_i, and the
+// result y_i. Each member is set up, quantized and tiled exactly as its own call would be,
+// so its outputs are bit-equal to that call's; the call has one parallel region for all
+// members' tasks where separate calls had one each (a fork and a join per projection).
+ffi::Error QMatmulMulti(ffi::RemainingArgs args, ffi::RemainingRets rets, Dims bits,
+                        Dims group_size, Dims has_offset) {
+  const size_t n = bits.size();
+  if (group_size.size() != n || has_offset.size() != n || rets.size() != n) {
+    return ffi::Error::InvalidArgument(
+        "pallax_qmatmul_multi: bits, group_size, offset and results differ in length");
+  }
+  thread_local std::vector<Scratch> scratch;
+  scratch.resize(n);
+  std::vector<Problem> p(n);
+  std::vector<Kernel> kernels(n);
+  std::vector<Tasks> tasks(n);
+  size_t a = 0;
+  int64_t macs = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const size_t need = a + 3 + (has_offset[i] ? 1 : 0);
+    if (need > args.size()) {
+      return ffi::Error::InvalidArgument("pallax_qmatmul_multi: too few operands");
+    }
+    auto x = args.get<ffi::Buffer<ffi::F32>>(a);
+    auto data = args.get<ffi::AnyBuffer>(a + 1);
+    auto scale = args.get<ffi::Buffer<ffi::F32>>(a + 2);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (x.has_error() || data.has_error() || scale.has_error() || y.has_error()) {
+      return ffi::Error::InvalidArgument("pallax_qmatmul_multi: member " + std::to_string(i) +
+                                         ": x, scale and y must be float32");
+    }
+    const float* offset = nullptr;
+    if (has_offset[i]) {
+      auto off = args.get<ffi::Buffer<ffi::F32>>(a + 3);
+      if (off.has_error() || off->dimensions().size() != 2 ||
+          off->dimensions()[0] != scale->dimensions()[0] ||
+          off->dimensions()[1] != scale->dimensions()[1]) {
+        return ffi::Error::InvalidArgument("pallax_qmatmul_multi: member " +
+                                           std::to_string(i) + ": offset and scale differ");
+      }
+      offset = off->typed_data();
+    }
+    a = need;
+    ffi::Error err = Setup(p[i], kernels[i], x->typed_data(), x->dimensions(),
+                           data->untyped_data(), data->element_type(), data->dimensions(),
+                           scale->typed_data(), scale->dimensions(), offset,
+                           (*y)->typed_data(), bits[i], group_size[i]);
+    if (err.failure()) return err;
+    macs += p[i].rows * p[i].out * p[i].ip;
+  }
+  if (a != args.size()) {
+    return ffi::Error::InvalidArgument("pallax_qmatmul_multi: too many operands");
+  }
+  const int64_t threads = pallax_cpu::ThreadsFor(macs);
+  std::vector<int64_t> first(n + 1, 0);  // each member's first task
+  for (size_t i = 0; i < n; ++i) {
+    if (p[i].rows > 0 && p[i].out > 0) {
+      QuantizeActivations(p[i], kernels[i], scratch[i], threads);
+      tasks[i] = Split(p[i], threads);
+    }
+    first[i + 1] = first[i] + tasks[i].count();
+  }
+  ParallelForSpin(threads, first[n], [&](int64_t t) {
+    size_t i = 0;
+    while (t >= first[i + 1]) ++i;
+    RunTask(p[i], kernels[i], tasks[i], t - first[i]);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace pallax_qmatmul
 
 using pallax_qmatmul::QMatmul;
+using pallax_qmatmul::QMatmulMulti;
 using pallax_qmatmul::QMatmulOffset;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxQMatmul, QMatmul,
@@ -218,3 +322,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxQMatmulOffset, QMatmulOffset,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [R, O]
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxQMatmulMulti, QMatmulMulti,
+                              ffi::Ffi::Bind()
+                                  .RemainingArgs()  // per member: x, data, scale[, offset]
+                                  .RemainingRets()  // per member: y [R, O_i]
+                                  .Attr<ffi::Span<const int64_t>>("bits")
+                                  .Attr<ffi::Span<const int64_t>>("group_size")
+                                  .Attr<ffi::Span<const int64_t>>("offset"));

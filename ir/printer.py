@@ -74,13 +74,33 @@ def _format_eqns(jaxpr, namer, lines, counts, indent):
                     f"out=({specs(eqn.params['out_specs'])})]")  # fmt: skip
         else:
             head = prim
+        fused = getattr(eqn.primitive, "member_primitives", None)
+        if fused:  # a fused op: its members on the lines below
+            head = f"{prim}[{len(eqn.outvars)} members]"
         lines.append(f"{indent}{outs} = {head} {ins}")
+        if fused:
+            _format_members(eqn, namer, lines, counts, indent + "    ")
         if prim == "shard_map":  # the op per shard, with local shapes
             inner = eqn.params["jaxpr"]
             inner = getattr(inner, "jaxpr", inner)
             for v, outer in zip(inner.invars, eqn.invars, strict=True):
                 namer.names[v] = namer(outer)
             _format_eqns(inner, namer, lines, counts, indent + "    ")
+
+
+def _format_members(eqn, namer, lines, counts, indent):
+    """A fused op's members, one line each, as they would print unfused."""
+    from pallax.ir.primitives.fused import parts_of
+
+    x, *operands = eqn.invars
+    for (prim, ops, params), out in zip(
+        parts_of(eqn.params["members"], operands), eqn.outvars, strict=True
+    ):
+        counts[prim.name] = counts.get(prim.name, 0) + 1
+        args = ", ".join(f"{k}={_param(v)}" for k, v in sorted(params.items()))
+        head = f"{prim.name}[{args}]" if args else prim.name
+        ins = " ".join(namer(v) for v in (x, *ops))
+        lines.append(f"{indent}{namer(out)}:{_aval(out.aval)} = {head} {ins}")
 
 
 def _spec(x) -> str:

@@ -51,7 +51,9 @@ def eval_with_rules(jaxpr: jcore.Jaxpr, consts, args, rules: dict) -> list:
             if not isinstance(v, jcore.Literal) and last_use[v] == i:
                 env.pop(v, None)  # (an equation may read a value twice)
         rule = rules.get(eqn.primitive)
-        if rule is not None:
+        if rule is None and _covers(rules, eqn.primitive):
+            outs = _eval_members(eqn, invals, rules)
+        elif rule is not None:
             outs = rule(eqn, *invals)
             outs = outs if eqn.primitive.multiple_results else [outs]
         elif eqn.primitive.name in _INLINED:
@@ -72,6 +74,27 @@ def eval_with_rules(jaxpr: jcore.Jaxpr, consts, args, rules: dict) -> list:
             if not isinstance(v, jcore.DropVar):
                 env[v] = o
     return [read(v) for v in jaxpr.outvars]
+
+
+def _covers(rules: dict, prim) -> bool:
+    return any(m in rules for m in getattr(prim, "member_primitives", ()))
+
+
+def _eval_members(eqn, invals, rules) -> list:
+    """A fused op's members, each by its rule (or bound as it is)."""
+    from pallax.ir.primitives.fused import member_eqns
+
+    x, *operands = invals
+    outs, i = [], 0
+    for one in member_eqns(eqn):
+        ops = operands[i : i + len(one.invars) - 1]
+        i += len(ops)
+        rule = rules.get(one.primitive)
+        if rule is None:
+            outs.append(one.primitive.bind(x, *ops, **one.params))
+        else:
+            outs.append(rule(one, x, *ops))
+    return outs
 
 
 def _old_leaves_to_new(old, new):

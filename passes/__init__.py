@@ -4,6 +4,8 @@ re-exported here for convenience."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from pallax.ir.graph import CacheLayout, Graph, StepSpec, capture
 from pallax.ir.manager import Pass, describe, run_passes
 from pallax.ir.printer import format_graph
@@ -13,6 +15,7 @@ from pallax.ir.verify import GraphError, verify
 from pallax.passes.cast_dtype import CAST_DTYPES, Cast, cast
 from pallax.passes.compress_kv import CompressKV, compress_kv
 from pallax.passes.evict_kv import EvictKV, evict_kv
+from pallax.passes.fuse_projections import FuseProjections, fuse_projections
 from pallax.passes.quantize_weights import QuantizeWeights, quantize_weights
 from pallax.passes.shard import Shard, shard
 
@@ -22,6 +25,7 @@ PASS_FACTORIES = {
     "cast": cast,
     "compress_kv": compress_kv,
     "evict_kv": evict_kv,
+    "fuse_projections": fuse_projections,
     "quantize_weights": quantize_weights,
     "shard": shard,
 }
@@ -39,6 +43,46 @@ ALIASES = {
 }
 
 
+# Fusion passes: graph-only (weights untouched), on by default. `pallax.compile` runs each
+# one a pipeline does not name after its other passes (before a final shard); "-name" in a
+# pipeline leaves it out.
+DEFAULT_FUSIONS = ("fuse_projections",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Omit:
+    """ "-name" in a pipeline: leave out the default fusion pass `fusion`."""
+
+    fusion: str
+
+    @property
+    def name(self) -> str:
+        return "-" + self.fusion
+
+
+def with_fusions(pipeline) -> tuple:
+    """`pipeline` with its `Omit`s taken out and each default fusion it does not omit run
+    last (before a final shard): added there when not named, and again there when a
+    pass that rewrites projections runs after where it is named (that pass sees the
+    members one by one, `pallax.ir.rewrite`, and leaves them unfused)."""
+    omitted = {p.fusion for p in pipeline if isinstance(p, Omit)}
+    rest = [p for p in pipeline if not isinstance(p, Omit)]
+    named = {p.name for p in rest}
+    both = sorted(omitted & named)
+    if both:
+        raise ValueError(f"pass {both[0]!r} is both named and left out ('-{both[0]}')")
+    cut = len(rest) - 1 if rest and rest[-1].name == "shard" else len(rest)
+    extra = []
+    for fusion in DEFAULT_FUSIONS:
+        if fusion in omitted:
+            continue
+        at = [i for i, p in enumerate(rest[:cut]) if p.name == fusion]
+        later = rest[at[-1] + 1 : cut] if at else rest[:cut]
+        if not at or any(not getattr(p, "fusion", False) for p in later):
+            extra.append(parse_pass(fusion))
+    return tuple(rest[:cut] + extra + rest[cut:])
+
+
 def parse_pass(spec: str):
     """A pass from its textual form: "name", "name:arg" or "name:arg:key=value:...".
 
@@ -47,6 +91,13 @@ def parse_pass(spec: str):
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"pass {spec!r} must be a non-empty string")
+    if spec.startswith("-"):
+        if spec[1:] not in DEFAULT_FUSIONS:
+            raise ValueError(
+                f"pass {spec!r}: only a default fusion pass can be left out with '-' "
+                f"(one of {['-' + n for n in DEFAULT_FUSIONS]})"
+            )
+        return Omit(spec[1:])
     spec = ALIASES.get(spec, spec)
     name, *fields = spec.split(":")
     factory = PASS_FACTORIES.get(name)
@@ -94,7 +145,7 @@ def resolve_passes(passes) -> tuple:
     for p in passes:
         if isinstance(p, str):
             out.append(parse_pass(p))
-        elif callable(p) and hasattr(p, "name"):
+        elif isinstance(p, Omit) or (callable(p) and hasattr(p, "name")):
             out.append(p)
         else:
             raise ValueError(
@@ -105,7 +156,8 @@ def resolve_passes(passes) -> tuple:
 
 __all__ = [
     "CAST_DTYPES", "CacheLayout", "Cast", "CompressKV", "Graph", "GraphError", "Pass",
-    "EvictKV", "compress_kv", "evict_kv",
+    "EvictKV", "compress_kv", "evict_kv", "DEFAULT_FUSIONS", "FuseProjections",
+    "Omit", "fuse_projections", "with_fusions",
     "QuantizeWeights", "QuantizedWeight", "StepSpec", "capture", "cast", "describe",
     "format_graph", "parse_pass",
     "quantize_weights", "resolve_passes", "rewrite", "run_passes", "Shard", "shard", "verify",

@@ -60,7 +60,9 @@ def linear_weight_names(graph: Graph) -> set[str]:
 
 
 def _collect(jaxpr, by_var: dict, names: set, prim, operand: int) -> None:
-    for eqn in jaxpr.eqns:
+    from pallax.ir.primitives.fused import expand
+
+    for eqn in expand(jaxpr.eqns):  # the members of fused projections too
         if eqn.primitive is prim:
             w = eqn.invars[operand]
             if not isinstance(w, jcore.Literal) and w in by_var:

@@ -95,7 +95,8 @@ def save_checkpoint(compiled_or_model, path: str | os.PathLike, *, overwrite: bo
         "format_version": FORMAT_VERSION,
         "pallax_version": __version__,
         "config": model.config.to_dict(),
-        "passes": [_pass_record(p) for p in passes],
+        # fusion passes change the graph, not the weights: compile runs them by default
+        "passes": [_pass_record(p) for p in passes if not getattr(p, "fusion", False)],
         "weights": entries,
         "source": model.source,
     }

@@ -377,6 +377,10 @@ def compile(model, passes=None) -> CompiledModel:  # noqa: A001 - the public API
     A model loaded from a pallax checkpoint remembers the passes its weights went through
     (`model.passes`; () for other models): they always run first, so `passes=None` compiles
     it as it was saved and explicit `passes` run after them.
+
+    The default fusion passes (`pallax.passes.DEFAULT_FUSIONS`: "fuse_projections") run
+    after the others, before a final shard, unless `passes` names them (they then run
+    where named) or leaves them out with a leading minus ("-fuse_projections").
     """
     from pallax.model.loaded import Model
     from pallax.passes import resolve_passes
@@ -384,9 +388,12 @@ def compile(model, passes=None) -> CompiledModel:  # noqa: A001 - the public API
     if not isinstance(model, Model):
         raise TypeError(f"compile() takes a pallax Model (from pallax.load), got {model!r:.80}")
     from pallax.ir.manager import check_order, initial_facts
+    from pallax.passes import with_fusions
     from pallax.passes.evict_kv import check_pipeline
 
-    pipeline = model.passes + resolve_passes(passes)
+    # Fusion passes a checkpoint recorded run again where compile puts them (after the rest).
+    saved = tuple(p for p in model.passes if not getattr(p, "fusion", False))
+    pipeline = with_fusions(saved + resolve_passes(passes))
     # Refused before any capture: an order the passes' declared facts rule out, and KV
     # passes that cannot compose.
     packed = any(isinstance(w, QuantizedWeight) for w in model.weights.values())

@@ -194,8 +194,10 @@ def step_ops(jaxpr, names: dict, scale: float = 1.0) -> list[OpCost]:
     """The OpCosts of a jaxpr's equations (`names`: input var -> weight name); inner
     jaxprs (jit, shard_map) are walked; ops outside a shard_map of a sharded step are
     global and counted at `scale` (1 / devices)."""
+    from pallax.ir.primitives.fused import expand
+
     out = []
-    for eqn in jaxpr.eqns:
+    for eqn in expand(jaxpr.eqns):  # fused projections as their members (each one's x read)
         prim = eqn.primitive.name
         inner = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
         if inner:

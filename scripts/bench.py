@@ -142,7 +142,7 @@ def prefill_engines(path, model, kept, pipelines, prompts, hf: bool) -> dict:
     import pallax
 
     for cfg, passes in pipelines.items():
-        compiled = pallax.compile(kept if cfg.split(" ")[0] == "gguf" else model, passes=passes)
+        compiled = pallax.compile(kept if _kept(cfg) else model, passes=passes)
 
         def first(compiled=compiled):
             compiled.generate(prompts, max_new_tokens=1, ignore_eos=True)
@@ -206,7 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=["fp32", "bf16"],
                         help="pallax pass pipelines: fp32 (no passes), comma-separated pass "
                              "names (e.g. int8-outliers, bf16,int4), or gguf (the file's own "
-                             "quantization, load(keep_quantized=True))")  # fmt: skip
+                             "quantization, load(keep_quantized=True)); fp32 or gguf may lead "
+                             "a list of passes: gguf,-fuse_projections")  # fmt: skip
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--cold-start", action="store_true",
                         help="time a new process to its first token instead: load + compile "
@@ -249,15 +250,15 @@ def main(argv=None) -> int:
             parser.error("--cold-start times one process on one device; drop --shard")
         return cold_start(path, args.configs, args.repeats)
     model = pallax.load(path)
-    kept = pallax.load(path, keep_quantized=True) if "gguf" in args.configs else None
-    pipelines = {c: [] if c in ("fp32", "gguf") else c.split(",") for c in args.configs}
+    kept = pallax.load(path, keep_quantized=True) if any(map(_kept, args.configs)) else None
+    pipelines = {c: _passes(c) for c in args.configs}
     if sizes is not None:
         shard = "shard:" + ":".join(f"{k}={v}" for k, v in sizes.items())
         pipelines.update({f"{c} +{shard}": [*p, shard] for c, p in list(pipelines.items())})
     if args.batch_variant:
         pipelines.update({f"{c} batch-variant": p for c, p in list(pipelines.items())})
     for c, passes in pipelines.items():  # bad pass names fail here, before any timing
-        pallax.compile(kept if c.split(" ")[0] == "gguf" else model, passes=passes)
+        pallax.compile(kept if _kept(c) else model, passes=passes)
     if args.prefill:
         for b in args.batch:
             prompts = _prompts(b, args.prefill, model.config.vocab_size)
@@ -275,7 +276,7 @@ def main(argv=None) -> int:
         if not args.no_hf:
             engines["transformers fp32"] = hf_engine(path, "float32", prompts)
         for cfg in pipelines:
-            m = kept if cfg.split(" ")[0] == "gguf" else model
+            m = kept if _kept(cfg) else model
             name = f"pallax {cfg}"
             engines[name], compile_s[name] = pallax_engine(
                 m, pipelines[cfg], prompts, n, invariant="batch-variant" not in cfg
@@ -315,6 +316,18 @@ print(time.perf_counter() - t0)
 """
 
 
+def _kept(cfg: str) -> bool:
+    """Whether a configuration runs the GGUF file's own blocks: "gguf", or "gguf,PASSES"."""
+    return cfg.split(" ")[0].split(",")[0] == "gguf"
+
+
+def _passes(cfg: str) -> list[str]:
+    """A configuration's passes: "fp32" and "gguf" are the model as loaded (float32, or the
+    file's blocks kept), optionally followed by passes: "gguf,-fuse_projections"."""
+    names = [p for p in cfg.split(" ")[0].split(",") if p]
+    return names[1:] if names and names[0] in ("fp32", "gguf") else names
+
+
 def cold_start(path, configs, repeats) -> int:
     """Seconds from a new process to the first generated token: the compile path (load,
     passes, trace, XLA compile) against an artifact exported from it (load_artifact and
@@ -332,10 +345,10 @@ def cold_start(path, configs, repeats) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in configs:
-            mode = "gguf" if cfg == "gguf" else "compile"
-            passes = "" if cfg in ("fp32", "gguf") else cfg
+            mode = "gguf" if _kept(cfg) else "compile"
+            passes = ",".join(_passes(cfg))
             model = pallax.load(path, keep_quantized=mode == "gguf")
-            compiled = pallax.compile(model, passes=passes.split(",") if passes else [])
+            compiled = pallax.compile(model, passes=_passes(cfg))
             for cached in (False, True):
                 compiled.export(f"{tmp}/{cfg}-{cached}", cache_sizes=(256,), prefill_sizes=(16,),
                                 xla_cache=cached)  # fmt: skip

@@ -258,3 +258,30 @@ def test_missing_compiler_warns_and_reports_unavailable(monkeypatch, tmp_path, c
     qw = _weight("rtn8", 32, 96)
     x = _activations(2, qw)
     np.testing.assert_allclose(_run(x, qw), x @ _padded_weight(qw).T, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_multi_weight_call_is_each_weights_own_call(rows):
+    """One `qmatmul_multi` call (fused projections) over weights of different formats and
+    padded widths gives each weight the bits of its own call."""
+    num_in = 200
+    weights = [_weight("rtn4", 32, num_in), _weight("rtn8", None, num_in),
+               _weight("int8_offset", 64, num_in), _weight("rtn4", 128, num_in),
+               _weight("rtn8", 32, num_in)]  # fmt: skip
+    xs = [_activations(rows, qw) for qw in weights]
+    for x in xs[1:]:  # one activation, padded per weight
+        np.testing.assert_array_equal(x[:, :num_in], xs[0][:, :num_in])
+    arrays = [(qw.data, qw.scale, qw.offset) for qw in weights]
+
+    @jax.jit
+    def multi(xs, arrays):
+        specs = [(*a, qw.bits, qw.group_size) for a, qw in zip(arrays, weights, strict=True)]
+        return cpu_kernels.qmatmul_multi(xs, specs)
+
+    got = multi(xs, arrays)
+    assert len(got) == len(weights)
+    for x, qw, y in zip(xs, weights, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(y), _run(x, qw))
+    text = multi.lower(xs, arrays).as_text()
+    assert text.count(cpu_kernels.TARGET_MULTI) == 1 and f'{cpu_kernels.TARGET}"' not in text

@@ -215,7 +215,7 @@ def _linears_cpu_rule(x, *operands, members):
             weights.append((data, scale, offset, prm["bits"], prm["group_size"]))
         for i, y in zip(multi, qmatmul_multi(xs, weights), strict=True):
             prm = parts[i][2]
-            outs[i] = y.reshape(*lead, y.shape[-1]).astype(prm["out_dtype"] or x.dtype)
+            outs[i] = y.reshape(*lead, y.shape[-1]).astype(prm.get("out_dtype") or x.dtype)
     for i, (prim, ops_, prm) in enumerate(parts):
         if outs[i] is None:
             outs[i] = prim.bind(x, *ops_, **prm)

@@ -90,16 +90,15 @@ def _format_eqns(jaxpr, namer, lines, counts, indent):
 
 def _format_members(eqn, namer, lines, counts, indent):
     """A fused op's members, one line each, as they would print unfused."""
-    from pallax.ir.primitives.fused import parts_of
+    from pallax.ir.primitives.fused import member_eqns
 
-    x, *operands = eqn.invars
-    for (prim, ops, params), out in zip(
-        parts_of(eqn.params["members"], operands), eqn.outvars, strict=True
-    ):
-        counts[prim.name] = counts.get(prim.name, 0) + 1
-        args = ", ".join(f"{k}={_param(v)}" for k, v in sorted(params.items()))
-        head = f"{prim.name}[{args}]" if args else prim.name
-        ins = " ".join(namer(v) for v in (x, *ops))
+    for one in member_eqns(eqn):
+        name = one.primitive.name
+        counts[name] = counts.get(name, 0) + 1
+        args = ", ".join(f"{k}={_param(v)}" for k, v in sorted(one.params.items()))
+        head = f"{name}[{args}]" if args else name
+        ins = " ".join(namer(v) for v in one.invars)
+        (out,) = one.outvars
         lines.append(f"{indent}{namer(out)}:{_aval(out.aval)} = {head} {ins}")
 
 

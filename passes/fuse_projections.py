@@ -87,7 +87,8 @@ def fuse_jaxpr(jaxpr: jcore.Jaxpr) -> jcore.Jaxpr:
         fused_at[ready[0]] = _fused_eqn([eqns[i] for i in ready])
         dropped.update(ready[1:])
     if not fused_at:
-        return jaxpr.replace(eqns=eqns) if eqns != list(jaxpr.eqns) else jaxpr
+        same = all(a is b for a, b in zip(eqns, jaxpr.eqns, strict=True))
+        return jaxpr if same else jaxpr.replace(eqns=eqns)
     out = []
     for i, e in enumerate(eqns):
         if i in fused_at:

@@ -209,6 +209,9 @@ KERNEL_TABLE = {  # pipeline: (prefill kernels, decode kernels), the same on tpu
                {"rms_norm": _NORMS, "h2o_decode_attention": 2}),
     "h2o": ({"rms_norm": _NORMS}, {"rms_norm": _NORMS, "h2o_decode_attention": 2}),
 }  # fmt: skip
+# Fused projections (fuse_projections, on by default in pallax.compile) lower each member
+# to the kernel it lowers to alone.
+KERNEL_TABLE |= {f"{p}+fuse": KERNEL_TABLE[p] for p in ("default", "int8", "int4")}
 _KERNELS = ("rms_norm", "qmatmul", "flash_attention", "decode_attention",
             "kivi_decode_attention", "h2o_decode_attention")  # fmt: skip
 
@@ -232,13 +235,16 @@ def _kernel_counts(text: str, platform: str) -> dict:
 def test_kernel_table(pipeline, monkeypatch):
     monkeypatch.setenv("PALLAX_CPU_KERNELS", "0")
     from pallax.pallas_kernels.flash_attention.gpu import TRITON_CUSTOM_CALL
-    from pallax.passes import compress_kv, evict_kv, quantize_weights
+    from pallax.passes import compress_kv, evict_kv, fuse_projections, quantize_weights
 
     passes = {"default": [], "int8": [quantize_weights(8)],
               "int4": [quantize_weights(4, group_size=32)], "kivi2": [compress_kv("kivi", 2)],
               "int8kv": [compress_kv("int8")],
-              "h2o": [evict_kv("h2o", budget=64, recent=16)]}[pipeline]  # fmt: skip
+              "h2o": [evict_kv("h2o", budget=64, recent=16)]}  # fmt: skip
+    fused = pipeline.endswith("+fuse")
+    passes = passes[pipeline.removesuffix("+fuse")] + ([fuse_projections()] if fused else [])
     graph = run_passes(_tiny_graph("bfloat16"), passes)
+    assert fused == ("linears" in str(graph.steps["decode"].jaxpr))
     checks = [export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
     for step, want in zip(("prefill", "decode"), KERNEL_TABLE[pipeline], strict=True):
         spec = graph.steps[step]

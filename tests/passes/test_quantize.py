@@ -214,7 +214,9 @@ def test_outliers_bring_int8_back_to_fp32(smollm2, compiled_fp32, monkeypatch):
     err_plain = np.abs(plain.score(text, chunk_size=32) - ref).mean()
     err_dec = np.abs(decomposed.score(text, chunk_size=32) - ref).mean()
     assert err_dec < 0.75 * err_plain, (err_dec, err_plain)
-    assert "calibration=<1 items" in g.meta["passes"][-1]
+    assert "calibration=<1 items" in next(
+        d for d in g.meta["passes"] if d.startswith("quantize_weights")
+    )
 
 
 @pytest.mark.slow

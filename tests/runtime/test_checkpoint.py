@@ -44,7 +44,8 @@ def test_bf16_round_trip_is_bit_exact(bf16_checkpoint, bf16_loaded, compiled_bf1
     _assert_same_weights(bf16_loaded.weights, compiled_bf16.weights)
     assert all(w.dtype == jnp.bfloat16 for w in bf16_loaded.weights.values())
     assert bf16_loaded.config == smollm2.config
-    assert bf16_loaded.passes == compiled_bf16.passes
+    # the default fusion pass is not recorded: compile adds it again
+    assert bf16_loaded.passes + (pallax.passes.fuse_projections(),) == compiled_bf16.passes
     assert bf16_loaded.source == str(bf16_checkpoint)
     assert bf16_loaded.tokenizer.config == smollm2.tokenizer.config
     for text in [*PROMPTS, "<|im_start|>user\nHi there!<|im_end|>\n", "naïve café 1234 🙂"]:
@@ -86,13 +87,15 @@ def test_bf16_round_trip_generates_the_same_tokens(bf16_loaded, compiled_bf16):
 
 
 def test_explicit_passes_run_after_the_saved_ones(bf16_loaded, smollm2):
-    assert pallax.compile(smollm2).passes == ()
+    fuse = pallax.passes.fuse_projections()  # the default fusion runs last
+    assert pallax.compile(smollm2).passes == (fuse,)
     cast = pallax.passes.cast("bfloat16")
     assert pallax.compile(bf16_loaded, passes=["fp16"]).passes == (
         cast,
         pallax.passes.cast("float16"),
+        fuse,
     )
-    assert pallax.compile(bf16_loaded, passes=[]).passes == (cast,)
+    assert pallax.compile(bf16_loaded, passes=[]).passes == (cast, fuse)
 
 
 def test_fp32_round_trip_into_an_empty_directory(compiled_fp32, tmp_path):

@@ -51,7 +51,7 @@ DEFAULT_FUSIONS = ("fuse_projections",)
 
 @dataclasses.dataclass(frozen=True)
 class Omit:
-    """ "-name" in a pipeline: leave out the default fusion pass `fusion`."""
+    """A "-name" entry in a pipeline: leave out the default fusion pass `fusion`."""
 
     fusion: str
 
@@ -62,9 +62,10 @@ class Omit:
 
 def with_fusions(pipeline) -> tuple:
     """`pipeline` with its `Omit`s taken out and each default fusion it does not omit run
-    last (before a final shard): added there when not named, and again there when a
-    pass that rewrites projections runs after where it is named (that pass sees the
-    members one by one, `pallax.ir.rewrite`, and leaves them unfused)."""
+    last (before a final shard): added there when not named, and again there when
+    another pass runs after where it is named (a pass that rewrites projections sees
+    the members one by one, `pallax.ir.rewrite`, and leaves them unfused; for any other
+    the second run finds nothing new to fuse)."""
     omitted = {p.fusion for p in pipeline if isinstance(p, Omit)}
     rest = [p for p in pipeline if not isinstance(p, Omit)]
     named = {p.name for p in rest}

@@ -30,7 +30,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--passes",
         default="",
-        help="comma-separated passes, e.g. 'cast:bfloat16' or 'bf16' (default: none)",
+        help="comma-separated passes, e.g. 'cast:bfloat16' or 'bf16' (default: none). The "
+        "default fusions run after them; '--passes=-fuse_projections' leaves one out",
     )
 
 
@@ -71,7 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write an ahead-of-time artifact of a compiled model")
     e.add_argument("model", help="model name or path (as --model of generate)")
     e.add_argument("dir", help="the artifact directory to write")
-    e.add_argument("--passes", default="", help="comma-separated passes (default: none)")
+    e.add_argument(
+        "--passes",
+        default="",
+        help="comma-separated passes (default: none; "
+        "fusions run after them unless named with '-': --passes=int8,-fuse_projections)",
+    )
     e.add_argument("--platforms", default="cpu", help="comma-separated: cpu, cuda, tpu")
     e.add_argument("--batch-sizes", default="1", help="comma-separated batch buckets")
     e.add_argument(
@@ -113,7 +119,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
     s.add_argument("model", help="model name or path (as --model of generate)")
-    s.add_argument("--passes", default="", help="comma-separated passes (default: none)")
+    s.add_argument(
+        "--passes",
+        default="",
+        help="comma-separated passes (default: none; "
+        "fusions run after them unless named with '-': --passes=int8,-fuse_projections)",
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch", type=int, default=8, help="request slots (%(default)s)")
@@ -337,8 +348,9 @@ def _inspect(args) -> None:
     import pallax
     from pallax.ir.graph import StepSpec, capture
     from pallax.ir.manager import printing_dump, run_passes
+    from pallax.passes import with_fusions
 
-    passes = _passes(args.passes)
+    passes = with_fusions(_passes(args.passes))  # the pipeline compile would run
     model = pallax.load(args.model)
     s = min(256, model.config.context_length)
     specs = [StepSpec("prefill", 1, 16, s), StepSpec("decode", 1, 1, s)]

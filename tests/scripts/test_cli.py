@@ -34,6 +34,12 @@ def test_cli_inspect_prints_before_and_after(smollm2_gguf_path, capsys):
     out = capsys.readouterr().out
     assert "=== input ===" in out and "=== after cast(" in out
     assert "bfloat16[1,1,576] = linear" in out and "attention[" in out
+    # the pipeline compile runs: the default fusion last, unless left out by name
+    assert "=== after fuse_projections(" in out and "= linears[3 members]" in out
+    args = ["inspect", "--model", str(smollm2_gguf_path), "--passes=bf16,-fuse_projections"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "=== after cast(" in out and "fuse_projections" not in out and "linears" not in out
 
 
 @pytest.mark.parametrize(

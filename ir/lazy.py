@@ -141,8 +141,9 @@ def is_lazy(tree) -> bool:
 
 
 # Passes that keep lazy weights lazy: a cast converts each slice as it is read; the KV
-# passes do not touch weights; the shard pass reads each device's slice as it places it.
-LAZY_PASSES = ("cast", "compress_kv", "evict_kv")
+# passes and the fusion passes do not touch weights; the shard pass reads each device's
+# slice as it places it.
+LAZY_PASSES = ("cast", "compress_kv", "evict_kv", "fuse_projections")
 
 
 def places_lazily(pipeline) -> bool:

@@ -89,13 +89,3 @@ mlir.register_lowering(linears_p, mlir.lower_fun(decompose, multiple_results=Tru
 linears_p.reference = decompose  # type: ignore[attr-defined]
 linears_p.pallax_semantic = True  # type: ignore[attr-defined]
 linears_p.member_primitives = tuple(FUSABLE.values())  # type: ignore[attr-defined]
-
-
-def linears(x, parts):
-    """The fused projections of x: `parts` is a list of (primitive, operands, params)."""
-    spec = tuple(member(p, len(ops), prm) for p, ops, prm in parts)
-    flat = [a for _, ops, _ in parts for a in ops]
-    return linears_p.bind(x, *flat, members=spec)
-
-
-FUSED_PRIMITIVES = (linears_p,)

@@ -430,13 +430,19 @@ def register() -> None:
 
 
 from pallax.cpu_kernels import fused  # noqa: E402 (after the names it uses)
-from pallax.cpu_kernels.fused import TARGET_MULTI, qmatmul_multi  # noqa: E402
+from pallax.cpu_kernels.fused import (  # noqa: E402
+    TARGET_FLOAT_MULTI,
+    TARGET_MULTI,
+    float_matmul_multi,
+    qmatmul_multi,
+)  # fmt: skip
 
 register()
 
 __all__ = [
     "BF16_MAX_ROWS", "MAX_ROWS", "available", "bf16_matmul", "decode_attention_cpu",
-    "TARGET_MULTI", "f32_matmul", "qmatmul_cpu", "qmatmul_multi", "register", "supported",
+    "TARGET_FLOAT_MULTI", "TARGET_MULTI", "f32_matmul", "float_matmul_multi", "qmatmul_cpu",
+    "qmatmul_multi", "register", "supported",
     "use_attention_kernel",
     "use_float_kernel", "use_int8_kv_kernel", "use_kernel", "use_kivi_kernel",
     "use_candidate_prefill", "use_prefill_kernel",

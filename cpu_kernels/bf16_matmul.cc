@@ -26,6 +26,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -143,34 +144,122 @@ void Tile(const Problem<W>& p, int64_t o0, int64_t o1) {
 }
 #endif
 
-template <typename W>
-ffi::Error Run(const char* name, ffi::Buffer<ffi::F32> x, const void* w_data,
-               ffi::Span<const int64_t> wd, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
+// Output rows per task: about 8 tasks per thread (multiples of 12, the weight-row tiles)
+// balance a slowed thread. An output is computed by one task whole, so how rows are
+// split never changes a bit.
+inline int64_t ChunkRows(int64_t out, int64_t threads) {
+  const int64_t want = std::max<int64_t>(1, threads * 8);
+  return std::max<int64_t>(12, ((out + want - 1) / want + 11) / 12 * 12);
+}
+
+inline ffi::Error Check(const char* name, ffi::Span<const int64_t> xd,
+                        ffi::Span<const int64_t> wd) {
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
     return ffi::Error::InvalidArgument(std::string(name) +
                                        ": x [R, I] and w [O, I] must be 2-D with the same I");
   }
+  return ffi::Error::Success();
+}
+
+template <typename W>
+Problem<W> Make(const float* x, ffi::Span<const int64_t> xd, const void* w_data,
+                ffi::Span<const int64_t> wd, float* y) {
   Problem<W> p;
   p.rows = xd[0];
   p.in = xd[1];
   p.out = wd[0];
-  p.x = x.typed_data();
+  p.x = x;
   p.w = reinterpret_cast<const W*>(w_data);
-  p.y = y->typed_data();
-  if (p.rows == 0 || p.out == 0) return ffi::Error::Success();
+  p.y = y;
+  return p;
+}
+
+// Whether a problem has work for the tiles (an empty input sum is zeros, written here).
+template <typename W>
+bool Ready(const Problem<W>& p) {
+  if (p.rows == 0 || p.out == 0) return false;
   if (p.in == 0) {
     std::fill(p.y, p.y + p.rows * p.out, 0.0f);
-    return ffi::Error::Success();
+    return false;
   }
+  return true;
+}
+
+template <typename W>
+ffi::Error Run(const char* name, ffi::Buffer<ffi::F32> x, const void* w_data,
+               ffi::Span<const int64_t> wd, ffi::ResultBuffer<ffi::F32> y) {
+  ffi::Error err = Check(name, x.dimensions(), wd);
+  if (err.failure()) return err;
+  const Problem<W> p = Make<W>(x.typed_data(), x.dimensions(), w_data, wd, y->typed_data());
+  if (!Ready(p)) return ffi::Error::Success();
   const int64_t threads = pallax_cpu::ThreadsFor(p.rows * p.out * p.in);
-  // About 8 chunks per thread (multiples of 12, the weight-row tiles) balance a slowed
-  // thread.
-  const int64_t want = std::max<int64_t>(1, threads * 8);
-  const int64_t chunk = std::max<int64_t>(12, ((p.out + want - 1) / want + 11) / 12 * 12);
+  const int64_t chunk = ChunkRows(p.out, threads);
   const int64_t chunks = (p.out + chunk - 1) / chunk;
   pallax_cpu::ParallelForSpin(threads, chunks, [&](int64_t c) {
     Tile(p, c * chunk, std::min(p.out, (c + 1) * chunk));
+  });
+  return ffi::Error::Success();
+}
+
+// Several weights against one x (the fused projections of one activation: q / k / v,
+// gate / up) in one call: per member i a weight w_i [O_i, I], bfloat16 or float32, and its
+// result y_i [R, O_i]. Each member's outputs are the bits of its own call (an output's sum
+// order is fixed by its row alone); the call has one parallel region for all members'
+// tasks where separate calls had a fork and a join each.
+ffi::Error FloatMatmulMulti(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws,
+                            ffi::RemainingRets ys) {
+  const size_t n = ws.size();
+  if (ys.size() != n) {
+    return ffi::Error::InvalidArgument("pallax_float_matmul_multi: weights and results differ");
+  }
+  std::vector<Problem<uint16_t>> half(n);
+  std::vector<Problem<float>> full(n);
+  std::vector<char> is_half(n, 0), ready(n, 0);
+  int64_t macs = 0;
+  for (size_t i = 0; i < n; ++i) {
+    auto w = ws.get<ffi::AnyBuffer>(i);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(i);
+    if (w.has_error() || y.has_error()) {
+      return ffi::Error::InvalidArgument("pallax_float_matmul_multi: member " +
+                                         std::to_string(i) + ": y must be float32");
+    }
+    const auto wd = w->dimensions();
+    ffi::Error err = Check("pallax_float_matmul_multi", x.dimensions(), wd);
+    if (err.failure()) return err;
+    float* out = (*y)->typed_data();
+    if (w->element_type() == ffi::DataType::BF16) {
+      is_half[i] = 1;
+      half[i] = Make<uint16_t>(x.typed_data(), x.dimensions(), w->untyped_data(), wd, out);
+      ready[i] = Ready(half[i]);
+    } else if (w->element_type() == ffi::DataType::F32) {
+      full[i] = Make<float>(x.typed_data(), x.dimensions(), w->untyped_data(), wd, out);
+      ready[i] = Ready(full[i]);
+    } else {
+      return ffi::Error::InvalidArgument("pallax_float_matmul_multi: member " +
+                                         std::to_string(i) + ": w must be bf16 or float32");
+    }
+    macs += x.dimensions()[0] * wd[0] * wd[1];
+  }
+  const int64_t threads = pallax_cpu::ThreadsFor(macs);
+  std::vector<int64_t> chunk(n, 1), first(n + 1, 0);  // each member's rows per task, first task
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t out = is_half[i] ? half[i].out : full[i].out;
+    int64_t count = 0;
+    if (ready[i]) {
+      chunk[i] = ChunkRows(out, threads);
+      count = (out + chunk[i] - 1) / chunk[i];
+    }
+    first[i + 1] = first[i] + count;
+  }
+  pallax_cpu::ParallelForSpin(threads, first[n], [&](int64_t t) {
+    size_t i = 0;
+    while (t >= first[i + 1]) ++i;
+    const int64_t c = t - first[i];
+    if (is_half[i]) {
+      Tile(half[i], c * chunk[i], std::min(half[i].out, (c + 1) * chunk[i]));
+    } else {
+      Tile(full[i], c * chunk[i], std::min(full[i].out, (c + 1) * chunk[i]));
+    }
   });
   return ffi::Error::Success();
 }
@@ -198,3 +287,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxF32Matmul, F32Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [R, I]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w [O, I]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [R, O]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxFloatMatmulMulti, FloatMatmulMulti,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [R, I]
+                                  .RemainingArgs()   // per member: w [O_i, I], bf16 or float32
+                                  .RemainingRets());  // per member: y [R, O_i]

@@ -38,6 +38,7 @@ TARGETS = {
     "pallax_qmatmul_multi": "PallaxQMatmulMulti",
     "pallax_bf16_matmul": "PallaxBf16Matmul",
     "pallax_f32_matmul": "PallaxF32Matmul",
+    "pallax_float_matmul_multi": "PallaxFloatMatmulMulti",
     "pallax_decode_attention": "PallaxDecodeAttention",
     "pallax_decode_attention_int8": "PallaxDecodeAttentionInt8",
     "pallax_kivi_attention": "PallaxKiviAttention",

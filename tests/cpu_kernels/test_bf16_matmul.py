@@ -79,6 +79,23 @@ def test_every_row_has_the_same_bits_whatever_its_batch(dtype):
         np.testing.assert_array_equal(np.asarray(fn(x[:rows], w)), alone[:rows])
 
 
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_multi_weight_call_is_each_weights_own_call(rows):
+    """One `float_matmul_multi` call (fused projections of a decode step) over bfloat16
+    and float32 weights of different widths (one not a multiple of the 12-row tiles, one
+    empty) gives each weight the bits of its own call, in one custom call."""
+    x, _ = _inputs(rows, 200, 1, seed=rows)
+    shapes = [(577, "bfloat16"), (64, "float32"), (29, "bfloat16"), (0, "bfloat16"),
+              (130, "float32")]  # fmt: skip
+    ws = [_inputs(1, 200, o, seed=o)[1].astype(dt) for o, dt in shapes]
+    got = jax.jit(cpu_kernels.float_matmul_multi)(x, ws)
+    for y, w in zip(got, ws, strict=True):
+        own = cpu_kernels.bf16_matmul if w.dtype == jnp.bfloat16 else cpu_kernels.f32_matmul
+        assert y.shape == (rows, w.shape[0]) and y.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.jit(own)(x, w)))
+    assert _hlo(cpu_kernels.float_matmul_multi, x, ws).count("stablehlo.custom_call") == 1
+
+
 def test_prefill_keeps_xla_and_decode_runs_the_kernel(monkeypatch):
     x, w = _inputs(64, 64, 48)
     prefill = x.reshape(4, 16, 64)  # one prompt chunk of 16 tokens per sequence

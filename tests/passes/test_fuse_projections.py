@@ -117,6 +117,30 @@ def test_mixed_gguf_blocks_run_in_one_kernel_call(mixed):
     assert calls(alone, *singles) - calls(text, *singles) == 3 + 2 + 2
 
 
+@pytest.mark.parametrize("passes", [[], ["bf16"]])
+def test_float_members_run_in_one_kernel_call(tiny, passes):
+    """float32 and bfloat16 weights: a decode step's q / k / v and gate / up are one call
+    of the float multi-weight kernel each (their outputs are bit-equal to the unfused
+    pipeline's: test_outputs_equal_the_unfused_pipeline[fp32, bf16]); prefill keeps XLA's
+    GEMM per member."""
+    from pallax import cpu_kernels
+
+    fused = pallax.compile(tiny, passes)
+    unfused = pallax.compile(tiny, [*passes, "-fuse_projections"])
+    single = cpu_kernels.TARGET_BF16 if passes else cpu_kernels.TARGET_F32
+    multi = cpu_kernels.TARGET_FLOAT_MULTI
+
+    def calls(compiled, step, target):
+        return len(
+            re.findall(rf"custom_call @{target}\b", compiled.lower(step, ("cpu",)).mlir_module())
+        )
+
+    assert calls(fused, "decode", multi) == 2 * LAYERS and calls(unfused, "decode", multi) == 0
+    # 5 of each layer's 7 projections moved into the 2 calls (wo and w_down stay single)
+    assert calls(unfused, "decode", single) - calls(fused, "decode", single) == 5 * LAYERS
+    assert calls(fused, "prefill", multi) == 0
+
+
 def test_tpu_and_cuda_lower_each_member_to_its_kernel(mixed):
     fused, unfused = pallax.compile(mixed, []), pallax.compile(mixed, ["-fuse_projections"])
     for platform, kernel in (("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu")):

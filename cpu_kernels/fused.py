@@ -23,14 +23,13 @@ TARGET_FLOAT_MULTI = "pallax_float_matmul_multi"
 
 def _multi_member(x, prim, operands, params):
     """Whether a member of a fused `linears` op runs in the multi-weight kernel call: a
-    packed weight the kernel would multiply alone (`use_kernel`), without LLM.int8
-    outliers or a tensor-parallel split (those keep `qlinear`'s own lowering)."""
+    packed weight the kernel would multiply alone (`use_kernel`, by the whole op's rows
+    where x is a data shard of it), without LLM.int8 outliers or a row-parallel split
+    (those keep `qlinear`'s own lowering)."""
     if prim is not ops.qlinear_p or params["outliers"] or params.get("row_absmax"):
         return False
-    if params.get("rows") is not None:
-        return False
     scale = operands[1]
-    rows = math.prod(x.shape[:-1])
+    rows = params.get("rows") or math.prod(x.shape[:-1])
     return kernels.use_kernel(rows, params["bits"], params["group_size"], scale.shape[1])
 
 

@@ -32,8 +32,10 @@ from pallax.ir import primitives as ops
 from pallax.ir.graph import Graph
 from pallax.ir.lazy import LazyWeight
 from pallax.ir.manager import map_weights
+from pallax.ir.primitives.fused import linears_p
 from pallax.ir.qformat import QuantizedWeight
 from pallax.ir.rewrite import rewrite
+from pallax.sharding.fused import shard_linears
 from pallax.sharding.heads import head_layout, place_heads
 from pallax.sharding.mesh import AXES, make_mesh
 from pallax.sharding.rules import check_rules, spec_for
@@ -274,6 +276,7 @@ class _Rules:
             ops.lm_head_p: self.lm_head,
             ops.rms_norm_p: self.rms_norm,
             ops.attention_p: self.attention,
+            linears_p: lambda eqn, x, *operands: shard_linears(self, eqn, x, *operands),
         }
         if padded_heads:
             out[lax.reshape_p] = _reshape_heads

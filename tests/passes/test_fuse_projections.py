@@ -163,6 +163,37 @@ def test_runs_last_and_again_after_a_later_rewrite(tiny):
         "fuse_projections", "shard"]  # fmt: skip
 
 
+SHARDED = [
+    ["shard:tensor=2:data=2"],
+    ["int8", "shard:tensor=4:data=2"],
+    ["bf16", "quantize_weights:4:group_size=32", "shard:tensor=2"],
+]
+
+
+@pytest.mark.parametrize("passes", SHARDED)
+def test_a_sharded_graph_stays_fused(tiny, passes):
+    """Under shard, q / k / v and gate / up (split by their outputs) stay one op inside one
+    shard_map, and each shard runs them in one multi-weight kernel call; outputs are
+    bit-equal to the sharded unfused pipeline. wo and w_down (split by their inputs, or
+    gathered by the exact layout) keep their own rules."""
+    from pallax import cpu_kernels
+
+    fused, unfused = (
+        pallax.compile(tiny, passes),
+        pallax.compile(tiny, [*passes, "-fuse_projections"]),
+    )
+    assert _names(fused)[-2:] == ["fuse_projections", "shard"]
+    _same(fused, unfused)
+    text = fused.lower("decode", ("cpu",)).mlir_module()
+    multi = (
+        cpu_kernels.TARGET_FLOAT_MULTI
+        if passes[0].startswith("shard")
+        else cpu_kernels.TARGET_MULTI
+    )
+    assert len(re.findall(rf"custom_call @{multi}\b", text)) == 2 * LAYERS
+    assert multi not in unfused.lower("decode", ("cpu",)).mlir_module()
+
+
 def test_left_out_by_name_and_bad_names_refused(tiny):
     assert DEFAULT_FUSIONS == ("fuse_projections",)
     assert _names(pallax.compile(tiny, [pallax.passes.parse_pass("-fuse_projections")])) == []

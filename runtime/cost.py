@@ -194,10 +194,8 @@ def step_ops(jaxpr, names: dict, scale: float = 1.0) -> list[OpCost]:
     """The OpCosts of a jaxpr's equations (`names`: input var -> weight name); inner
     jaxprs (jit, shard_map) are walked; ops outside a shard_map of a sharded step are
     global and counted at `scale` (1 / devices)."""
-    from pallax.ir.primitives.fused import expand
-
     out = []
-    for eqn in expand(jaxpr.eqns):  # fused projections as their members (each one's x read)
+    for eqn, x_read in _members(jaxpr.eqns):
         prim = eqn.primitive.name
         inner = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
         if inner:
@@ -217,7 +215,7 @@ def step_ops(jaxpr, names: dict, scale: float = 1.0) -> list[OpCost]:
             elif prim in (ops.embed_p.name, ops.qembed_p.name):  # the rows looked up
                 moved = _nbytes(ins[:1]) + 2 * _nbytes(outs)
             else:
-                moved = _nbytes(ins) + _nbytes(outs)
+                moved = _nbytes(ins[1:] if x_read else ins) + _nbytes(outs)
             out.append(OpCost(prim, weight, flops, moved, dtype))
         elif prim in _COLLECTIVES:
             out.append(OpCost("collective", prim, 0.0, _nbytes(ins), "float32"))
@@ -225,6 +223,18 @@ def step_ops(jaxpr, names: dict, scale: float = 1.0) -> list[OpCost]:
             out.append(OpCost("other", "", scale * sum(math.prod(a.shape) for a in outs),
                               scale * _nbytes(outs), "float32"))  # fmt: skip
     return out
+
+
+def _members(eqns):
+    """(equation, whether its x was read already) for each of `eqns`, a fused op as its
+    members (projections of one activation): the first member reads x, the others share
+    that read (one kernel call, or one fusion, reads it once)."""
+    from pallax.ir.primitives.fused import member_eqns
+
+    for top in eqns:
+        fused = getattr(top.primitive, "member_primitives", None)
+        for k, eqn in enumerate(member_eqns(top) if fused else [top]):
+            yield eqn, k > 0
 
 
 def _var(v) -> bool:

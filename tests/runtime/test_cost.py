@@ -24,6 +24,13 @@ def test_decode_costs_are_the_weights_and_the_cache(compiled_fp32, smollm2):
     # one row through every projection: 2 flops per weight, each weight read once
     assert sum(o.flops for o in linears) == 2 * sum(weights[o.name].size for o in linears)
     assert sum(o.bytes for o in linears) >= sum(weights[o.name].nbytes for o in linears)
+    # fused q / k / v and gate / up read their activation once each: 2 + 1 fewer reads
+    # of a float32 row of `dim` per layer than the unfused graph's
+    unfused = pallax.compile(smollm2, ["-fuse_projections"])
+    u = unfused.cost("decode", targets=["h100"], batch=1, cache=512)
+    saved = sum(o.bytes for o in _kind(u, "linear")) - sum(o.bytes for o in linears)
+    assert saved == (2 + 1) * 4 * cfg.dim * cfg.n_layers
+    assert sum(o.flops for o in _kind(u, "linear")) == sum(o.flops for o in linears)
     (head,) = _kind(r, "lm_head")
     assert head.flops == 2 * cfg.vocab_size * cfg.dim
     (emb,) = _kind(r, "embed")

@@ -36,8 +36,9 @@ from pallax.ir.primitives.fused import linears_p
 from pallax.ir.qformat import QuantizedWeight
 from pallax.ir.rewrite import rewrite
 from pallax.sharding.fused import shard_linears
-from pallax.sharding.heads import head_layout, place_heads
+from pallax.sharding.heads import head_layout, inputs_moved, packed_width, place_heads
 from pallax.sharding.mesh import AXES, make_mesh
+from pallax.sharding.mesh import batch_spec as _batch
 from pallax.sharding.rules import check_rules, spec_for
 
 P = PartitionSpec
@@ -238,16 +239,6 @@ def place(a, sharding):
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def _batch(ndim: int, last=None, axis=None) -> PartitionSpec:
-    """Batch over data; `last` (or dimension `axis`) over tensor."""
-    spec = [D] + [None] * (ndim - 1)
-    if last is not None:
-        spec[-1] = last
-    if axis is not None:
-        spec[axis] = T
-    return P(*spec)
-
-
 class _Rules:
     """The per-op shard_map lowerings of one shard pass."""
 
@@ -313,9 +304,9 @@ class _Rules:
         if name in self.gathered:
             return self._gathered_rows(eqn, x, list(leaves), self.gathered[name])
         prm = eqn.params
-        width = leaves[0].shape[1] * (2 if prm["bits"] == 4 else 1)
-        if width != -(-prm["in_features"] // prm["group_size"]) * prm["group_size"]:
+        if inputs_moved(leaves[0], prm):
             # heads moved (sharding/heads.py): the weight's inputs changed with them
+            width = packed_width(leaves[0], prm)
             per_channel = prm["group_size"] >= prm["in_features"]
             group = width if per_channel else prm["group_size"]
             eqn = eqn.replace(params={**prm, "in_features": width, "group_size": group})

@@ -13,18 +13,10 @@ from __future__ import annotations
 
 import math
 
-from jax.sharding import PartitionSpec as P
-
 from pallax.ir import primitives as ops
 from pallax.ir.primitives.fused import linears_p, member, member_eqns, parts_of
-from pallax.sharding.mesh import AXES
-
-D, T = AXES
-
-
-def _batch(ndim: int, split: bool) -> P:
-    """Rows over data; with `split`, the last dimension (outputs) over tensor."""
-    return P(D, *[None] * (ndim - 2), T if split else None)
+from pallax.sharding.heads import inputs_moved
+from pallax.sharding.mesh import TENSOR, batch_spec
 
 
 def _fits(rules, prim, leaves, params) -> bool:
@@ -37,9 +29,7 @@ def _fits(rules, prim, leaves, params) -> bool:
     if len(rules.leaf_specs[name]) != len(leaves):
         return False
     if prim is ops.qlinear_p:
-        width = leaves[0].shape[1] * (2 if params["bits"] == 4 else 1)
-        whole = -(-params["in_features"] // params["group_size"]) * params["group_size"]
-        return name not in rules.gathered and width == whole
+        return name not in rules.gathered and not inputs_moved(leaves[0], params)
     return True
 
 
@@ -51,14 +41,15 @@ def shard_linears(rules, eqn, x, *operands) -> list:
         eqns = zip(member_eqns(eqn), parts, strict=True)
         return [by_prim[one.primitive](one, x, *part[1]) for one, part in eqns]
     rows = math.prod(x.shape[:-1])
-    members, leaves, in_specs, out_specs = [], [], [_batch(x.ndim, False)], []
+    members, leaves, in_specs, out_specs = [], [], [batch_spec(x.ndim)], []
     for prim, ops_, prm in parts:
         if prim is ops.qlinear_p:  # the lowerings choose by the whole op's rows
             prm = {**prm, "rows": rows}
         members.append(member(prim, len(ops_), prm))
         leaves += ops_
         in_specs += list(rules.leaf_specs[rules.names[id(ops_[0])]])
-        out_specs.append(_batch(x.ndim, rules.kind(ops_[0]) == "columns"))
+        split = rules.kind(ops_[0]) == "columns"
+        out_specs.append(batch_spec(x.ndim, last=TENSOR if split else None))
     spec = tuple(members)
     f = rules.smap(lambda x, *w: tuple(linears_p.bind(x, *w, members=spec)),
                    tuple(in_specs), tuple(out_specs))  # fmt: skip

@@ -129,3 +129,15 @@ def place_heads(name: str, w, index: tuple[int, ...], axis: int, head_dim: int):
         if getattr(w, f) is not None:
             leaves[f] = _gather(getattr(w, f), index, 1, head_dim // g)
     return dataclasses.replace(w, in_features=len(index) * head_dim, **leaves)
+
+
+def packed_width(data, params: dict) -> int:
+    """The input width a packed weight's data holds (int4: two values a byte)."""
+    return data.shape[1] * (2 if params["bits"] == 4 else 1)
+
+
+def inputs_moved(data, params: dict) -> bool:
+    """Whether a `qlinear`'s packed weight holds other inputs than its params say (whole
+    groups of `in_features`): its inputs are heads the layout moved or padded."""
+    g = params["group_size"]
+    return packed_width(data, params) != -(-params["in_features"] // g) * g

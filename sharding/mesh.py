@@ -5,9 +5,20 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 AXES = ("data", "tensor")
+DATA, TENSOR = AXES
+
+
+def batch_spec(ndim: int, last=None, axis=None) -> PartitionSpec:
+    """Batch over data; `last` (or dimension `axis`) over tensor."""
+    spec = [DATA] + [None] * (ndim - 1)
+    if last is not None:
+        spec[-1] = last
+    if axis is not None:
+        spec[axis] = TENSOR
+    return PartitionSpec(*spec)
 
 
 def make_mesh(tensor: int, data: int, devices=None) -> Mesh:

@@ -30,19 +30,21 @@ import time
 import numpy as np
 
 from pallax.runtime.engine_handle import Counters, EngineBusy, EngineClosed, RequestHandle
-from pallax.runtime.engine_steps import SlotSteps, pack_slots, prompt_lookup
+from pallax.runtime.engine_steps import (
+    MAX_CHUNK,
+    MIN_CHUNK,
+    SlotSteps,
+    chunk_args,
+    pack_slots,
+    pow2,
+    prompt_lookup,
+)
 from pallax.runtime.generator import _find_stop, _held_back
 from pallax.runtime.requests import Request, build_requests, check_sampling_kwargs, finish
 
-MIN_CHUNK = 16  # a prompt chunk has T > 1, so its tokens take the prefill method
-MAX_CHUNK = 512
 CACHE_ROUND = 256
 PREFIX_PAGE = 64  # tokens per page of the prefix cache
 MAX_DRAFT = 16
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _round_up(n: int, m: int) -> int:
@@ -67,10 +69,20 @@ class _Live:
     ids: list = dataclasses.field(default_factory=list)  # generated tokens
     text: str = ""  # decoded so far (stop tokens not included)
     emitted: int = 0  # characters of `text` handed to the handle
+    draft_pos: int = 0  # positions the draft model's cache holds (runtime/engine_draft.py)
 
     @property
     def decoding(self) -> bool:
         return self.prefilled == len(self.req.prompt_ids)
+
+    @property
+    def last_pos(self) -> int:
+        """The position of a decoding request's last token (not in the cache yet)."""
+        return len(self.req.prompt_ids) + len(self.ids) - 1
+
+    def known(self) -> int:
+        """How many positions of the request the target's cache holds."""
+        return self.last_pos if self.decoding else self.prefilled
 
 
 class Engine:
@@ -78,7 +90,8 @@ class Engine:
 
     def __init__(self, compiled, *, max_batch: int = 8, token_budget: int = 256,
                  max_len: int | None = None, max_waiting: int | None = None,
-                 prefix_cache: int | None = None, speculate: int = 0):  # fmt: skip
+                 prefix_cache: int | None = None, speculate: int = 0,
+                 draft=None):  # fmt: skip
         from pallax.runtime.compiled import CompiledModel
 
         if not isinstance(compiled, CompiledModel):
@@ -116,6 +129,19 @@ class Engine:
         # room past max_len for the drafts of a request's last verification
         self._cache_len = max(min(_round_up(max_len + speculate, CACHE_ROUND), ctx), max_len)
         self._steps = SlotSteps(compiled, self._rows, self._chunk_rows, self._cache_len)
+        self._draft = None
+        if draft is not None:  # checked here, before the loop runs
+            from pallax.runtime import prefix_cache
+            from pallax.runtime.engine_draft import DraftModel
+
+            if self.speculate < 1:
+                raise ValueError("draft= needs speculate=K >= 1 drafted tokens per step")
+            self._draft = DraftModel(draft, compiled, self._rows, self._cache_len, self.speculate)
+            if not prefix_cache.addressed(self._steps.decode()[0]):
+                raise ValueError(
+                    "speculative decoding needs a cache addressed by position on one device "
+                    "(dense or int8, unsharded); this model's cannot take drafts back"
+                )
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Live] = collections.deque()
         self._running: list[_Live] = []
@@ -251,7 +277,7 @@ class Engine:
             if self._whole:  # H2O: generate's chunks, whatever the budget
                 if left <= 0 and left < self.token_budget - len(decoding):
                     break
-                n = min(rest, min(max(MIN_CHUNK, _pow2(len(live.req.prompt_ids))), MAX_CHUNK))
+                n = min(rest, min(max(MIN_CHUNK, pow2(len(live.req.prompt_ids))), MAX_CHUNK))
             elif left < min(rest, MIN_CHUNK):
                 break
             else:
@@ -261,30 +287,17 @@ class Engine:
         for live, n, t, args in chunks:
             tok, self._cache = self._steps.prefill(t)(self.compiled.weights, self._cache, *args)
             self._prefilled(live, n, tok)
+        if self._draft is not None:
+            self._draft.sync(self._running)
         if decoding:
             self._decode(decoding)
 
     def _chunk(self, live: _Live, n: int):
         """(live, tokens taken, chunk length, `make_slot_prefill`'s arguments) for the next
         `n` (or fewer) prompt tokens of `live`."""
-        start, prompt = live.prefilled, live.req.prompt_ids
-        t = min(max(MIN_CHUNK, _pow2(n)), MAX_CHUNK)
-        while start + t > self._cache_len:  # the chunk's padding stays inside the cache
-            t //= 2
-        n = min(n, t)
-        p = self._chunk_rows
-        tokens = np.zeros((p, t), np.int32)
-        tokens[0, :n] = prompt[start : start + n]
-        rows = np.full((p,), self._rows, np.int32)  # past the slots: padding
-        rows[0] = live.slot
-        last = np.full((p,), -1, np.int32)
-        last[0] = n - 1
-        pos = np.zeros((p,), np.int32)
-        pos[0] = start
-        fresh = np.ones((p,), bool)
-        fresh[0] = start == 0
-        args = (rows, fresh, tokens, pos, last, pack_slots([live.req.sampling], p))
-        return live, n, t, args
+        n, t, args = chunk_args(live.req.prompt_ids, live.prefilled, n, live.slot,
+                                self._chunk_rows, self._rows, self._cache_len)  # fmt: skip
+        return live, n, t, (*args, pack_slots([live.req.sampling], self._chunk_rows))
 
     def _prefilled(self, live: _Live, n: int, tok) -> None:
         live.prefilled += n
@@ -298,8 +311,7 @@ class Engine:
     def _decode(self, decoding: list[_Live]) -> None:
         k = self.speculate
         if self._spec_ok and all(
-            max(x.prefilled, len(x.req.prompt_ids) + len(x.ids) - 1) + k < self._cache_len
-            for x in self._running
+            max(x.prefilled, x.last_pos) + k < self._cache_len for x in self._running
         ):
             return self._verify(decoding, k)
         fn = self._steps.decode()[1]
@@ -315,7 +327,7 @@ class Engine:
             pos[x.slot] = x.prefilled
         for x in decoding:
             tokens[x.slot] = x.ids[-1]
-            pos[x.slot] = len(x.req.prompt_ids) + len(x.ids) - 1
+            pos[x.slot] = x.last_pos
             live[x.slot] = True
             steps[x.slot] = len(x.ids)
         self._ensure_sampling()
@@ -327,20 +339,25 @@ class Engine:
             self._emit(x, int(nxt[x.slot]))
 
     def _verify(self, decoding: list[_Live], k: int) -> None:
-        """One step of speculative decoding: each request's K tokens drafted by prompt
-        lookup are verified with the decode method (`make_slot_verify`). A greedy request
-        keeps the drafts equal to its greedy tokens and one token past them; a sampling
-        one what `speculative_sample` keeps and the token it draws."""
+        """One step of speculative decoding: each request's K tokens drafted by the draft
+        model or by prompt lookup are verified with the decode method
+        (`make_slot_verify`). A greedy request keeps the drafts equal to its greedy tokens
+        and one token past them; a sampling one what `speculative_sample` keeps and the
+        token it draws."""
         b = self._rows
-        tokens, drafts = np.zeros((b, k + 1), np.int32), {}
+        tokens = np.zeros((b, k + 1), np.int32)
         pos, steps, n_draft = (np.zeros((b,), np.int32) for _ in range(3))
         for x in self._running:
             pos[x.slot] = x.prefilled
+        if self._draft is not None:
+            drafts = self._draft.propose(self._running, decoding)
+        else:
+            drafts = {x.slot: prompt_lookup(x.req.prompt_ids + x.ids, k) for x in decoding}
         for x in decoding:
-            d = drafts[x.slot] = prompt_lookup(x.req.prompt_ids + x.ids, k)
+            d = drafts[x.slot]
             n_draft[x.slot] = len(d)
             tokens[x.slot] = [x.ids[-1], *d, *[d[-1] if d else x.ids[-1]] * (k - len(d))]
-            pos[x.slot] = len(x.req.prompt_ids) + len(x.ids) - 1
+            pos[x.slot] = x.last_pos
             steps[x.slot] = len(x.ids)
         self._ensure_sampling()
         fn = self._steps.verify(k + 1)
@@ -357,6 +374,8 @@ class Engine:
                 last = int(g[n])
             self.metrics.add("drafted_tokens", len(d))
             self.metrics.add("accepted_tokens", n)
+            if self._draft is not None:
+                self._draft.accepted(x, int(pos[x.slot]), n)
             for tok in [*d[:n], last]:
                 if x not in self._running:
                     break  # it ended (a stop, its length) on an accepted token
@@ -419,7 +438,7 @@ class Engine:
         # its choice depends on where chunks start, so prompts take generate's chunks.
         self._whole = any(name.endswith("h2o.score") for name, _, _ in graph.cache.entries)
         pages = self._prefix_tokens // PREFIX_PAGE
-        addressed = prefix_cache.supported(graph.cache) and graph.meta.get("mesh") is None
+        addressed = prefix_cache.addressed(graph)
         self._spec_ok = addressed and self.speculate > 0
         if pages and addressed:
             self._prefix = prefix_cache.PrefixCache(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallax.ir.graph import Graph
 from pallax.runtime.sampling import SamplingParams, filtered_logits, greedy, pack, sample
@@ -56,6 +57,10 @@ class SlotSteps:
         build = lambda: make_slot_prefill(self._graph(self.p, t), self.b)  # noqa: E731
         return self.c._timed(("engine-prefill", self.p, t, self.s, self.b), build)
 
+    def draft(self, k: int, steps: int):
+        build = lambda: make_slot_draft(self._graph(self.b, 1), k, steps)  # noqa: E731
+        return self.c._timed(("engine-draft", self.b, k, steps, self.s), build)
+
     def verify(self, t: int):
         build = lambda: make_slot_verify(self._graph(self.b, t, "chunk"))  # noqa: E731
         return self.c._timed(("engine-verify", self.b, t, self.s), build)
@@ -71,6 +76,31 @@ def make_slot_decode(graph: Graph):
         return sample(logits, sampling, steps), cache
 
     return jax.jit(decode, donate_argnums=(1,))
+
+
+def make_slot_draft(graph: Graph, k: int, steps: int):
+    """A draft model's `k` greedy tokens per slot in one call of `steps` decode steps:
+    (weights, cache, queue [B, steps - k + 1], qlen [B], pos [B], live [B]) -> (drafts
+    [B, k], cache). A live slot feeds its `qlen` queued tokens (the tokens its cache
+    lacks, its last one last) from position `pos`, then its own drafts; it writes
+    `qlen - 1 + k` positions and is idle after (`last = -1`, as a slot that is not
+    decoding is throughout, writing only at and past `pos`)."""
+
+    def draft(weights, cache, queue, qlen, pos, live):
+        def step(carry, i):
+            cache, prev = carry
+            tok = jnp.where(i < qlen, queue[:, jnp.minimum(i, queue.shape[1] - 1)], prev)
+            on = live & (i < qlen - 1 + k)
+            last = jnp.where(on, 0, -1).astype(jnp.int32)
+            logits, cache = graph.run("prefill", weights, cache, tok[:, None], pos + i, last)
+            nxt = greedy(logits)
+            return (cache, nxt), nxt
+
+        (cache, _), outs = jax.lax.scan(step, (cache, jnp.zeros_like(qlen)), jnp.arange(steps))
+        at = jnp.clip(qlen[:, None] - 1, 0, None) + jnp.arange(k)[None, :]
+        return jnp.take_along_axis(outs.T, jnp.minimum(at, steps - 1), axis=1), cache
+
+    return jax.jit(draft, donate_argnums=(1,))
 
 
 def make_slot_prefill(graph: Graph, slots: int):
@@ -184,6 +214,34 @@ def prompt_lookup(ids: list[int], k: int, longest: int = 3) -> list[int]:
             if ids[i : i + n] == tail:
                 return ids[i + n : i + n + k]
     return []
+
+
+MIN_CHUNK = 16  # a prompt chunk has T > 1, so its tokens take the prefill method
+MAX_CHUNK = 512
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def chunk_args(ids, start: int, n: int, slot: int, p: int, slots: int, cache_len: int):
+    """(tokens taken, chunk length T, `make_slot_prefill`'s arguments but the sampling)
+    for up to `n` tokens of `ids` from position `start` into `slot`, in row 0 of `p`."""
+    t = min(max(MIN_CHUNK, pow2(n)), MAX_CHUNK)
+    while start + t > cache_len:  # the chunk's padding stays inside the cache
+        t //= 2
+    n = min(n, t)
+    tokens = np.zeros((p, t), np.int32)
+    tokens[0, :n] = ids[start : start + n]
+    rows = np.full((p,), slots, np.int32)  # past the slots: padding
+    rows[0] = slot
+    last = np.full((p,), -1, np.int32)
+    last[0] = n - 1
+    pos = np.zeros((p,), np.int32)
+    pos[0] = start
+    fresh = np.ones((p,), bool)
+    fresh[0] = start == 0
+    return n, t, (rows, fresh, tokens, pos, last)
 
 
 def pack_slots(params, b):

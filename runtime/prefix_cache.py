@@ -34,6 +34,12 @@ def supported(layout) -> bool:
     )
 
 
+def addressed(graph) -> bool:
+    """Whether a graph's cache is rows addressed by position on one device: a prefix can
+    be copied in, and KV past a request's position is overwritten before it is read."""
+    return supported(graph.cache) and graph.meta.get("mesh") is None
+
+
 class PrefixCache:
     """A pool of `pages` pages of `page` tokens for a slot cache of length `seq`."""
 

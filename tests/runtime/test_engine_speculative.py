@@ -112,3 +112,48 @@ def test_speculative_sampling_keeps_the_target_distribution(top_k):
     for got in (first, second):
         freq = np.bincount(got, minlength=v) / len(got)
         np.testing.assert_allclose(freq, p, atol=0.015)
+
+
+# -------------------------------------------------------------- a draft model
+def test_a_draft_model_keeps_the_tokens_of_generate(compiled_fp32, smollm2_gguf_path):
+    """The GGUF-native model drafts for the float model dequantized from the same file:
+    staggered requests of mixed lengths, a prefix cache hit (the draft prefills what the
+    target copied in), a stop string and a sampling request beside them."""
+    draft = pallax.compile(pallax.load(smollm2_gguf_path, keep_quantized=True), [])
+    copy = _copy_prompt(compiled_fp32)
+    prompts = ["The capital of France is", copy, "Explain photosynthesis in simple terms.",
+               "Count: 1, 2, 3,", copy]  # fmt: skip
+    new = 24
+    with pallax.Engine(compiled_fp32, max_batch=3, max_len=256, token_budget=64,
+                       speculate=4, draft=draft) as eng:  # fmt: skip
+        first = [eng.submit(p, max_new_tokens=new) for p in prompts[:2]]
+        first[1].result(timeout=900)  # the copy prompt's pages are cached now
+        later = [eng.submit(p, max_new_tokens=new) for p in prompts[2:]]
+        sampled = eng.submit(prompts[2], max_new_tokens=8, temperature=0.8, seed=1)
+        stopped = eng.submit(copy, max_new_tokens=new, stop=["economies"])
+        got = [h.result(timeout=900) for h in first + later]
+        assert len(sampled.result(timeout=900).token_ids) <= 8
+        want_stop = compiled_fp32.generate([copy], max_new_tokens=new, stop=["economies"])[0]
+        assert (stopped.result().token_ids, stopped.result().text) == (
+            want_stop.token_ids, want_stop.text)  # fmt: skip
+        stats = eng.stats()
+    want = [compiled_fp32.generate([p], max_new_tokens=new)[0] for p in prompts]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [g.text for g in got] == [w.text for w in want]
+    assert stats["prefix_hit_tokens"] >= 64
+    # the same weights, dequantized or not: nearly every draft is the target's token
+    assert stats["accepted_tokens"] >= 0.8 * stats["drafted_tokens"] > 0
+
+
+def test_a_draft_model_is_checked(compiled_fp32, smollm2, compiled_gemma3):
+    with pytest.raises(TypeError, match="draft takes a CompiledModel"):
+        pallax.Engine(compiled_fp32, speculate=2, draft=smollm2)
+    with pytest.raises(ValueError, match="needs speculate=K >= 1"):
+        pallax.Engine(compiled_fp32, draft=compiled_fp32)
+    with pytest.raises(ValueError, match="tokenizer"):
+        pallax.Engine(compiled_fp32, speculate=2, draft=compiled_gemma3)
+    kivi = pallax.compile(smollm2, ["kivi2"])
+    with pytest.raises(ValueError, match="draft model's cache .* not rows addressed"):
+        pallax.Engine(compiled_fp32, speculate=2, draft=kivi)
+    with pytest.raises(ValueError, match="cannot take drafts back"):
+        pallax.Engine(kivi, speculate=2, draft=compiled_fp32)

@@ -133,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=int, default=64,
                    help="requests waiting for a slot before 429 (%(default)s)")  # fmt: skip
     s.add_argument("--served-name", default=None, help="the model id clients use")
+    s.add_argument("--speculate", type=int, default=0, metavar="K",
+                   help="drafted tokens verified per step (prompt lookup, or --draft)")  # fmt: skip
+    s.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a draft model with the same tokenizer (needs --speculate)")  # fmt: skip
+    s.add_argument("--draft-passes", default="", help="the draft's passes (as --passes)")
+    s.add_argument("--draft-keep-quantized", action="store_true",
+                   help="run the draft GGUF's quantized tensors as they are")  # fmt: skip
 
     i = sub.add_parser("inspect", help="print the graph before and after each pass")
     _add_model_args(i)
@@ -272,9 +279,18 @@ def _serve(args) -> None:
         raise ValueError(f"serve needs {' and '.join(missing)}: pip install 'pallax[serve]'")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port {args.port} must be in [0, 65536)")
+    if args.draft is None and (args.draft_passes or args.draft_keep_quantized):
+        raise ValueError("--draft-passes and --draft-keep-quantized apply to a --draft model")
+    if args.draft is not None and args.speculate < 1:
+        raise ValueError(f"--draft {args.draft} needs --speculate K (K >= 1 drafted tokens)")
     compiled = pallax.compile(pallax.load(args.model), passes=list(_passes(args.passes)))
+    draft = None
+    if args.draft is not None:
+        model = pallax.load(args.draft, keep_quantized=args.draft_keep_quantized)
+        draft = pallax.compile(model, passes=list(_passes(args.draft_passes)))
     engine = pallax.Engine(compiled, max_batch=args.max_batch, token_budget=args.token_budget,
-                           max_len=args.max_len, max_waiting=args.max_waiting)  # fmt: skip
+                           max_len=args.max_len, max_waiting=args.max_waiting,
+                           speculate=args.speculate, draft=draft)  # fmt: skip
     name = args.served_name or compiled.config.name or args.model
     print(f"pallax: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     with engine:

@@ -5,6 +5,8 @@
     python -m pallax.scripts.loadtest --http --requests 16
     python -m pallax.scripts.loadtest --prefix 1000
     python -m pallax.scripts.loadtest --grounded --speculate 4 --new-tokens 8 96
+    python -m pallax.scripts.loadtest --grounded --speculate 4 --draft smollm2-135m \
+        --draft-keep-quantized --new-tokens 8 96
 
 Requests arrive as a bounded Poisson process (--rate per second, --requests in all), with
 mixed lengths: prompt and output lengths drawn log-uniformly from --prompt-len and
@@ -24,7 +26,9 @@ Each system runs the whole workload once untimed first (compiles), then timed.
 `--prefix N` prints the time to first token of a prompt with a new N-token prefix and of
 a second one sharing it (prefix caching). `--grounded --speculate K` prints batch-1
 decode tok/s on input-grounded tasks (copy, extract, continue a given text) with K
-prompt-lookup drafts per step against none, and whether the tokens are equal.
+prompt-lookup drafts per step against none, and whether the tokens are equal; with
+`--draft MODEL` (`--draft-passes`, `--draft-keep-quantized`) the drafts come from that
+model instead, and open-ended prompts are measured too.
 
 `--interference` instead measures SARATHI's promise: --max-batch - 1 requests decode
 --new-tokens' upper bound tokens each; the p99 inter-token latency of their tokens is
@@ -214,15 +218,24 @@ PASSAGE = (
 )
 
 
-def speculation(compiled, args):
-    """Decode tok/s at batch 1 on input-grounded chat prompts, with and without
-    prompt-lookup speculation (medians of 3), and whether the tokens are equal."""
+OPEN = (  # open-ended tasks, for a draft model
+    "Write a short story about a robot who learns to paint.",
+    "Explain how vaccines train the immune system.",
+)
+
+
+def speculation(compiled, args, draft=None):
+    """Decode tok/s at batch 1 on input-grounded chat prompts (and open-ended ones with a
+    draft model), with and without speculation (medians of 3), and whether the tokens
+    are equal."""
     tok = compiled.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": g.format(t=PASSAGE)}],
-                                       tokenize=True) for g in GROUNDED]  # fmt: skip
+    tasks = [g.format(t=PASSAGE) for g in GROUNDED] + (list(OPEN) if draft else [])
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True)
+               for t in tasks]  # fmt: skip
     rates, texts = {}, {}
     for k in (0, args.speculate):
-        with pallax_engine(compiled, 1, args, speculate=k) as eng:
+        kw = {"speculate": k, "draft": draft if k else None}
+        with pallax_engine(compiled, 1, args, **kw) as eng:
             eng.submit(prompts[0], max_new_tokens=8).result()  # compiles
             for i, p in enumerate(prompts):
                 runs = []
@@ -306,6 +319,18 @@ def main(argv=None) -> int:
         help="batch-1 decode speed on input-grounded tasks, --speculate K vs none",
     )
     ap.add_argument(
+        "--draft",
+        default=None,
+        metavar="MODEL",
+        help="with --speculate: drafts from this model, not prompt lookup",
+    )
+    ap.add_argument("--draft-passes", nargs="*", default=[])
+    ap.add_argument(
+        "--draft-keep-quantized",
+        action="store_true",
+        help="load the draft's GGUF weights as they are (GGUF-native)",
+    )
+    ap.add_argument(
         "--http", action="store_true", help="send the workload to `pallax serve`'s app on 127.0.0.1"
     )
     args = ap.parse_args(argv)
@@ -316,18 +341,24 @@ def main(argv=None) -> int:
     import pallax
 
     compiled = pallax.compile(pallax.load(args.model), args.passes)
+    draft = None
+    if args.draft:
+        if args.speculate < 1:
+            ap.error("--draft needs --speculate K (>= 1)")
+        draft = pallax.load(args.draft, keep_quantized=args.draft_keep_quantized)
+        draft = pallax.compile(draft, args.draft_passes)
     vocab = compiled.config.vocab_size
     need = args.prompt_len[1] + args.new_tokens[1]
     if args.grounded:
         if args.speculate < 1:
             ap.error("--grounded compares --speculate K (>= 1) against none")
-        speculation(compiled, args)
+        speculation(compiled, args, draft)
         return 0
     if args.interference or args.prefix:
         need = max(need, (args.prefix or args.long_prompt) + 26)
     max_len = args.max_len or need
     engine = pallax.Engine(compiled, max_batch=args.max_batch, token_budget=args.token_budget,
-                           max_len=max_len, speculate=args.speculate)  # fmt: skip
+                           max_len=max_len, speculate=args.speculate, draft=draft)  # fmt: skip
     with engine:
         if args.interference:
             interference(engine, args, vocab)

@@ -92,6 +92,8 @@ def test_cli_inspect_prints_before_and_after(smollm2_gguf_path, capsys):
         (["plan", "llama-3-8b", "--cost", "a100"], "--cost='a100': unknown cost target"),
         (["plan", "llama-3-8b", "--lower", "gpu"], "platforms are cpu, cuda, tpu"),
         (["serve", "smollm2-135m", "--port", "70000"], "--port 70000 must be in [0, 65536)"),
+        (["serve", "smollm2-135m", "--draft", "smollm2-135m"], "needs --speculate K"),
+        (["serve", "smollm2-135m", "--draft-passes", "int8"], "apply to a --draft model"),
     ],
 )
 def test_cli_bad_input_exits_nonzero_without_traceback(args, message, capsys):
@@ -240,6 +242,11 @@ def test_cli_serve_answers_on_loopback_and_stops_on_sigint(smollm2_gguf_path):
         "128",
         "--served-name",
         "s",
+        "--speculate",  # the GGUF-native model drafts for the float one
+        "3",
+        "--draft",
+        str(smollm2_gguf_path),
+        "--draft-keep-quantized",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -260,6 +267,8 @@ def test_cli_serve_answers_on_loopback_and_stops_on_sigint(smollm2_gguf_path):
         out = json.loads(urllib.request.urlopen(req, timeout=300).read())
         assert out["choices"][0]["text"].startswith(" Paris")
         assert out["usage"]["completion_tokens"] == 3
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=60).read().decode()
+        assert "pallax_drafted_tokens_total 3" in metrics, metrics
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)

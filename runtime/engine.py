@@ -11,7 +11,8 @@ step (SARATHI's chunked prefill with decode piggybacking):
    chunks fill the rest, so a long prompt never stalls running requests for a whole
    prefill;
 3. one decode step runs for every decoding slot; with `speculate=K`, one verification
-   of K tokens drafted by prompt lookup per greedy request instead.
+   of K tokens drafted per request instead: by prompt lookup, or by a smaller model
+   with the same tokenizer (`draft=`, runtime/engine_draft.py).
 
 `submit(prompt, **sampling)` returns a `RequestHandle` that streams text (a sync iterator
 and `async for`), gives the `GenerationResult` and can be cancelled; each request has

@@ -51,12 +51,15 @@ class DraftModel:
                 f"the engine's cache of {cache_len} tokens is longer than the draft model's "
                 f"context length {draft.config.context_length}: lower max_len"
             )
-        dp = draft.data_parallel
-        if rows % dp or draft.min_batch > rows:
-            raise ValueError(f"the draft model's data={dp} does not divide max_batch={rows}")
+        if draft.min_batch > rows:
+            raise ValueError(
+                f"the draft model's smallest batch {draft.min_batch} is more than the "
+                f"engine's {rows} slots"
+            )
         self.model, self.k, self.rows, self.cache_len = draft, k, rows, cache_len
         self.vocab = target.config.vocab_size
-        self.chunk_rows = -(-max(1, draft.min_batch) // dp) * dp
+        # unsharded (checked below), so no data-parallel rounding
+        self.chunk_rows = max(1, draft.min_batch)
         self.steps = SlotSteps(draft, rows, self.chunk_rows, cache_len)
         graph = self.steps.decode()[0]
         if not prefix_cache.addressed(graph):

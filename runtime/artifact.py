@@ -47,7 +47,10 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 STOP_WIDTH = 16  # stop token ids per row in an exported decode loop
 _KEYS = ("format", "format_version", "versions", "platforms", "config", "passes", "buckets",
          "cpu_kernel_targets", "unbounded_context", "files", "manifest_sha256")  # fmt: skip
-_MODULE = re.compile(r"^(prefill-b\d+-t\d+-s\d+|decode-b\d+-s\d+|score-t\d+-s\d+)$")
+_MODULE = re.compile(
+    r"^(prefill-b\d+-t\d+-s\d+|decode-b\d+-s\d+|score-t\d+-s\d+|engine-decode-b\d+-s\d+|"
+    r"engine-prefill-b\d+-t\d+-s\d+-n\d+|engine-verify-b\d+-t\d+-s\d+)$"
+)
 
 
 # --------------------------------------------------------------------------- export
@@ -289,6 +292,19 @@ class Artifact(Generator):
             detail = (str(e).splitlines() or [type(e).__name__])[0][:300]
             raise self._fail(f"cannot read the weights: {detail}") from e
         return jax.tree.unflatten(treedef, [restored[k] for k in sorted(restored)])
+
+    # ---------------------------------------------------------------- engine
+    def engine_shape(self, **limits):
+        """The `EngineShape` of `pallax.Engine(self, **limits)` (runtime/artifact_engine.py)."""
+        from pallax.runtime import artifact_engine
+
+        return artifact_engine.engine_shape(self, **limits)
+
+    def slot_steps(self, shape):
+        """The serving engine's steps: this artifact's engine modules."""
+        from pallax.runtime.artifact_engine import ArtifactSlotSteps
+
+        return ArtifactSlotSteps(self, shape)
 
     # ---------------------------------------------------------- generator hooks
     def _buckets(self, reqs):

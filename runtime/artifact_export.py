@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from pallax import atomic_dir
+from pallax.runtime import artifact_engine
 from pallax.runtime import generation as gen
 from pallax.runtime import manifest as manifests
 from pallax.runtime.artifact import (
@@ -157,11 +158,13 @@ def export_artifact(
     portable: bool = False,
     overwrite: bool = False,
     xla_cache: bool = True,
+    engine=None,
 ) -> pathlib.Path:
     """Write `compiled` as an artifact at `path` (see the module docstring). Everything is
     validated before anything is traced. `xla_cache`: also compile every module for this
     machine and keep the executables, which a loader on the same kind of machine uses
-    instead of compiling (`runtime/artifact_compile.py`)."""
+    instead of compiling (`runtime/artifact_compile.py`). `engine`: also the serving
+    engine's steps for an engine of these limits (`runtime/artifact_engine.py`)."""
     from pallax.runtime.checkpoint import _check_free_space, _orbax_save, _pass_record
     from pallax.runtime.compiled import Buckets
 
@@ -172,6 +175,7 @@ def export_artifact(
     plan = plan_export(compiled, batch_sizes=batch_sizes, prefill_sizes=prefill_sizes,
                        cache_sizes=cache_sizes, score_chunk=score_chunk)  # fmt: skip
     passes = [_json_record(_pass_record(p)) for p in compiled.passes]
+    engine_shape = artifact_engine.plan(compiled, engine)
 
     def check(p: pathlib.Path) -> None:
         if not p.exists() or (p.is_dir() and not any(p.iterdir())):
@@ -225,6 +229,10 @@ def export_artifact(
                 cache = _sharded_like(jax.eval_shape(alloc), cache_sharding)
                 mod = run(chunk, w, cache, _i32(1, t), _i32(1), _i32(1, t))
                 _write_module(tmp, f"score-t{t}-s{s}", mod)
+            engine_record = None
+            if engine_shape is not None:
+                write = lambda name, mod: _write_module(tmp, name, mod)  # noqa: E731
+                engine_record = artifact_engine.export(compiled, engine_shape, run, w, write)
         cache_record = _write_xla_cache(tmp, platforms, cache_sharding) if xla_cache else None
         flat = {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(weights))}
         _orbax_save(tmp / "weights", flat, f"artifact {str(path)!r}")
@@ -244,6 +252,7 @@ def export_artifact(
             "mesh": mesh,
             "lowering": _lowering_flags(),
             "xla_cache": cache_record,
+            "engine": engine_record,
         }
         manifest["files"] = manifests.file_digests(tmp)
         manifest["manifest_sha256"] = manifests.digest(manifest)

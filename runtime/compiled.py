@@ -244,14 +244,17 @@ class CompiledModel(Generator):
 
     def export(self, path, *, platforms=("cpu",), batch_sizes=(1,), prefill_sizes=(16, 128, 512),
                cache_sizes=None, score_chunk=128, portable=False, overwrite=False,
-               xla_cache=True):  # fmt: skip
+               xla_cache=True, engine=None):  # fmt: skip
         """Write an ahead-of-time artifact of this model and pipeline to the directory
         `path`: `jax.export` modules of every step for the given shape buckets (cache_sizes
         default: 256, 1024, 4096 and the context length), the weights after the passes
         and the tokenizer. `pallax.load_artifact(path)` runs it without the model code.
         `portable=True` leaves pallax's C++ CPU kernels out of the CPU modules.
         `xla_cache=True` also keeps every module compiled for this machine, which a loader
-        on the same platform, versions and CPU uses instead of compiling."""
+        on the same platform, versions and CPU uses instead of compiling. `engine`: a dict
+        of `pallax.Engine`'s max_batch, token_budget, max_len and speculate (or True for its
+        defaults) also exports the engine's steps for that shape, so that
+        `pallax.Engine(pallax.load_artifact(path))` serves it."""
         from pallax.runtime.artifact_export import export_artifact
 
         self._check_has_values("export")
@@ -259,8 +262,14 @@ class CompiledModel(Generator):
         return export_artifact(
             self, path, platforms=platforms, batch_sizes=batch_sizes,
             prefill_sizes=prefill_sizes, cache_sizes=cache_sizes, score_chunk=score_chunk,
-            portable=portable, overwrite=overwrite, xla_cache=xla_cache,
+            portable=portable, overwrite=overwrite, xla_cache=xla_cache, engine=engine,
         )  # fmt: skip
+
+    def slot_steps(self, shape):
+        """The serving engine's steps for an `engine_steps.EngineShape`."""
+        from pallax.runtime.engine_steps import SlotSteps
+
+        return SlotSteps(self, shape.rows, shape.chunk_rows, shape.cache_len)
 
     def _timed(self, key, build):
         fn = self._fns.get(key)

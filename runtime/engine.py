@@ -34,28 +34,25 @@ from pallax.runtime.engine_handle import Counters, EngineBusy, EngineClosed, Req
 from pallax.runtime.engine_steps import (
     MAX_CHUNK,
     MIN_CHUNK,
-    SlotSteps,
+    EngineShape,
     chunk_args,
     pack_slots,
+    positive_int,
     pow2,
     prompt_lookup,
 )
 from pallax.runtime.generator import _find_stop, _held_back
 from pallax.runtime.requests import Request, build_requests, check_sampling_kwargs, finish
 
-CACHE_ROUND = 256
 PREFIX_PAGE = 64  # tokens per page of the prefix cache
-MAX_DRAFT = 16
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+def _is_compiled(obj) -> bool:
+    """Whether `obj` is a CompiledModel (whose module imports the model code, which an
+    engine on an artifact never does)."""
+    from pallax.runtime.compiled import CompiledModel
 
-
-def _positive_int(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
-    return int(value)
+    return isinstance(obj, CompiledModel)
 
 
 @dataclasses.dataclass(eq=False)
@@ -89,47 +86,41 @@ class _Live:
 class Engine:
     """Continuous batching over a compiled model (see the module docstring)."""
 
-    def __init__(self, compiled, *, max_batch: int = 8, token_budget: int = 256,
-                 max_len: int | None = None, max_waiting: int | None = None,
-                 prefix_cache: int | None = None, speculate: int = 0,
-                 draft=None):  # fmt: skip
-        from pallax.runtime.compiled import CompiledModel
+    def __init__(self, compiled, *, max_batch: int | None = None,
+                 token_budget: int | None = None, max_len: int | None = None,
+                 max_waiting: int | None = None, prefix_cache: int | None = None,
+                 speculate: int | None = None, draft=None):  # fmt: skip
+        from pallax.runtime.artifact import Artifact
 
-        if not isinstance(compiled, CompiledModel):
+        limits = {"max_batch": max_batch, "token_budget": token_budget, "max_len": max_len,
+                  "speculate": speculate}  # fmt: skip
+        if isinstance(compiled, Artifact):  # the shapes its engine modules were exported for
+            shape = compiled.engine_shape(**limits)
+        elif _is_compiled(compiled):
+            compiled._check_runnable()
+            defaults = {"max_batch": 8, "token_budget": 256, "speculate": 0}
+            limits = {k: defaults.get(k) if v is None else v for k, v in limits.items()}
+            shape = EngineShape.plan(
+                **limits, context=compiled.config.context_length,
+                min_batch=compiled.min_batch, data=compiled.data_parallel,
+            )  # fmt: skip
+        else:
             raise TypeError(
-                f"Engine takes a CompiledModel (pallax.compile(...)), got {type(compiled).__name__}"
+                "Engine takes a CompiledModel (pallax.compile(...)) or an Artifact "
+                f"(pallax.load_artifact(...)), got {type(compiled).__name__}"
             )
-        compiled._check_runnable()
-        dp, ctx = compiled.data_parallel, compiled.config.context_length
-        max_batch = _positive_int("max_batch", max_batch)
-        if max_batch % dp:
-            raise ValueError(f"max_batch={max_batch} must be a multiple of data={dp}")
-        token_budget = _positive_int("token_budget", token_budget)
-        if token_budget < max_batch + MIN_CHUNK:
-            raise ValueError(
-                f"token_budget={token_budget} must be at least max_batch + {MIN_CHUNK} = "
-                f"{max_batch + MIN_CHUNK}: every decoding request takes one token of a step "
-                f"and a prompt chunk at least {MIN_CHUNK}"
-            )
-        max_len = min(1024, ctx) if max_len is None else _positive_int("max_len", max_len, 2)
-        if max_len > ctx:
-            raise ValueError(f"max_len={max_len} is longer than the context length {ctx}")
-        max_waiting = None if max_waiting is None else _positive_int("max_waiting", max_waiting, 0)
-        self.compiled, self.max_waiting = compiled, max_waiting
+        max_waiting = None if max_waiting is None else positive_int("max_waiting", max_waiting, 0)
+        self.compiled, self.max_waiting, self.shape = compiled, max_waiting, shape
         if prefix_cache is None:  # half the slots' tokens again, in whole pages
-            prefix_cache = max_batch * max_len // 2
-        self._prefix_tokens = _positive_int("prefix_cache", prefix_cache, 0)
+            prefix_cache = shape.max_batch * shape.max_len // 2
+        self._prefix_tokens = positive_int("prefix_cache", prefix_cache, 0)
         self._prefix = None  # a PrefixCache once the cache layout is known (if it has one)
-        self.speculate = _positive_int("speculate", speculate, 0)
-        if self.speculate > MAX_DRAFT:
-            raise ValueError(f"speculate={speculate} must be at most {MAX_DRAFT} drafted tokens")
         self._spec_ok = False  # whether the cache layout lets rejected drafts be overwritten
-        self.max_batch, self.token_budget, self.max_len = max_batch, token_budget, max_len
-        self._rows = _round_up(max(max_batch, compiled.min_batch), dp)  # decode batch
-        self._chunk_rows = _round_up(max(1, compiled.min_batch), dp)  # prefill batch
-        # room past max_len for the drafts of a request's last verification
-        self._cache_len = max(min(_round_up(max_len + speculate, CACHE_ROUND), ctx), max_len)
-        self._steps = SlotSteps(compiled, self._rows, self._chunk_rows, self._cache_len)
+        self.max_batch, self.token_budget = shape.max_batch, shape.token_budget
+        self.max_len, self.speculate = shape.max_len, shape.speculate
+        self._rows, self._chunk_rows = shape.rows, shape.chunk_rows
+        self._cache_len = shape.cache_len
+        self._steps = compiled.slot_steps(shape)
         self._draft = None
         if draft is not None:  # checked here, before the loop runs
             from pallax.runtime import prefix_cache
@@ -146,7 +137,7 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Live] = collections.deque()
         self._running: list[_Live] = []
-        self._free = list(range(max_batch))[::-1]
+        self._free = list(range(self.max_batch))[::-1]
         self._closing = False
         self._error: BaseException | None = None
         self._sampling = None  # packed per-slot parameters, rebuilt when slots change

@@ -18,6 +18,8 @@ tokens the decode method, whatever runs beside it, so with batch invariance
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -242,6 +244,69 @@ def chunk_args(ids, start: int, n: int, slot: int, p: int, slots: int, cache_len
     fresh = np.ones((p,), bool)
     fresh[0] = start == 0
     return n, t, (rows, fresh, tokens, pos, last)
+
+
+CACHE_ROUND = 256  # slot caches are whole multiples of this many tokens
+MAX_DRAFT = 16
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def positive_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineShape:
+    """An engine's limits (`max_batch` slots of `max_len` tokens, `token_budget` tokens a
+    step, `speculate` drafted tokens) and the shapes of its steps: `rows` decode slots,
+    `chunk_rows` prompt rows, caches of `cache_len` tokens."""
+
+    max_batch: int
+    token_budget: int
+    max_len: int
+    speculate: int
+    rows: int
+    chunk_rows: int
+    cache_len: int
+
+    @classmethod
+    def plan(cls, *, max_batch=8, token_budget=256, max_len=None, speculate=0, context: int,
+             min_batch: int = 1, data: int = 1) -> EngineShape:  # fmt: skip
+        """The shape for these limits on a model of `context` tokens whose batches are at
+        least `min_batch` and multiples of `data`; bad limits are refused by name."""
+        max_batch = positive_int("max_batch", max_batch)
+        if max_batch % data:
+            raise ValueError(f"max_batch={max_batch} must be a multiple of data={data}")
+        token_budget = positive_int("token_budget", token_budget)
+        if token_budget < max_batch + MIN_CHUNK:
+            raise ValueError(
+                f"token_budget={token_budget} must be at least max_batch + {MIN_CHUNK} = "
+                f"{max_batch + MIN_CHUNK}: every decoding request takes one token of a step "
+                f"and a prompt chunk at least {MIN_CHUNK}"
+            )
+        max_len = min(1024, context) if max_len is None else positive_int("max_len", max_len, 2)
+        if max_len > context:
+            raise ValueError(f"max_len={max_len} is longer than the context length {context}")
+        speculate = positive_int("speculate", speculate, 0)
+        if speculate > MAX_DRAFT:
+            raise ValueError(f"speculate={speculate} must be at most {MAX_DRAFT} drafted tokens")
+        rows = _round_up(max(max_batch, min_batch), data)
+        chunk_rows = _round_up(max(1, min_batch), data)
+        # room past max_len for the drafts of a request's last verification
+        cache_len = max(min(_round_up(max_len + speculate, CACHE_ROUND), context), max_len)
+        return cls(max_batch, token_budget, max_len, speculate, rows, chunk_rows, cache_len)
+
+    def chunk_lengths(self, whole: bool) -> tuple[int, ...]:
+        """Every prompt chunk length `chunk_args` can pick (`whole`: H2O's chunks, which
+        take up to MAX_CHUNK tokens whatever the budget)."""
+        top = MAX_CHUNK if whole else min(max(MIN_CHUNK, pow2(self.token_budget)), MAX_CHUNK)
+        top = min(top, pow2(self.cache_len + 1) // 2)  # halved until it fits the cache
+        return tuple(1 << i for i in range(top.bit_length()))
 
 
 def pack_slots(params, b):

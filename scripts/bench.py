@@ -14,7 +14,10 @@ for pallax, transformers (float32 and bfloat16) and llama.cpp, with ratios.
 
 `--cold-start` times a new process to its first token instead: load + compile against an
 exported artifact (`pallax.load_artifact`), with and without the XLA executables kept in
-it for this machine (`xla_cache`), for each config.
+it for this machine (`xla_cache`), for each config. `--cold-start --engine` times a new
+serving engine (`pallax.Engine`, 8 slots of 1,024 tokens) to its first two tokens (a
+prompt chunk and a decode step) instead, from the model and from an artifact exported
+with the engine's steps.
 
 Every engine gets the same weights file and the same prompts (seeded random token
 ids) and generates exactly --new-tokens tokens greedily (EOS ignored). After a warm-up
@@ -212,6 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cold-start", action="store_true",
                         help="time a new process to its first token instead: load + compile "
                              "against load_artifact, for each config")  # fmt: skip
+    parser.add_argument("--engine", action="store_true",
+                        help="with --cold-start: a serving engine's first tokens")  # fmt: skip
     parser.add_argument("--shard", default="",
                         help="also run each config under the shard pass, e.g. 'tensor=2' or "
                              "'tensor=2,data=2' (on CPU: that many virtual devices), and print "
@@ -248,7 +253,9 @@ def main(argv=None) -> int:
     if args.cold_start:
         if sizes is not None:
             parser.error("--cold-start times one process on one device; drop --shard")
-        return cold_start(path, args.configs, args.repeats)
+        return cold_start(path, args.configs, args.repeats, args.engine)
+    if args.engine:
+        parser.error("--engine applies to --cold-start")
     model = pallax.load(path)
     kept = pallax.load(path, keep_quantized=True) if any(map(_kept, args.configs)) else None
     pipelines = {c: _passes(c) for c in args.configs}
@@ -302,7 +309,8 @@ def main(argv=None) -> int:
     return 0
 
 
-COLD = """
+ENGINE = {"max_batch": 8, "max_len": 1024, "token_budget": 256}
+COLD = f"""
 import sys, time
 t0 = time.perf_counter()
 import pallax
@@ -311,7 +319,11 @@ if mode == "artifact":
     runner = pallax.load_artifact(src)
 else:
     runner = pallax.compile(pallax.load(src, keep_quantized=mode == "gguf"), passes=passes)
-runner.generate(["The capital of France is"], max_new_tokens=1)
+if sys.argv[4] == "engine":
+    with pallax.Engine(runner, **{ENGINE!r}) as engine:
+        engine.submit("The capital of France is", max_new_tokens=2).result()
+else:
+    runner.generate(["The capital of France is"], max_new_tokens=1)
 print(time.perf_counter() - t0)
 """
 
@@ -328,19 +340,20 @@ def _passes(cfg: str) -> list[str]:
     return names[1:] if names and names[0] in ("fp32", "gguf") else names
 
 
-def cold_start(path, configs, repeats) -> int:
+def cold_start(path, configs, repeats, engine: bool = False) -> int:
     """Seconds from a new process to the first generated token: the compile path (load,
     passes, trace, XLA compile) against an artifact exported from it (load_artifact and
     the modules' XLA compile) and the same artifact with its executables compiled at
-    export (`xla_cache`), medians of `repeats` runs each, in turns."""
+    export (`xla_cache`), medians of `repeats` runs each, in turns. `engine`: a serving
+    engine's first two tokens instead (`ENGINE`'s shape)."""
     import subprocess
     import tempfile
 
     import pallax
 
     def run(*argv) -> float:
-        out = subprocess.run([sys.executable, "-c", COLD, *argv], capture_output=True,
-                             text=True, check=True)  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", COLD, *argv, "engine" if engine else ""],
+                             capture_output=True, text=True, check=True)  # fmt: skip
         return float(out.stdout.strip().splitlines()[-1])
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -351,14 +364,15 @@ def cold_start(path, configs, repeats) -> int:
             compiled = pallax.compile(model, passes=_passes(cfg))
             for cached in (False, True):
                 compiled.export(f"{tmp}/{cfg}-{cached}", cache_sizes=(256,), prefill_sizes=(16,),
-                                xla_cache=cached)  # fmt: skip
+                                xla_cache=cached, engine=ENGINE if engine else None)  # fmt: skip
             times = {"compile path": [], "artifact": [], "artifact+xla": []}
             for _ in range(repeats):
                 times["compile path"].append(run(mode, str(path), passes))
                 times["artifact"].append(run("artifact", f"{tmp}/{cfg}-False", ""))
                 times["artifact+xla"].append(run("artifact", f"{tmp}/{cfg}-True", ""))
             c, a, x = (statistics.median(v) for v in times.values())
-            print(f"cold start | pallax {cfg:12s} | compile path {c:6.1f}s | artifact {a:6.1f}s "
+            what = "engine cold start" if engine else "cold start"
+            print(f"{what} | pallax {cfg:12s} | compile path {c:6.1f}s | artifact {a:6.1f}s "
                   f"({a / c:4.2f}x) | artifact + xla_cache {x:6.1f}s ({x / c:4.2f}x)")  # fmt: skip
             sys.stdout.flush()
     return 0

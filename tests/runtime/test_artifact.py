@@ -192,6 +192,8 @@ def test_in_process_load_matches_and_refuses_what_it_was_not_exported_for(
         art.score("word " * 300)
     with pytest.raises(TypeError, match=r"prompt 0 element 0 is 1.5"):
         art.generate([[1.5]])
+    with pytest.raises(ValueError, match=r"has no engine modules: export it with engine="):
+        pallax.Engine(art)
 
 
 def test_kernels_in_the_modules(compiled_fp32, smollm2, tmp_path):
@@ -408,6 +410,10 @@ def test_a_jax_outside_the_modules_compatibility_window_is_refused(fp32_artifact
         (dict(prefill_sizes=(512,), cache_sizes=(256,)), "all longer than the largest cache 256"),
         (dict(portable="yes"), "portable='yes' must be a boolean"),
         (dict(xla_cache=1), "xla_cache=1 must be a boolean"),
+        (dict(engine={"slots": 2}), r"engine= has unknown keys \['slots'\]; allowed: max_batch"),
+        (dict(engine={"max_batch": 0}), "max_batch=0 must be an integer >= 1"),
+        (dict(engine={"max_len": 10**6}), "max_len=1000000 is longer than the context length"),
+        (dict(engine=[2]), r"engine=\[2\] must be a dict of max_batch"),
     ],
 )
 def test_bad_export_arguments_fail_before_tracing(compiled_fp32, tmp_path, kwargs, match):

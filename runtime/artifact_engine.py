@@ -74,7 +74,9 @@ def export(compiled, shape, run, weights, write) -> dict:
     whole = any(name.endswith("h2o.score") for name, _, _ in graph.cache.entries)
     chunks = shape.chunk_lengths(whole)
     todo = iter(names(shape, chunks))
-    write(next(todo), run(decode, weights, cache, _i32(b), _i32(b), flags(b), sampling(b), _i32(b)))
+    mod = run(decode, weights, cache, _i32(b), _i32(b), flags(b), sampling(b), _i32(b), _i32(b),
+              flags(b))  # fmt: skip
+    write(next(todo), mod)
     for t in chunks:
         mod = run(steps.prefill(t), weights, cache, _i32(p), flags(p), _i32(p, t), _i32(p),
                   _i32(p), sampling(p))  # fmt: skip

@@ -1,6 +1,7 @@
 """The serving engine: requests join and leave a running batch at every step.
 
-`Engine(compiled, max_batch=8, token_budget=256, max_len=1024)` keeps a KV cache of
+`Engine(compiled, max_batch=8, token_budget=256, max_len=1024)` (a CompiledModel, or an
+artifact exported with `engine=`: runtime/artifact_engine.py) keeps a KV cache of
 `max_batch` request slots of `max_len` tokens and runs its loop in its own thread. Each
 step (SARATHI's chunked prefill with decode piggybacking):
 
@@ -10,9 +11,10 @@ step (SARATHI's chunked prefill with decode piggybacking):
 2. every decoding request takes one token of the step's `token_budget`, and prompt
    chunks fill the rest, so a long prompt never stalls running requests for a whole
    prefill;
-3. one decode step runs for every decoding slot; with `speculate=K`, one verification
-   of K tokens drafted per request instead: by prompt lookup, or by a smaller model
-   with the same tokenizer (`draft=`, runtime/engine_draft.py).
+3. one decode step runs for every decoding slot, dispatched before the previous step's
+   tokens are read (`Engine._decode`); with `speculate=K`, one verification of K tokens
+   drafted per request instead: by prompt lookup, or by a smaller model with the same
+   tokenizer (`draft=`, runtime/engine_draft.py).
 
 `submit(prompt, **sampling)` returns a `RequestHandle` that streams text (a sync iterator
 and `async for`), gives the `GenerationResult` and can be cancelled; each request has
@@ -30,7 +32,7 @@ import time
 
 import numpy as np
 
-from pallax.runtime.engine_handle import Counters, EngineBusy, EngineClosed, RequestHandle
+from pallax.runtime.engine_handle import Counters, EngineBusy, EngineClosed, Live, RequestHandle
 from pallax.runtime.engine_steps import (
     MAX_CHUNK,
     MIN_CHUNK,
@@ -42,7 +44,7 @@ from pallax.runtime.engine_steps import (
     prompt_lookup,
 )
 from pallax.runtime.generator import _find_stop, _held_back
-from pallax.runtime.requests import Request, build_requests, check_sampling_kwargs, finish
+from pallax.runtime.requests import build_requests, check_sampling_kwargs, finish
 
 PREFIX_PAGE = 64  # tokens per page of the prefix cache
 
@@ -53,34 +55,6 @@ def _is_compiled(obj) -> bool:
     from pallax.runtime.compiled import CompiledModel
 
     return isinstance(obj, CompiledModel)
-
-
-@dataclasses.dataclass(eq=False)
-class _Live:
-    """A request inside the engine."""
-
-    req: Request
-    handle: RequestHandle
-    decoder: object  # a StreamDecoder
-    slot: int = -1
-    prefilled: int = 0  # prompt tokens in the cache
-    ids: list = dataclasses.field(default_factory=list)  # generated tokens
-    text: str = ""  # decoded so far (stop tokens not included)
-    emitted: int = 0  # characters of `text` handed to the handle
-    draft_pos: int = 0  # positions the draft model's cache holds (runtime/engine_draft.py)
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.req.prompt_ids)
-
-    @property
-    def last_pos(self) -> int:
-        """The position of a decoding request's last token (not in the cache yet)."""
-        return len(self.req.prompt_ids) + len(self.ids) - 1
-
-    def known(self) -> int:
-        """How many positions of the request the target's cache holds."""
-        return self.last_pos if self.decoding else self.prefilled
 
 
 class Engine:
@@ -135,14 +109,15 @@ class Engine:
                     "(dense or int8, unsharded); this model's cannot take drafts back"
                 )
         self._cv = threading.Condition()
-        self._waiting: collections.deque[_Live] = collections.deque()
-        self._running: list[_Live] = []
+        self._waiting: collections.deque[Live] = collections.deque()
+        self._running: list[Live] = []
         self._free = list(range(self.max_batch))[::-1]
         self._closing = False
         self._error: BaseException | None = None
         self._sampling = None  # packed per-slot parameters, rebuilt when slots change
         self.metrics = Counters()
         self._cache = None
+        self._flight = None  # (requests, their next tokens on the device): a step in flight
         self._thread = threading.Thread(target=self._main, name="pallax-engine", daemon=True)
         self._thread.start()
 
@@ -171,7 +146,7 @@ class Engine:
         from pallax.text.tokenizer import StreamDecoder
 
         handle = RequestHandle(self, req)
-        live = _Live(req, handle, StreamDecoder(self.compiled.tokenizer, skip_special_tokens=True))
+        live = Live(req, handle, StreamDecoder(self.compiled.tokenizer, skip_special_tokens=True))
         with self._cv:
             self._check_open()
             queued = len(self._waiting) - len(self._free)  # beyond the free slots
@@ -284,14 +259,14 @@ class Engine:
         if decoding:
             self._decode(decoding)
 
-    def _chunk(self, live: _Live, n: int):
+    def _chunk(self, live: Live, n: int):
         """(live, tokens taken, chunk length, `make_slot_prefill`'s arguments) for the next
         `n` (or fewer) prompt tokens of `live`."""
         n, t, args = chunk_args(live.req.prompt_ids, live.prefilled, n, live.slot,
                                 self._chunk_rows, self._rows, self._cache_len)  # fmt: skip
         return live, n, t, (*args, pack_slots([live.req.sampling], self._chunk_rows))
 
-    def _prefilled(self, live: _Live, n: int, tok) -> None:
+    def _prefilled(self, live: Live, n: int, tok) -> None:
         live.prefilled += n
         self.metrics.add("prefill_chunks", 1)
         self.metrics.add("prompt_tokens", n)
@@ -300,37 +275,68 @@ class Engine:
                 self._prefix.insert(live.req.prompt_ids, self._cache, live.slot)
             self._emit(live, int(np.asarray(tok)[0]))
 
-    def _decode(self, decoding: list[_Live]) -> None:
-        k = self.speculate
-        if self._spec_ok and all(
-            max(x.prefilled, x.last_pos) + k < self._cache_len for x in self._running
-        ):
-            return self._verify(decoding, k)
-        fn = self._steps.decode()[1]
-        nxt, self._cache = fn(self.compiled.weights, self._cache, *self._decode_args(decoding))
-        self._decoded(decoding, nxt)
+    def _decode(self, decoding: list[Live]) -> None:
+        """One decode step for every decoding request, dispatched before the previous
+        step's tokens are read (vLLM's asynchronous scheduling): the device runs step n + 1
+        on step n's tokens while the host hands those out. A request that stops at step n
+        has decoded one token more, which nothing reads. Speculation runs synchronously."""
+        if self._spec_ok:  # drafts are drafted from every token, on the host
+            self._read_flight()
+            decoding = [x for x in decoding if x in self._running]
+            k = self.speculate
+            if decoding and all(
+                max(x.prefilled, x.last_pos) + k < self._cache_len for x in self._running
+            ):
+                return self._verify(decoding, k)
+        flight = self._flight
+        behind = set(flight[0]) if flight is not None else set()  # a token in flight
+        batch = [x for x in decoding  # a request whose last token is in flight is done
+                 if len(x.ids) + (x in behind) < x.req.max_new_tokens]  # fmt: skip
+        self._flight = None
+        if batch:
+            fn = self._steps.decode()[1]
+            nxt, self._cache = fn(self.compiled.weights, self._cache,
+                                  *self._decode_args(batch, behind, flight))  # fmt: skip
+            self._flight = (batch, nxt)
+        if flight is not None:  # step n's tokens, read once step n + 1 runs
+            self._decoded(*flight)
+        if self._draft is not None:  # the draft's cache follows the tokens on the host
+            self._read_flight()
 
-    def _decode_args(self, decoding: list[_Live]):
-        """`make_slot_decode`'s arguments (tokens, pos, live, sampling, steps)."""
+    def _read_flight(self) -> None:
+        """Hand out the tokens of the decode step in flight, if any."""
+        if self._flight is not None:
+            flight, self._flight = self._flight, None
+            self._decoded(*flight)
+
+    def _decode_args(self, batch: list[Live], behind: set, flight):
+        """`make_slot_decode`'s arguments (tokens, pos, live, sampling, steps, prev,
+        ahead): a request in `behind` feeds its token in flight, still on the device."""
         b = self._rows
         tokens, pos = np.zeros((b,), np.int32), np.zeros((b,), np.int32)
         live, steps = np.zeros((b,), bool), np.zeros((b,), np.int32)
+        ahead = np.zeros((b,), bool)
         for x in self._running:  # a slot mid-prefill feeds its next prompt position
             pos[x.slot] = x.prefilled
-        for x in decoding:
-            tokens[x.slot] = x.ids[-1]
-            pos[x.slot] = x.last_pos
+        for x in batch:
+            n = x in behind
+            if not n:
+                tokens[x.slot] = x.ids[-1]
+            ahead[x.slot] = n
+            pos[x.slot] = x.last_pos + n
             live[x.slot] = True
-            steps[x.slot] = len(x.ids)
+            steps[x.slot] = len(x.ids) + n
         self._ensure_sampling()
-        return tokens, pos, live, self._sampling, steps
+        prev = flight[1] if flight is not None else np.zeros((b,), np.int32)
+        return tokens, pos, live, self._sampling, steps, prev, ahead
 
-    def _decoded(self, decoding: list[_Live], nxt) -> None:
+    def _decoded(self, batch: list[Live], nxt) -> None:
         nxt = np.asarray(nxt)
-        for x in decoding:
-            self._emit(x, int(nxt[x.slot]))
+        for x in batch:
+            if x in self._running:  # not ended (a stop, cancelled) since the step ran
+                self._emit(x, int(nxt[x.slot]))
 
-    def _verify(self, decoding: list[_Live], k: int) -> None:
+    def _verify(self, decoding: list[Live], k: int) -> None:
         """One step of speculative decoding: each request's K tokens drafted by the draft
         model or by prompt lookup are verified with the decode method
         (`make_slot_verify`). A greedy request keeps the drafts equal to its greedy tokens
@@ -380,7 +386,7 @@ class Engine:
                 params[x.slot] = x.req.sampling
             self._sampling = pack_slots(params, self._rows)
 
-    def _emit(self, live: _Live, tok: int) -> None:
+    def _emit(self, live: Live, tok: int) -> None:
         """Hand one generated token to the request; end it on a stop or its length."""
         req, handle = live.req, live.handle
         live.ids.append(tok)
@@ -402,12 +408,12 @@ class Engine:
             return
         self._send(live, len(live.text) - _held_back(live.text, req.stop))
 
-    def _send(self, live: _Live, upto: int) -> None:
+    def _send(self, live: Live, upto: int) -> None:
         if upto > live.emitted:
             live.handle._push(live.text[live.emitted : upto])
             live.emitted = upto
 
-    def _end(self, live: _Live, how: str) -> None:
+    def _end(self, live: Live, how: str) -> None:
         if live in self._running:
             self._running.remove(live)
             self._free.append(live.slot)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import queue
 import threading
 import time
 
-from pallax.runtime.requests import GenerationResult
+from pallax.runtime.requests import GenerationResult, Request
 
 
 class EngineClosed(RuntimeError):
@@ -125,3 +126,31 @@ class RequestHandle:
             if kind == "end":
                 return
             yield value
+
+
+@dataclasses.dataclass(eq=False)
+class Live:
+    """A request inside the engine."""
+
+    req: Request
+    handle: RequestHandle
+    decoder: object  # a StreamDecoder
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens in the cache
+    ids: list = dataclasses.field(default_factory=list)  # generated tokens
+    text: str = ""  # decoded so far (stop tokens not included)
+    emitted: int = 0  # characters of `text` handed to the handle
+    draft_pos: int = 0  # positions the draft model's cache holds (runtime/engine_draft.py)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.req.prompt_ids)
+
+    @property
+    def last_pos(self) -> int:
+        """The position of a decoding request's last token (not in the cache yet)."""
+        return len(self.req.prompt_ids) + len(self.ids) - 1
+
+    def known(self) -> int:
+        """How many positions of the request the target's cache holds."""
+        return self.last_pos if self.decoding else self.prefilled

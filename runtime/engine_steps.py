@@ -69,10 +69,12 @@ class SlotSteps:
 
 
 def make_slot_decode(graph: Graph):
-    """(weights, cache, tokens [B], pos [B], live [B], sampling, steps [B]) ->
-    (next tokens [B], cache)."""
+    """(weights, cache, tokens [B], pos [B], live [B], sampling, steps [B], prev [B],
+    ahead [B]) -> (next tokens [B], cache). A slot with `ahead` feeds `prev[slot]` (the
+    previous step's token, still on the device) instead of `tokens[slot]`."""
 
-    def decode(weights, cache, tokens, pos, live, sampling, steps):
+    def decode(weights, cache, tokens, pos, live, sampling, steps, prev, ahead):
+        tokens = jnp.where(ahead, prev, tokens)
         last = jnp.where(live, 0, -1).astype(jnp.int32)
         logits, cache = graph.run("prefill", weights, cache, tokens[:, None], pos, last)
         return sample(logits, sampling, steps), cache

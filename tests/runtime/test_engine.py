@@ -101,6 +101,21 @@ def test_streamed_pieces_make_the_text_and_stop_strings_cut_it(compiled_fp32):
     assert s.result().token_ids == want.token_ids and s.result().finish_reason == "stop"
 
 
+def test_a_request_that_stops_mid_batch_leaves_the_others_tokens(compiled_fp32):
+    """A decode step is dispatched before the previous step's tokens are read, so a
+    request that stops on a stop string has decoded a token more, which nothing reads; a
+    waiting request takes its slot (and writes over that token's KV) and a batch-mate
+    runs on, each with the tokens `generate` gives it alone."""
+    reqs = [(PROMPTS[2], dict(stop=["return"])), (PROMPTS[0], dict(ignore_eos=True)),
+            (PROMPTS[1], dict(ignore_eos=True))]  # fmt: skip
+    with pallax.Engine(compiled_fp32, max_batch=2, max_len=256) as eng:
+        handles = [eng.submit(p, max_new_tokens=24, **k) for p, k in reqs]
+        results = [h.result(timeout=600) for h in handles]
+    want = [compiled_fp32.generate([p], max_new_tokens=24, **k)[0] for p, k in reqs]
+    assert [r.token_ids for r in results] == [w.token_ids for w in want]
+    assert results[0].finish_reason == "stop" and len(results[0].token_ids) < 24
+
+
 def test_async_iteration_streams_concurrent_requests(compiled_fp32):
     async def collect(eng, prompt):
         return "".join([piece async for piece in eng.submit(prompt, max_new_tokens=8)])

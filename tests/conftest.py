@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -183,3 +184,47 @@ def hf_gemma3(gemma3_gguf_path):
     )
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def cli_server(*args, served_name: str = "s"):
+    """`pallax serve ARGS` in a new process on a free loopback port: yields its URL once
+    /health answers; stopped with SIGINT, after which its stderr has no traceback."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "pallax.scripts.cli", "serve", *map(str, args),
+           "--port", str(port), "--served-name", served_name]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+
+
+def post_json(url: str, body: dict) -> dict:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    return json.loads(urllib.request.urlopen(req, timeout=300).read())

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import inspect
 import json
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 
 import pytest
@@ -159,32 +156,11 @@ def test_cli_refuses_engine_flags_that_do_not_apply(engine_artifact):
 
 @pytest.mark.slow
 def test_cli_serves_an_artifact(engine_artifact, int8):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "pallax.scripts.cli", "serve", str(engine_artifact),
-           "--port", str(port), "--served-name", "s", "--max-batch", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5)
-                break
-            except OSError:
-                assert time.time() < deadline, "the server did not come up"
-                time.sleep(0.5)
-        body = json.dumps({"model": "s", "prompt": LONG, "max_tokens": 8,
-                           "temperature": 0}).encode()  # fmt: skip
-        req = urllib.request.Request(url + "/v1/completions", body,
-                                     {"Content-Type": "application/json"})  # fmt: skip
-        out = json.loads(urllib.request.urlopen(req, timeout=300).read())
+    from tests.conftest import cli_server, post_json
+
+    with cli_server(engine_artifact, "--max-batch", "1") as url:
+        body = {"model": "s", "prompt": LONG, "max_tokens": 8, "temperature": 0}
+        out = post_json(url + "/v1/completions", body)
         assert out["choices"][0]["text"] == _expected(int8, LONG, 8)
         metrics = urllib.request.urlopen(url + "/metrics", timeout=60).read().decode()
         assert "pallax_drafted_tokens_total" in metrics, metrics  # speculate=2 by default
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    assert "Traceback" not in err, err

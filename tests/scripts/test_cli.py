@@ -221,55 +221,16 @@ def test_cli_plan_prints_the_roofline_cost(capsys):
 
 @pytest.mark.slow
 def test_cli_serve_answers_on_loopback_and_stops_on_sigint(smollm2_gguf_path):
-    import json
-    import socket
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "pallax.scripts.cli",
-        "serve",
-        str(smollm2_gguf_path),
-        "--port",
-        str(port),
-        "--max-batch",
-        "2",
-        "--max-len",
-        "128",
-        "--served-name",
-        "s",
-        "--speculate",  # the GGUF-native model drafts for the float one
-        "3",
-        "--draft",
-        str(smollm2_gguf_path),
-        "--draft-keep-quantized",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5)
-                break
-            except OSError:
-                assert time.time() < deadline, "the server did not come up"
-                time.sleep(0.5)
-        body = json.dumps({"model": "s", "prompt": "The capital of France is",
-                           "max_tokens": 3, "temperature": 0}).encode()  # fmt: skip
-        req = urllib.request.Request(url + "/v1/completions", body,
-                                     {"Content-Type": "application/json"})  # fmt: skip
-        out = json.loads(urllib.request.urlopen(req, timeout=300).read())
+    from tests.conftest import cli_server, post_json
+
+    draft = ["--speculate", "3", "--draft", smollm2_gguf_path, "--draft-keep-quantized"]
+    with cli_server(smollm2_gguf_path, "--max-batch", "2", "--max-len", "128", *draft) as url:
+        # the GGUF-native model drafts for the float one
+        out = post_json(url + "/v1/completions", {"model": "s", "prompt": "The capital of "
+                        "France is", "max_tokens": 3, "temperature": 0})  # fmt: skip
         assert out["choices"][0]["text"].startswith(" Paris")
         assert out["usage"]["completion_tokens"] == 3
         metrics = urllib.request.urlopen(url + "/metrics", timeout=60).read().decode()
         assert "pallax_drafted_tokens_total 3" in metrics, metrics
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    assert "Traceback" not in err, err

@@ -204,13 +204,21 @@ def _shared_prefix_prompts(n, prefix_len=200, tail=20):
     return [prefix + rng.integers(100, 30000, tail).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("pipeline", ["fp32", pytest.param("int8kv", marks=pytest.mark.slow)])
+# The engine shape of _staggered: the programs of the same pipelines' tests above come from
+# the compilation cache (another shape cost ~30-60 s of compiles per test on 2 cores).
+SHAPE = dict(max_batch=4, token_budget=40, max_len=256)
+
+
+@pytest.mark.parametrize(
+    "pipeline", ["fp32", pytest.param("int8,int8kv", marks=pytest.mark.slow)]
+)  # fmt: skip
 def test_prefix_cache_hits_skip_prefill_and_keep_the_tokens(pipeline, smollm2, compiled_fp32):
     """Prompts sharing a 200-token prefix: the second and third copy its three full
-    64-token pages from the pool and prefill only the rest, and get generate's tokens."""
-    compiled = compiled_fp32 if pipeline == "fp32" else pallax.compile(smollm2, [pipeline])
+    64-token pages from the pool and prefill only the rest (in chunks), and get generate's
+    tokens."""
+    compiled = compiled_fp32 if pipeline == "fp32" else pallax.compile(smollm2, pipeline.split(","))
     prompts = _shared_prefix_prompts(3)
-    with pallax.Engine(compiled, max_batch=2, max_len=256) as eng:
+    with pallax.Engine(compiled, **SHAPE) as eng:
         got = [eng.submit(p, max_new_tokens=6).result(timeout=600).token_ids for p in prompts]
         stats = eng.stats()
     assert got == [compiled.generate([p], max_new_tokens=6)[0].token_ids for p in prompts]
@@ -225,7 +233,7 @@ def test_prefix_cache_is_off_where_the_cache_is_not_addressed_by_position(smollm
     assert prefix_cache.supported(layout([])) and prefix_cache.supported(layout(["int8kv"]))
     for passes in (["kivi2"], ["evict_kv:h2o:budget=48"], ["evict_kv:sinks"]):
         assert not prefix_cache.supported(layout(passes)), passes
-    with pallax.Engine(pallax.compile(smollm2, ["kivi2"]), max_batch=2, max_len=256) as eng:
+    with pallax.Engine(pallax.compile(smollm2, ["kivi2"]), **SHAPE) as eng:
         prompts = _shared_prefix_prompts(2)
         for p in prompts:
             eng.submit(p, max_new_tokens=2).result(timeout=600)

@@ -18,12 +18,17 @@ import pytest
 # twins stay in one worker, and the sharding subprocesses start from the other while it
 # is still small. Without -n the groups are inert and one process runs everything.
 # Balanced on the CI run of 2026-12-07 (junit times, a slower 2-core VM: 9,633 s in all,
-# 5,025 s in the second group, past CI's limit), then cut by a third: the
-# speculative engine tests run after test_engine.py in the first group, where the
-# formats both test take their generate programs from the compilation cache, and the
-# artifact tests moved to the second. Memory at its height (2026-12-06): 10.7 GB in the
-# first worker, 7.3 GB in the second, 6.0 GB of the 24 GiB left available.
-SECOND_WORKER = ("tests/sharding/", "tests/passes/", "tests/runtime/test_artifact")
+# 5,025 s in the second group, past CI's limit), then cut by a third and balanced again
+# on those times: the speculative engine tests run after test_engine.py in the first
+# group (the formats both test share their generate programs through the compilation
+# cache), the artifact and script tests in the second. Memory at its height (2026-12-06):
+# 10.7 GB in the first worker, 7.3 GB in the second, 6.0 GB of the 24 GiB left available.
+SECOND_WORKER = (
+    "tests/sharding/",
+    "tests/passes/",
+    "tests/runtime/test_artifact",
+    "tests/scripts/",
+)
 
 
 def _group(item) -> str:

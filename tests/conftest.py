@@ -21,13 +21,14 @@ import pytest
 # 5,025 s in the second group, past CI's limit), then cut by a third and balanced again
 # on those times: the speculative engine tests run after test_engine.py in the first
 # group (the formats both test share their generate programs through the compilation
-# cache), the artifact and script tests in the second. Memory at its height (2026-12-06):
-# 10.7 GB in the first worker, 7.3 GB in the second, 6.0 GB of the 24 GiB left available.
+# cache), the artifact tests and test_cli.py in the second. Memory at its height
+# (2026-12-06): 10.7 GB in the first worker, 7.3 GB in the second, 6.0 GB of the 24 GiB
+# left available.
 SECOND_WORKER = (
     "tests/sharding/",
     "tests/passes/",
     "tests/runtime/test_artifact",
-    "tests/scripts/",
+    "tests/scripts/test_cli.py",
 )
 
 

@@ -221,8 +221,7 @@ def test_gemma3_int8_prompt_alone_and_in_a_batch(gemma3):
     together = _prefill_logits(c, PROMPTS)
     for i, p in enumerate(PROMPTS):
         np.testing.assert_array_equal(_prefill_logits(c, [p])[0], together[i], err_msg=p)
-    batch = [o.token_ids for o in c.generate(PROMPTS, max_new_tokens=12)]
-    assert batch == [c.generate([p], max_new_tokens=12)[0].token_ids for p in PROMPTS]
+    # its greedy text alone and among batch-mates: test_engine.py's Gemma 3 int8 test
 
 
 def test_batch_variant_mode_still_runs_and_stays_close(smollm2, monkeypatch):

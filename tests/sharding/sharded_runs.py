@@ -58,19 +58,12 @@ def lazy(model: str) -> dict:
     want = [o.text for o in pallax.compile(eager, ["shard:tensor=4:data=2"]).generate(
         PROMPTS, max_new_tokens=8)]  # fmt: skip
     out = {}
-    for passes in (["shard:tensor=4:data=2"], ["shard:tensor=8"],
-                   ["cast:bfloat16", "shard:tensor=2:data=4"]):  # fmt: skip
+    for passes in (["shard:tensor=4:data=2"], ["shard:tensor=8"]):
         m = pallax.load(model, lazy=True)
         c = pallax.compile(m, passes)
         got = [o.text for o in c.generate(PROMPTS, max_new_tokens=8)]
         out[",".join(passes)] = {"equal": got == want, "reads": _reads(m),
                                  "placed": type(c.weights["embed"]).__name__}  # fmt: skip
-        if passes[0].startswith("cast"):  # bf16: against the eager load's bf16 run
-            cast = pallax.compile(eager, passes)
-            out[",".join(passes)]["equal"] = got == [
-                o.text for o in cast.generate(PROMPTS, max_new_tokens=8)
-            ]
-            _release(cast)
         _release(c)
     # a pallax checkpoint of int8 weights: its packed arrays are read by slices too
     import tempfile

@@ -65,7 +65,7 @@ def test_a_lazy_model_is_read_slice_by_slice_into_the_mesh():
     pallax checkpoint of int8 weights, packed arrays read by slices), every device
     reading only its slice from the file (each element read once per data replica,
     no read larger than a shard: SmolLM2's 9 query heads padded to 3 per shard at tensor
-    4 and 8), through a bf16 cast too (equal to the eager load's bf16 run)."""
+    4 and 8). (A bf16 cast of the lazy model besides took ~60 s of a slow VM's suite.)"""
     result = _run("lazy", "smollm2-135m")
     for passes, r in result.items():
         assert r["placed"] == "ArrayImpl" and r["equal"], (passes, r)
@@ -73,9 +73,7 @@ def test_a_lazy_model_is_read_slice_by_slice_into_the_mesh():
         tensor = int(passes.split("tensor=")[1].split(":")[0])
         for name, (total, largest) in r["reads"].items():
             assert total == pytest.approx(data), (passes, name, total)
-            share = 3 / 9 if name.endswith("wq") and tensor > 2 else 1 / tensor
-            if name.endswith("wq") and tensor == 2:
-                share = 6 / 9
+            share = 3 / 9 if name.endswith("wq") else 1 / tensor  # tensor 4 and 8
             assert largest == pytest.approx(share), (passes, name, largest)
 
 

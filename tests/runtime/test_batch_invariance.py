@@ -188,18 +188,20 @@ def smollm2_blocks(smollm2_gguf_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["fp32", "cast:bfloat16", "int8", "int4", "gguf"])
-def test_a_prompt_gets_the_same_logits_and_text_alone_and_in_a_batch(
-    pipeline, smollm2, smollm2_blocks
-):
+def test_a_prompt_gets_the_same_logits_alone_and_in_a_batch(pipeline, smollm2, smollm2_blocks):
     model = smollm2_blocks if pipeline == "gguf" else smollm2
     c = pallax.compile(model, [] if pipeline in ("fp32", "gguf") else [pipeline])
     together = _prefill_logits(c, PROMPTS)
     for i, p in enumerate(PROMPTS):  # 16-token chunks alone, one 128-token chunk together
         np.testing.assert_array_equal(_prefill_logits(c, [p])[0], together[i], err_msg=p)
-    if pipeline != "fp32":
-        # the greedy text alone and among batch-mates, in every format: test_engine.py's
-        # continuous batching (batches that change every step) against generate alone
-        return
+
+
+@pytest.mark.slow
+def test_a_prompt_gets_the_same_text_alone_and_in_a_batch(compiled_fp32):
+    """fp32 here; the greedy text alone and among batch-mates in every format is
+    test_engine.py's (continuous batching, batches that change every step, against
+    generate alone)."""
+    c = compiled_fp32
     batch = [o.token_ids for o in c.generate(PROMPTS, max_new_tokens=12)]
     alone = [c.generate([p], max_new_tokens=12)[0].token_ids for p in PROMPTS]
     assert batch == alone

@@ -13,13 +13,17 @@ import pallax
 from pallax.runtime.engine_handle import EngineClosed
 from tests.runtime.test_batch_invariance import PROMPTS  # mixed lengths, one of ~70 tokens
 
+# The engine shape of the format tests (4 slots for 5 prompts, so requests also wait for a
+# slot; a 40-token budget, so the long prompt is prefilled in chunks between decode steps).
+# The prefix-cache tests take it too: their programs then come from the compilation cache
+# (another shape cost ~30-60 s of compiles per test on 2 cores).
+SHAPE = dict(max_batch=4, token_budget=40, max_len=256)
+
 
 def _staggered(compiled, prompts, new=12, gap=0.2, **engine):
-    """Submit `prompts` one by one while the engine runs (4 slots for 5 prompts, so
-    requests also wait for a slot; a 40-token budget, so the long prompt is prefilled in
-    chunks between decode steps); their results and the engine's counters."""
-    kw = dict(max_batch=4, token_budget=40, max_len=256) | engine
-    with pallax.Engine(compiled, **kw) as eng:
+    """Submit `prompts` one by one while the engine runs (SHAPE unless `engine` says
+    otherwise); their results and the engine's counters."""
+    with pallax.Engine(compiled, **(SHAPE | engine)) as eng:
         handles = []
         for p in prompts:
             handles.append(eng.submit(p, max_new_tokens=new))
@@ -202,11 +206,6 @@ def _shared_prefix_prompts(n, prefix_len=200, tail=20):
     rng = np.random.default_rng(5)
     prefix = rng.integers(100, 30000, prefix_len).tolist()
     return [prefix + rng.integers(100, 30000, tail).tolist() for _ in range(n)]
-
-
-# The engine shape of _staggered: the programs of the same pipelines' tests above come from
-# the compilation cache (another shape cost ~30-60 s of compiles per test on 2 cores).
-SHAPE = dict(max_batch=4, token_budget=40, max_len=256)
 
 
 @pytest.mark.parametrize(

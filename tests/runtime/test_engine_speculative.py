@@ -58,11 +58,8 @@ def test_speculative_decoding_keeps_the_tokens_of_generate(compiled_fp32):
 # the same int8 weights, and test_engine.py the GGUF blocks against generate alone.)
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["cast:bfloat16", "int8,int8kv"])
-def test_speculative_decoding_in_other_formats(pipeline, smollm2, smollm2_gguf_path):
-    if pipeline == "gguf":
-        compiled = pallax.compile(pallax.load(smollm2_gguf_path, keep_quantized=True), [])
-    else:
-        compiled = pallax.compile(smollm2, pipeline.split(","))
+def test_speculative_decoding_in_other_formats(pipeline, smollm2):
+    compiled = pallax.compile(smollm2, pipeline.split(","))
     assert _check(compiled, new=24)["accepted_tokens"] > 0
 
 

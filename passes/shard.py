@@ -178,6 +178,26 @@ def _real_columns(index, head_dim: int) -> np.ndarray:
     return np.concatenate([np.arange(head_dim) + where[h] * head_dim for h in sorted(where)])
 
 
+def check_pipeline(passes) -> None:
+    """Refuse LLM.int8 outliers under a final shard(exact=False) at compile time, before
+    the calibration that finds them: Megatron's layout splits the inputs of o and down,
+    where outlier columns fall. (Outliers a checkpoint already holds are refused as the
+    weights are placed, in _check_divides.)"""
+    last = passes[-1] if passes else None
+    if not isinstance(last, Shard) or last.exact or last.tensor == 1:
+        return
+    rules = check_rules(last.rules)
+    if T not in (rules["q_heads"], rules["mlp"]):
+        return
+    for i, p in enumerate(passes[:-1]):
+        if getattr(p, "outlier_threshold", None) is not None:
+            raise ValueError(
+                f"shard: exact=False splits the inputs of o and down, and pass {i} ({p.name}, "
+                f"outlier_threshold={p.outlier_threshold:g}) would keep LLM.int8 outliers "
+                "along its split inputs; use exact=True (the default), which gathers them"
+            )
+
+
 def _check_divides(name, w, spec, mesh):
     shape = w.shape
     for dim, axis in enumerate(spec):

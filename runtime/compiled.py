@@ -399,15 +399,17 @@ def compile(model, passes=None) -> CompiledModel:  # noqa: A001 - the public API
     from pallax.ir.manager import check_order, initial_facts
     from pallax.passes import with_fusions
     from pallax.passes.evict_kv import check_pipeline
+    from pallax.passes.shard import check_pipeline as check_shard
 
     # Fusion passes a checkpoint recorded run again where compile puts them (after the rest).
     saved = tuple(p for p in model.passes if not getattr(p, "fusion", False))
     pipeline = with_fusions(saved + resolve_passes(passes))
-    # Refused before any capture: an order the passes' declared facts rule out, and KV
-    # passes that cannot compose.
+    # Refused before any capture: an order the passes' declared facts rule out, KV passes
+    # that cannot compose, and LLM.int8 outliers on the inputs a shard would split.
     packed = any(isinstance(w, QuantizedWeight) for w in model.weights.values())
     check_order(pipeline, initial_facts(packed_weights=packed))
     check_pipeline(pipeline)
+    check_shard(pipeline)
     for i, p in enumerate(pipeline[:-1]):
         if p.name == "shard":
             raise ValueError(

@@ -187,9 +187,10 @@ def errors() -> dict:
         ).graph(),
         "zero": lambda: pallax.passes.shard(0),
         "exact": lambda: pallax.passes.shard(2, exact="yes"),
+        # at compile(), before the calibration that would find the outliers (~20 s)
         "outliers_split_inputs": lambda: pallax.compile(
             m, passes=["int8-outliers", "shard:tensor=2:exact=false"]
-        ).graph(),
+        ),
         "save": lambda: pallax.compile(m, passes=["int8", "shard:tensor=2"]).save("/nonexistent/x"),
         "export": lambda: pallax.compile(pallax.load("llama-3-8b")).export("/nonexistent/y"),
         "abstract_devices": lambda: pallax.passes.shard(2, devices=jax.devices(), abstract=True),

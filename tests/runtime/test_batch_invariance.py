@@ -186,8 +186,11 @@ def smollm2_blocks(smollm2_gguf_path):
     return pallax.load(smollm2_gguf_path, keep_quantized=True)
 
 
+# fp32 and the packed formats that quantize their activations (int8, the GGUF file's
+# blocks), where a last-bit difference moves the most. bf16 and int4 (~13 s each): their
+# matmuls row by row above, their tokens alone and in a changing batch in test_engine.py.
 @pytest.mark.slow
-@pytest.mark.parametrize("pipeline", ["fp32", "cast:bfloat16", "int8", "int4", "gguf"])
+@pytest.mark.parametrize("pipeline", ["fp32", "int8", "gguf"])
 def test_a_prompt_gets_the_same_logits_alone_and_in_a_batch(pipeline, smollm2, smollm2_blocks):
     model = smollm2_blocks if pipeline == "gguf" else smollm2
     c = pallax.compile(model, [] if pipeline in ("fp32", "gguf") else [pipeline])

@@ -7,6 +7,7 @@ import pytest
 
 import pallax
 from pallax.runtime.engine_steps import prompt_lookup
+from tests.runtime.test_engine import SHAPE
 
 TEXT = (
     "The Industrial Revolution began in Great Britain in the late eighteenth century. It "
@@ -54,12 +55,12 @@ def test_speculative_decoding_keeps_the_tokens_of_generate(compiled_fp32):
 # int8 weights with the int8 cache: before the cache had its decode kernel, its XLA
 # attention reduced over the whole cache length, so the engine's 512-slot cache and
 # generate's shorter one differed in the last bits and a greedy token flipped. (int8
-# weights alone and the GGUF file's blocks were cases of their own too: "int8,int8kv" runs
-# the same int8 weights, and test_engine.py the GGUF blocks against generate alone.)
+# weights alone, bf16 and the GGUF file's blocks were cases of their own too: "int8,int8kv"
+# runs the same int8 weights; bf16's and the GGUF blocks' verification steps take their
+# decode kernels, which test_engine.py runs against generate alone; bf16 here took ~35 s.)
 @pytest.mark.slow
-@pytest.mark.parametrize("pipeline", ["cast:bfloat16", "int8,int8kv"])
-def test_speculative_decoding_in_other_formats(pipeline, smollm2):
-    compiled = pallax.compile(smollm2, pipeline.split(","))
+def test_speculative_decoding_with_int8_weights_and_cache(smollm2):
+    compiled = pallax.compile(smollm2, ["int8", "int8kv"])
     assert _check(compiled, new=24)["accepted_tokens"] > 0
 
 
@@ -69,7 +70,10 @@ def test_a_cache_that_cannot_take_back_drafts_decodes_without_them(smollm2):
     overwritten, so the engine runs plain decode steps there."""
     compiled = pallax.compile(smollm2, ["kivi2"])
     copy = _copy_prompt(compiled)  # the prompt whose drafts the other formats take
-    with pallax.Engine(compiled, max_batch=2, max_len=512, speculate=4) as eng:
+    # test_engine.py's KIVI-2 engine shape (a 256-token cache: 252 + 4 drafts), so its
+    # programs come from the compilation cache
+    shape = SHAPE | dict(max_len=SHAPE["max_len"] - 4, speculate=4)
+    with pallax.Engine(compiled, **shape) as eng:
         got = eng.submit(copy, max_new_tokens=16).result(timeout=900)
         stats = eng.stats()
     assert "drafted_tokens" not in stats

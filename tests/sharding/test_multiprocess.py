@@ -29,8 +29,9 @@ def _launch(n: int, model: str, meshes: str, tmp: pathlib.Path) -> list[dict]:
 
 def test_two_processes_give_one_process_text(tmp_path):
     # tensor across the processes, from a lazy load: each process reads only its half of a
-    # tensor-split weight. (The data axis across them: test_shard.py's sharded artifact,
-    # tensor 4 x data 2 in two processes. Eager 4x2 and 8x1 runs here besides took 375 s.)
+    # tensor-split weight. (The data axis across them and streaming: test_shard.py's
+    # sharded artifact, tensor 4 x data 2 in two processes. Eager 4x2 and 8x1 runs here
+    # besides took 375 s.)
     meshes = ("lazy8x1",)
     results = _launch(2, "smollm2-135m", ",".join(meshes), tmp_path)
     assert [r["process"] for r in results] == [0, 1]
@@ -38,7 +39,6 @@ def test_two_processes_give_one_process_text(tmp_path):
         assert (r["devices"], r["local_devices"]) == (8, 4)
         for mesh in meshes:
             assert r[mesh]["texts"] == r["reference"], mesh
-            assert r[mesh]["stream"] == r["reference"][0], mesh
             assert r[mesh]["max_dlogprob"] < 1e-4, (mesh, r[mesh]["max_dlogprob"])
         assert r["lazy8x1"]["read"] == {"embed": 0.5, "layers.0.w_down": 0.5}, r["lazy8x1"]
     same = [{k: v for k, v in r.items() if k != "process"} for r in results]

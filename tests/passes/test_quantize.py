@@ -246,7 +246,9 @@ def test_gptq_beats_rtn_on_held_out_genres(smollm2):
     ppl = {}
     for f in files:
         text = f.read_text(encoding="utf-8")
-        ppl[f.stem] = tuple(eval_ppl.perplexity(c, text, 512, 256) for c in (rtn, gptq))
+        # a 512-token chunk per window: the same values as 128 (the kernels are invariant
+        # to how rows are chunked), ~20% sooner
+        ppl[f.stem] = tuple(eval_ppl.perplexity(c, text, 512, 256, 512) for c in (rtn, gptq))
     a, b = ppl.pop(eval_ppl.DEFAULT_TEXT.stem)
     assert b < a, (a, b)
     logs = np.log(np.array(list(ppl.values())))

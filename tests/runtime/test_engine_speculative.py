@@ -68,9 +68,9 @@ def test_speculative_decoding_with_int8_weights_and_cache(smollm2):
 def test_a_cache_that_cannot_take_back_drafts_decodes_without_them(smollm2):
     """KIVI quantizes tokens as they leave its window: rejected drafts could not be
     overwritten, so the engine runs plain decode steps there."""
-    compiled = pallax.compile(smollm2, ["kivi2"])
+    compiled = pallax.compile(smollm2, ["int4", "kivi2"])
     copy = _copy_prompt(compiled)  # the prompt whose drafts the other formats take
-    # test_engine.py's KIVI-2 engine shape (a 256-token cache: 252 + 4 drafts), so its
+    # test_engine.py's int4 + KIVI-2 engine (a 256-token cache: 252 + 4 drafts), so its
     # programs come from the compilation cache
     shape = SHAPE | dict(max_len=SHAPE["max_len"] - 4, speculate=4)
     with pallax.Engine(compiled, **shape) as eng:

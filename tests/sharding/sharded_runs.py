@@ -148,7 +148,7 @@ def artifact(path: str) -> dict:
     import json as json_
 
     m = pallax.load("smollm2-135m")
-    c = pallax.compile(m, passes=["kivi2", "shard:tensor=4:data=2"])
+    c = pallax.compile(m, passes=["int8kv", "shard:tensor=4:data=2"])
     want = [o.text for o in c.generate(PROMPTS[:4], max_new_tokens=8)]
     c.export(path, batch_sizes=(4,), prefill_sizes=(16,), cache_sizes=(256,), score_chunk=16)
     a = pallax.load_artifact(path)

@@ -140,7 +140,8 @@ def test_bad_input_is_refused_by_name():
 
 @pytest.mark.slow
 def test_sharded_artifact_records_its_mesh(tmp_path):
-    """An artifact of a sharded model (tensor=4 x data=2, KIVI-2 cache) runs from its
+    """An artifact of a sharded model (tensor=4 x data=2, the int8 cache: a compressed
+    cache of values and scales; KIVI-2's costlier compiles took ~60 s more) runs from its
     modules with the same text, from the executables compiled at export; on 4 devices it
     is refused, naming both counts; two processes of 4 devices each run it (compiling its
     modules: the executables are for one process) with the same text."""

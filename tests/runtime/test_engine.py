@@ -217,12 +217,11 @@ def test_prefix_cache_hits_skip_prefill_and_keep_the_tokens(compiled_fp32):
     tokens. (The pool copies every array of the cache's layout, as the layout test below
     shows; int8 weights with an int8 cache here besides took ~20 s. Prefix hits on int8
     weights: test_artifact_engine.py; beside a draft model: test_engine_speculative.py.)"""
-    compiled = compiled_fp32
     prompts = _shared_prefix_prompts(3)
-    with pallax.Engine(compiled, **SHAPE) as eng:
+    with pallax.Engine(compiled_fp32, **SHAPE) as eng:
         got = [eng.submit(p, max_new_tokens=6).result(timeout=600).token_ids for p in prompts]
         stats = eng.stats()
-    assert got == [compiled.generate([p], max_new_tokens=6)[0].token_ids for p in prompts]
+    assert got == [compiled_fp32.generate([p], max_new_tokens=6)[0].token_ids for p in prompts]
     assert stats["prefix_hit_tokens"] == 2 * 192
     assert stats["prompt_tokens"] == 3 * 220 - 2 * 192
 

@@ -179,10 +179,15 @@ def _real_columns(index, head_dim: int) -> np.ndarray:
 
 
 def check_pipeline(passes) -> None:
-    """Refuse LLM.int8 outliers under a final shard(exact=False) at compile time, before
-    the calibration that finds them: Megatron's layout splits the inputs of o and down,
-    where outlier columns fall. (Outliers a checkpoint already holds are refused as the
-    weights are placed, in _check_divides.)"""
+    """Refuse, at compile time: a shard that is not the last pass, and LLM.int8 outliers
+    under a final shard(exact=False), before the calibration that finds them (Megatron's
+    layout splits the inputs of o and down, where outlier columns fall; outliers a
+    checkpoint already holds are refused as the weights are placed, in _check_divides)."""
+    for i, p in enumerate(passes[:-1]):
+        if p.name == "shard":
+            raise ValueError(
+                f"pass {i} (shard) must be the last pass; {passes[i + 1].name} runs after it"
+            )
     last = passes[-1] if passes else None
     if not isinstance(last, Shard) or last.exact or last.tensor == 1:
         return

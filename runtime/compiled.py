@@ -405,16 +405,11 @@ def compile(model, passes=None) -> CompiledModel:  # noqa: A001 - the public API
     saved = tuple(p for p in model.passes if not getattr(p, "fusion", False))
     pipeline = with_fusions(saved + resolve_passes(passes))
     # Refused before any capture: an order the passes' declared facts rule out, KV passes
-    # that cannot compose, and LLM.int8 outliers on the inputs a shard would split.
+    # that cannot compose, a shard before other passes or splitting LLM.int8 outliers.
     packed = any(isinstance(w, QuantizedWeight) for w in model.weights.values())
     check_order(pipeline, initial_facts(packed_weights=packed))
     check_pipeline(pipeline)
     check_shard(pipeline)
-    for i, p in enumerate(pipeline[:-1]):
-        if p.name == "shard":
-            raise ValueError(
-                f"pass {i} (shard) must be the last pass; {pipeline[i + 1].name} runs after it"
-            )
     from pallax.ir import lazy
 
     if lazy.is_lazy(model.weights) and not lazy.places_lazily(pipeline):

@@ -300,8 +300,8 @@ class Artifact(Generator):
 
         return artifact_engine.engine_shape(self, **limits)
 
-    def slot_steps(self, shape):
-        """The serving engine's steps: this artifact's engine modules."""
+    def slot_steps(self, shape, paged=None):
+        """The serving engine's steps: this artifact's engine modules (slot caches)."""
         from pallax.runtime.artifact_engine import ArtifactSlotSteps
 
         return ArtifactSlotSteps(self, shape)

@@ -121,18 +121,22 @@ class CompiledModel(Generator):
             raise ValueError(f"step={step!r} must be 'prefill' or 'decode'")
         return format_graph(self.pipeline_graph(), step)
 
-    def memory_report(self, budget_bytes: int | None = None, context: int | None = None) -> dict:
+    def memory_report(self, budget_bytes: int | None = None, context: int | None = None,
+                      page_size: int | None = None) -> dict:  # fmt: skip
         """Weight bytes, KV bytes per token (all layers, one sequence) and fixed KV bytes
         per sequence (a KIVI residual window, a fixed-size cache), after the passes;
-        sharded, also what one device holds (`..._per_device`).
+        sharded, also what one device holds (`..._per_device`); the bytes of one page of
+        `page_size` tokens of the engine's paged cache (None for formats that cannot be
+        paged: KIVI, H2O, sinks, sharded).
 
         With `budget_bytes` (the device memory for weights + KV cache), also the
-        largest batch at `context` tokens (default: the model's context length) and the
-        largest batch x context (tokens in flight) that fit; activations are not counted.
+        largest batch at `context` tokens (default: the model's context length), the
+        largest batch x context (tokens in flight) that fit, and `kv_pages`, the pages
+        the budget buys (`Engine(kv_pages=...)`); activations are not counted.
         """
         from pallax.runtime.cost import memory_report
 
-        return memory_report(self, budget_bytes, context)
+        return memory_report(self, budget_bytes, context, page_size)
 
     @property
     def abstract(self) -> bool:
@@ -265,11 +269,12 @@ class CompiledModel(Generator):
             portable=portable, overwrite=overwrite, xla_cache=xla_cache, engine=engine,
         )  # fmt: skip
 
-    def slot_steps(self, shape):
-        """The serving engine's steps for an `engine_steps.EngineShape`."""
+    def slot_steps(self, shape, paged=None):
+        """The serving engine's steps for an `engine_steps.EngineShape` (over a paged
+        cache with `paged=(pages, page_size)`)."""
         from pallax.runtime.engine_steps import SlotSteps
 
-        return SlotSteps(self, shape.rows, shape.chunk_rows, shape.cache_len)
+        return SlotSteps(self, shape.rows, shape.chunk_rows, shape.cache_len, paged)
 
     def _timed(self, key, build):
         fn = self._fns.get(key)

@@ -318,14 +318,23 @@ def collectives(compiled, step, platform) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- memory
-def memory_report(compiled, budget_bytes, context) -> dict:
+def memory_report(compiled, budget_bytes, context, page_size=None) -> dict:
     """`CompiledModel.memory_report`."""
+    from pallax.runtime import kv_pages, prefix_cache
+    from pallax.runtime.engine_steps import positive_int
+
+    page = kv_pages.PAGE_SIZE if page_size is None else positive_int("page_size", page_size)
     g = compiled.pipeline_graph()
     report = {
         "weight_bytes": g.weight_bytes(),
         "kv_bytes_per_token": g.cache.bytes_per_token(),
         "kv_fixed_bytes_per_sequence": g.cache.fixed_bytes(),
         "kv_layout": g.cache.kind,
+        # the engine's paged cache (Engine(kv_pages=...)): None where the format cannot page
+        "kv_page_size": page,
+        "kv_bytes_per_page": page * g.cache.bytes_per_token()
+        if prefix_cache.addressed(g)
+        else None,
     }
     mesh = g.meta.get("mesh")
     data = 1
@@ -362,6 +371,8 @@ def memory_report(compiled, budget_bytes, context) -> dict:
         max_batch=batch,
         max_batch_x_context=batch * context,
     )
+    if report["kv_bytes_per_page"] is not None:  # what the budget buys an engine
+        report["kv_pages"] = max(0, int(free // report["kv_bytes_per_page"]))
     return report
 
 

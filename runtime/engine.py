@@ -30,8 +30,10 @@ import dataclasses
 import threading
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
+from pallax.runtime import kv_pages as paging
 from pallax.runtime.engine_handle import Counters, EngineBusy, EngineClosed, Live, RequestHandle
 from pallax.runtime.engine_steps import (
     MAX_CHUNK,
@@ -41,7 +43,6 @@ from pallax.runtime.engine_steps import (
     pack_slots,
     positive_int,
     pow2,
-    prompt_lookup,
 )
 from pallax.runtime.generator import _find_stop, _held_back
 from pallax.runtime.requests import build_requests, check_sampling_kwargs, finish
@@ -63,7 +64,8 @@ class Engine:
     def __init__(self, compiled, *, max_batch: int | None = None,
                  token_budget: int | None = None, max_len: int | None = None,
                  max_waiting: int | None = None, prefix_cache: int | None = None,
-                 speculate: int | None = None, draft=None):  # fmt: skip
+                 speculate: int | None = None, draft=None, kv_pages: int | None = None,
+                 page_size: int | None = None):  # fmt: skip
         from pallax.runtime.artifact import Artifact
 
         limits = {"max_batch": max_batch, "token_budget": token_budget, "max_len": max_len,
@@ -94,7 +96,15 @@ class Engine:
         self.max_len, self.speculate = shape.max_len, shape.speculate
         self._rows, self._chunk_rows = shape.rows, shape.chunk_rows
         self._cache_len = shape.cache_len
-        self._steps = compiled.slot_steps(shape)
+        self._kv = None  # a kv_pages.PagedKV: the pages and block tables of a paged cache
+        paged = None
+        if kv_pages is not None or page_size is not None:
+            paged = paging.plan(kv_pages, page_size, shape, compiled)
+            self._kv = paging.PagedKV(*paged, self._rows, shape.cache_len // paged[1])
+            paged = paged[:2]
+        self._steps = compiled.slot_steps(shape, paged=paged)
+        if paged is not None:
+            paging.check_layout(self._steps.decode()[0])
         self._draft = None
         if draft is not None:  # checked here, before the loop runs
             from pallax.runtime import prefix_cache
@@ -171,6 +181,8 @@ class Engine:
         prefill_chunks, prefix_hit_tokens, drafted_tokens, accepted_tokens: each once it
         counts something) and the requests running and waiting now."""
         live = {"running": len(self._running), "waiting": len(self._waiting)}
+        if self._kv is not None:
+            live |= {"kv_pages": self._kv.pages, "kv_pages_used": self._kv.used()}
         return self.metrics.snapshot() | live
 
     def close(self) -> None:
@@ -221,8 +233,12 @@ class Engine:
                 self._end(live, "cancelled")
             admitted = []
             while self._free and self._waiting:
+                if self._kv is not None and not self._kv.fits(self._waiting[0]):
+                    break  # its pages are not free yet: it waits at the head of the queue
                 live = self._waiting.popleft()
                 live.slot = self._free.pop()
+                if self._kv is not None:
+                    live.prefilled += self._kv.admit(live, self._prefix_tokens > 0)
                 self._running.append(live)
                 admitted.append(live)
                 self._sampling = None
@@ -230,6 +246,12 @@ class Engine:
             return
         if self._cache is None:
             self._start_cache()
+        for live in admitted if self._kv is not None else ():
+            if live.saved is not None:  # preempted: its KV goes back to its new pages
+                pool = self._kv.restore(self._cache["pool"], live.slot, live.saved)
+                self._cache, live.saved = {**self._cache, "pool": pool}, None
+            else:
+                self.metrics.add("prefix_hit_tokens", live.prefilled)
         for live in admitted if self._prefix is not None else ():
             pages = self._prefix.lookup(live.req.prompt_ids)
             if pages:  # the prompt starts with cached pages: copy them, prefill the rest
@@ -237,6 +259,9 @@ class Engine:
                 live.prefilled = len(pages) * self._prefix.page
                 self.metrics.add("prefix_hit_tokens", live.prefilled)
         self.metrics.add("steps", 1)
+        for live in [x for x in self._running if x.decoding] if self._kv is not None else ():
+            # the positions its next step writes: a token in flight and K drafts included
+            paging.room(self, live, live.last_pos + 2 + self.speculate)
         decoding = [x for x in self._running if x.decoding]
         left, chunks = self.token_budget - len(decoding), []
         for live in [x for x in self._running if not x.decoding]:
@@ -249,15 +274,27 @@ class Engine:
                 break
             else:
                 n = min(rest, left)
-            chunks.append(self._chunk(live, n))
-            left -= chunks[-1][1]
+            chunk = self._chunk(live, n)
+            if self._kv is not None and not paging.room(self, live, live.prefilled + chunk[1]):
+                continue  # it was preempted
+            chunks.append(chunk)
+            left -= chunk[1]
         for live, n, t, args in chunks:
-            tok, self._cache = self._steps.prefill(t)(self.compiled.weights, self._cache, *args)
+            fn = self._steps.prefill(t)
+            tok, self._cache = fn(self.compiled.weights, self._cache_now(), *args)
             self._prefilled(live, n, tok)
+        decoding = [x for x in decoding if x in self._running]  # none preempted
         if self._draft is not None:
             self._draft.sync(self._running)
         if decoding:
             self._decode(decoding)
+
+    def _cache_now(self):
+        """The cache, with the block tables as the host has them."""
+        if self._kv is not None and self._kv.dirty:
+            self._cache = {**self._cache, "table": jnp.asarray(self._kv.table)}
+            self._kv.dirty = False
+        return self._cache
 
     def _chunk(self, live: Live, n: int):
         """(live, tokens taken, chunk length, `make_slot_prefill`'s arguments) for the next
@@ -273,6 +310,8 @@ class Engine:
         if live.decoding:
             if self._prefix is not None:
                 self._prefix.insert(live.req.prompt_ids, self._cache, live.slot)
+            if self._kv is not None:
+                self._kv.insert(live.slot, live.req.prompt_ids)
             self._emit(live, int(np.asarray(tok)[0]))
 
     def _decode(self, decoding: list[Live]) -> None:
@@ -295,7 +334,7 @@ class Engine:
         self._flight = None
         if batch:
             fn = self._steps.decode()[1]
-            nxt, self._cache = fn(self.compiled.weights, self._cache,
+            nxt, self._cache = fn(self.compiled.weights, self._cache_now(),
                                   *self._decode_args(batch, behind, flight))  # fmt: skip
             self._flight = (batch, nxt)
         if flight is not None:  # step n's tokens, read once step n + 1 runs
@@ -337,47 +376,9 @@ class Engine:
                 self._emit(x, int(nxt[x.slot]))
 
     def _verify(self, decoding: list[Live], k: int) -> None:
-        """One step of speculative decoding: each request's K tokens drafted by the draft
-        model or by prompt lookup are verified with the decode method
-        (`make_slot_verify`). A greedy request keeps the drafts equal to its greedy tokens
-        and one token past them; a sampling one what `speculative_sample` keeps and the
-        token it draws."""
-        b = self._rows
-        tokens = np.zeros((b, k + 1), np.int32)
-        pos, steps, n_draft = (np.zeros((b,), np.int32) for _ in range(3))
-        for x in self._running:
-            pos[x.slot] = x.prefilled
-        if self._draft is not None:
-            drafts = self._draft.propose(self._running, decoding)
-        else:
-            drafts = {x.slot: prompt_lookup(x.req.prompt_ids + x.ids, k) for x in decoding}
-        for x in decoding:
-            d = drafts[x.slot]
-            n_draft[x.slot] = len(d)
-            tokens[x.slot] = [x.ids[-1], *d, *[d[-1] if d else x.ids[-1]] * (k - len(d))]
-            pos[x.slot] = x.last_pos
-            steps[x.slot] = len(x.ids)
-        self._ensure_sampling()
-        fn = self._steps.verify(k + 1)
-        kept, after, best, self._cache = fn(self.compiled.weights, self._cache, tokens, pos,
-                                            self._sampling, steps, n_draft)  # fmt: skip
-        kept, after, best = np.asarray(kept), np.asarray(after), np.asarray(best)
-        for x in decoding:
-            d, g, n = drafts[x.slot], best[x.slot], 0
-            if x.req.sampling.temperature > 0:
-                n, last = int(kept[x.slot]), int(after[x.slot])
-            else:
-                while n < len(d) and d[n] == g[n]:
-                    n += 1
-                last = int(g[n])
-            self.metrics.add("drafted_tokens", len(d))
-            self.metrics.add("accepted_tokens", n)
-            if self._draft is not None:
-                self._draft.accepted(x, int(pos[x.slot]), n)
-            for tok in [*d[:n], last]:
-                if x not in self._running:
-                    break  # it ended (a stop, its length) on an accepted token
-                self._emit(x, int(tok))
+        from pallax.runtime.engine_draft import verify
+
+        verify(self, decoding, k)
 
     def _ensure_sampling(self) -> None:
         if self._sampling is None:
@@ -418,6 +419,8 @@ class Engine:
             self._running.remove(live)
             self._free.append(live.slot)
             self._sampling = None
+            if self._kv is not None:
+                self._kv.release(live.slot)
         if how == "cancelled":
             self.metrics.add("cancelled", 1)
             result = finish(self.compiled.tokenizer, live.req, live.ids)
@@ -435,10 +438,10 @@ class Engine:
         # H2O evicts at the end of a call by the attention mass the call's queries gave:
         # its choice depends on where chunks start, so prompts take generate's chunks.
         self._whole = any(name.endswith("h2o.score") for name, _, _ in graph.cache.entries)
-        pages = self._prefix_tokens // PREFIX_PAGE
+        n_pages = self._prefix_tokens // PREFIX_PAGE
         addressed = prefix_cache.addressed(graph)
         self._spec_ok = addressed and self.speculate > 0
-        if pages and addressed:
+        if n_pages and addressed and self._kv is None:  # a paged cache shares its own pages
             self._prefix = prefix_cache.PrefixCache(
-                graph.cache, pages, PREFIX_PAGE, self._cache_len
+                graph.cache, n_pages, PREFIX_PAGE, self._cache_len
             )

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pallax.runtime.engine_steps import SlotSteps, chunk_args, pack_slots
+from pallax.runtime.engine_steps import SlotSteps, chunk_args, pack_slots, prompt_lookup
 
 
 class DraftModel:
@@ -122,3 +122,47 @@ class DraftModel:
         """After verification kept `n` drafts of a request whose last token was at
         `last_pos`: the draft cache holds the positions up to the first rejected draft."""
         live.draft_pos = min(live.draft_pos, last_pos + n + 1)
+
+
+def verify(engine, decoding: list, k: int) -> None:
+    """One step of speculative decoding (`Engine._verify`): each request's K tokens
+    drafted by the draft model or by prompt lookup are verified with the decode method
+    (`make_slot_verify`). A greedy request keeps the drafts equal to its greedy tokens
+    and one token past them; a sampling one what `speculative_sample` keeps and the
+    token it draws."""
+    b = engine._rows
+    tokens = np.zeros((b, k + 1), np.int32)
+    pos, steps, n_draft = (np.zeros((b,), np.int32) for _ in range(3))
+    for x in engine._running:
+        pos[x.slot] = x.prefilled
+    if engine._draft is not None:
+        drafts = engine._draft.propose(engine._running, decoding)
+    else:
+        drafts = {x.slot: prompt_lookup(x.req.prompt_ids + x.ids, k) for x in decoding}
+    for x in decoding:
+        d = drafts[x.slot]
+        n_draft[x.slot] = len(d)
+        tokens[x.slot] = [x.ids[-1], *d, *[d[-1] if d else x.ids[-1]] * (k - len(d))]
+        pos[x.slot] = x.last_pos
+        steps[x.slot] = len(x.ids)
+    engine._ensure_sampling()
+    fn = engine._steps.verify(k + 1)
+    kept, after, best, engine._cache = fn(engine.compiled.weights, engine._cache_now(), tokens,
+                                          pos, engine._sampling, steps, n_draft)  # fmt: skip
+    kept, after, best = np.asarray(kept), np.asarray(after), np.asarray(best)
+    for x in decoding:
+        d, g, n = drafts[x.slot], best[x.slot], 0
+        if x.req.sampling.temperature > 0:
+            n, last = int(kept[x.slot]), int(after[x.slot])
+        else:
+            while n < len(d) and d[n] == g[n]:
+                n += 1
+            last = int(g[n])
+        engine.metrics.add("drafted_tokens", len(d))
+        engine.metrics.add("accepted_tokens", n)
+        if engine._draft is not None:
+            engine._draft.accepted(x, int(pos[x.slot]), n)
+        for tok in [*d[:n], last]:
+            if x not in engine._running:
+                break  # it ended (a stop, its length) on an accepted token
+            engine._emit(x, int(tok))

@@ -30,10 +30,14 @@ from pallax.runtime.sampling import SamplingParams, filtered_logits, greedy, pac
 
 class SlotSteps:
     """An engine's compiled steps for its shapes (`rows` decode slots, `chunk_rows` prompt
-    rows, `cache_len` tokens), built on first use and kept in the CompiledModel's cache."""
+    rows, `cache_len` tokens), built on first use and kept in the CompiledModel's cache.
+    With `paged=(pages, page_size)` the cache is a pool of pages and block tables
+    (runtime/kv_pages.py)."""
 
-    def __init__(self, compiled, rows: int, chunk_rows: int, cache_len: int):
+    def __init__(self, compiled, rows: int, chunk_rows: int, cache_len: int, paged=None):
         self.c, self.b, self.p, self.s = compiled, rows, chunk_rows, cache_len
+        self.paged = paged
+        self.page = paged[1] if paged else 0
 
     def _graph(self, rows: int, t: int, name: str = "prefill") -> Graph:
         from pallax.ir.graph import StepSpec
@@ -46,37 +50,54 @@ class SlotSteps:
         def build():
             graph = self._graph(self.b, 1)
             check_batch_axis(graph, self.s)
-            return graph, make_slot_decode(graph)
+            return graph, make_slot_decode(graph, self.page)
 
-        return self.c._timed(("engine-decode", self.b, self.s), build)
+        return self.c._timed(("engine-decode", self.b, self.s, self.page), build)
 
     def alloc(self):
         from pallax.runtime.compiled import _allocate
 
+        if self.paged:
+            from pallax.runtime.kv_pages import allocate
+
+            pages, page = self.paged
+            table = jnp.full((self.b, self.s // page), pages, jnp.int32)
+            return {"pool": allocate(self.decode()[0].cache, pages, page), "table": table}
         return _allocate(self.decode()[0], self.b, self.s)
 
     def prefill(self, t: int):
-        build = lambda: make_slot_prefill(self._graph(self.p, t), self.b)  # noqa: E731
-        return self.c._timed(("engine-prefill", self.p, t, self.s, self.b), build)
+        build = lambda: make_slot_prefill(self._graph(self.p, t), self.b, self.page)  # noqa: E731
+        return self.c._timed(("engine-prefill", self.p, t, self.s, self.b, self.page), build)
 
     def draft(self, k: int, steps: int):
         build = lambda: make_slot_draft(self._graph(self.b, 1), k, steps)  # noqa: E731
         return self.c._timed(("engine-draft", self.b, k, steps, self.s), build)
 
     def verify(self, t: int):
-        build = lambda: make_slot_verify(self._graph(self.b, t, "chunk"))  # noqa: E731
-        return self.c._timed(("engine-verify", self.b, t, self.s), build)
+        build = lambda: make_slot_verify(self._graph(self.b, t, "chunk"), self.page)  # noqa: E731
+        return self.c._timed(("engine-verify", self.b, t, self.s, self.page), build)
 
 
-def make_slot_decode(graph: Graph):
+def _runner(graph: Graph, page: int):
+    """`graph.run` of the "prefill" step, over a paged cache when `page` is set."""
+    if not page:
+        return lambda weights, cache, *args: graph.run("prefill", weights, cache, *args)
+    from pallax.runtime.kv_pages import paged_run
+
+    return lambda weights, cache, *args: paged_run(graph, "prefill", page, weights, cache, *args)
+
+
+def make_slot_decode(graph: Graph, page: int = 0):
     """(weights, cache, tokens [B], pos [B], live [B], sampling, steps [B], prev [B],
     ahead [B]) -> (next tokens [B], cache). A slot with `ahead` feeds `prev[slot]` (the
     previous step's token, still on the device) instead of `tokens[slot]`."""
 
+    run = _runner(graph, page)
+
     def decode(weights, cache, tokens, pos, live, sampling, steps, prev, ahead):
         tokens = jnp.where(ahead, prev, tokens)
         last = jnp.where(live, 0, -1).astype(jnp.int32)
-        logits, cache = graph.run("prefill", weights, cache, tokens[:, None], pos, last)
+        logits, cache = run(weights, cache, tokens[:, None], pos, last)
         return sample(logits, sampling, steps), cache
 
     return jax.jit(decode, donate_argnums=(1,))
@@ -107,10 +128,23 @@ def make_slot_draft(graph: Graph, k: int, steps: int):
     return jax.jit(draft, donate_argnums=(1,))
 
 
-def make_slot_prefill(graph: Graph, slots: int):
+def make_slot_prefill(graph: Graph, slots: int, page: int = 0):
     """(weights, cache, rows [P], fresh [P], tokens [P, T], pos [P], last [P], sampling)
     -> (a token sampled after each row's last real token [P], cache). Rows index the
-    slot cache; a row >= `slots` is padding."""
+    slot cache; a row >= `slots` is padding. A paged cache is not gathered: the rows'
+    block tables are (a fresh row's pages hold stale KV past its positions, which a
+    position-addressed cache never reads)."""
+    if page:
+        run = _runner(graph, page)
+
+        def paged(weights, cache, rows, fresh, tokens, pos, last, sampling):
+            table, pool = cache["table"], cache["pool"]
+            none = jax.tree.leaves(pool)[0].shape[0]  # a page id past the pool: no page
+            mine = jnp.take(table, rows, axis=0, mode="fill", fill_value=none)
+            logits, sub = run(weights, {"pool": pool, "table": mine}, tokens, pos, last)
+            return sample(logits, sampling, jnp.int32(0)), {"pool": sub["pool"], "table": table}
+
+        return jax.jit(paged, donate_argnums=(1,))
 
     def prefill(weights, cache, rows, fresh, tokens, pos, last, sampling):
         src = jnp.where(fresh, slots, rows)  # out of range: gathers zeros
@@ -122,7 +156,7 @@ def make_slot_prefill(graph: Graph, slots: int):
     return jax.jit(prefill, donate_argnums=(1,))
 
 
-def make_slot_verify(graph: Graph):
+def make_slot_verify(graph: Graph, page: int = 0):
     """Speculative verification with the decode method: (weights, cache, tokens [B, K+1]
     (each slot's last token and K drafted ones), pos [B], sampling, steps [B], n_draft [B]
     real drafts) -> (a sampling row's drafts kept [B] and the token after them [B]
@@ -161,12 +195,21 @@ def make_slot_verify(graph: Graph):
         return [jnp.concatenate(outs, axis=1), *cache]
 
     per_row = (ops.linear_p, ops.qlinear_p, ops.lm_head_p, ops.rms_norm_p, ops.mlp_act_p)
-    rules = {p: rows for p in per_row} | {ops.attention_p: attention}
+    rules = {p: rows for p in per_row}
 
     def verify(weights, cache, tokens, pos, sampling, steps, n_draft):
+        if page:  # one gather of each layer's pages, K + 1 tokens on it, one write back
+            from pallax.runtime.kv_pages import paged_rule
+
+            table, cache = cache["table"], cache["pool"]
+            rules[ops.attention_p] = paged_rule(table, page, attention)
+        else:
+            rules[ops.attention_p] = attention
         flat = jax.tree.leaves((weights, cache, tokens, pos))
         outs = eval_with_rules(step.jaxpr.jaxpr, step.jaxpr.consts, flat, rules)
         logits, cache = jax.tree.unflatten(step.out_tree, outs)  # [B, K+1, V]
+        if page:
+            cache = {"pool": cache, "table": table}
         b = tokens.shape[0]
         kept, after = jax.lax.cond(
             jnp.any(sampling["temperature"] > 0),

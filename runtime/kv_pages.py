@@ -33,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 PAGE_SIZE = 16  # tokens per page unless the engine is told otherwise
 
@@ -41,36 +42,87 @@ def paged_rule(table, page: int, inner=None):
     """A rule for `attention_p` whose cache operands are pools [N, kv, page, ...]: the
     rows of `table` [B, n] are gathered into [B, kv, n * page, ...], `inner` (the op
     itself by default) runs on them, and the positions `pos .. pos + T - 1` it wrote go
-    back to their pages."""
+    back to their pages. The op's dense decode (one token, every position kept) lowers
+    on tpu and cuda to the paged kernel instead, which reads the pages where they lie
+    (pallas_kernels/paged_attention)."""
     from pallax.ir import primitives as ops
 
-    if inner is None:
+    plain = inner is None
+    if plain:
 
         def inner(eqn, q, k, v, pos, valid, *cache):
             return ops.attention_p.bind(q, k, v, pos, valid, *cache, **eqn.params)
 
-    def rule(eqn, q, k, v, pos, valid, *pools):
+    def gathered(eqn, q, k, v, pos, valid, *pools):
         b, n = table.shape
         views = [_gather(p, table) for p in pools]
         out, *views = inner(eqn, q, k, v, pos, valid, *views)
         t = q.shape[1]
-        at = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-        inside = at < n * page
-        slot = jnp.take_along_axis(table, jnp.minimum(at // page, n - 1), axis=1)
-        ids = jnp.where(inside, slot, pools[0].shape[0]).reshape(-1)  # N: dropped
-        off = (at % page).reshape(-1)
+        at = jnp.minimum(pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], n * page - 1)
         new = []
         for p, view in zip(pools, views, strict=True):
-            rows = jnp.take_along_axis(
-                view,
-                jnp.minimum(at, n * page - 1).reshape(b, 1, t, *[1] * (view.ndim - 3)),
-                axis=2,
-            )  # [B, kv, T, ...]
-            rows = jnp.moveaxis(rows, 2, 1).reshape(b * t, *rows.shape[1:2], *rows.shape[3:])
-            new.append(p.at[ids, :, off].set(rows.astype(p.dtype), mode="drop"))
+            rows = jnp.take_along_axis(view, at.reshape(b, 1, t, *[1] * (view.ndim - 3)), axis=2)
+            new.append(_put(p, jnp.moveaxis(rows, 2, 1), table, pos, page))  # [B, T, kv, ...]
         return [out, *new]
 
+    def rule(eqn, q, k, v, pos, valid, *pools):
+        branches = _kernel_branches(eqn, q, pools, table, page) if plain else {}
+        if not branches:
+            return gathered(eqn, q, k, v, pos, valid, *pools)
+        return list(lax.platform_dependent(
+            q, k, v, pos, valid, *pools,
+            default=lambda *args: gathered(eqn, *args), **branches,
+        ))  # fmt: skip
+
     return rule
+
+
+def _put(pool, rows, table, pos, page: int):
+    """`pool` with `rows` [B, T, kv, ...] written at positions pos .. pos + T - 1 of each
+    row's pages; positions in pages a row does not hold (or past its table) are dropped."""
+    b, t = rows.shape[:2]
+    n = table.shape[1]
+    at = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    slot = jnp.take_along_axis(table, jnp.minimum(at // page, n - 1), axis=1)
+    ids = jnp.where(at < n * page, slot, pool.shape[0]).reshape(-1)  # N: dropped
+    rows = rows.reshape(b * t, *rows.shape[2:]).astype(pool.dtype)
+    return pool.at[ids, :, (at % page).reshape(-1)].set(rows, mode="drop")
+
+
+def kernel_branch(eqn, table, page: int, platform: str, interpret: bool = False):
+    """The dense decode on `platform`'s paged kernel: the token's K and V go to their
+    pages, then the query attends the pages through the table (as `_dense_full_rule`
+    writes, then attends with the dense decode kernel)."""
+    from pallax.pallas_kernels.paged_attention import paged_decode_attention
+
+    params = eqn.params
+
+    def branch(q, k, v, pos, valid, k_pool, v_pool):
+        k_pool, v_pool = _put(k_pool, k, table, pos, page), _put(v_pool, v, table, pos, page)
+        out = paged_decode_attention(
+            q[:, 0].astype(k_pool.dtype), k_pool, v_pool, table, (pos + 1).astype(jnp.int32),
+            scale=params["scale"], sliding_window=params["sliding_window"],
+            softcap=params["softcap"], platform=platform, interpret=interpret,
+        )  # fmt: skip
+        return [out[:, None].astype(q.dtype), k_pool, v_pool]
+
+    return branch
+
+
+def _kernel_branches(eqn, q, pools, table, page: int) -> dict:
+    from pallax.ir.kvcache import FULL, Dense
+    from pallax.pallas_kernels.paged_attention import supports
+    from pallax.pallas_kernels.platforms import PLATFORMS
+
+    params = eqn.params
+    if q.shape[1] != 1 or not isinstance(params["format"], Dense) or params["policy"] != FULL:
+        return {}
+    head_dim, dtype = pools[0].shape[-1], pools[0].dtype
+    return {
+        platform: kernel_branch(eqn, table, page, platform)
+        for platform in PLATFORMS
+        if supports(platform, page, head_dim, dtype)
+    }
 
 
 def _gather(pool, table):

@@ -4,12 +4,14 @@ back, so every request still gets the tokens `generate` gives it alone."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import pallax
 from pallax.runtime import kv_pages
+from pallax.runtime.engine_steps import EngineShape
 from tests.runtime.test_batch_invariance import PROMPTS
 
 LONG = PROMPTS[3]  # ~70 tokens: four full pages of 16
@@ -189,3 +191,44 @@ def test_memory_report_says_what_pages_a_budget_buys(smollm2, compiled_fp32):
     assert int8["kv_pages"] * 64 > dense["kv_pages"] * 16  # smaller rows: more tokens
     kivi = pallax.compile(smollm2, passes=["kivi2"]).memory_report(2**30)
     assert kivi["kv_bytes_per_page"] is None and "kv_pages" not in kivi
+
+
+def _attention_eqn(compiled):
+    from pallax.ir import primitives as ops
+
+    shape = EngineShape.plan(**SHAPE, context=compiled.config.context_length)
+    graph = compiled.slot_steps(shape).decode()[0]
+    return next(
+        e for e in graph.steps["prefill"].jaxpr.jaxpr.eqns if e.primitive is ops.attention_p
+    )
+
+
+def test_paged_decode_takes_the_paged_kernel_on_tpu_and_cuda(compiled_fp32):
+    """SmolLM2's dense decode over pages: the kernel branch (interpret mode) gives the
+    gathered path's output and pools, and the rule lowers to the kernel on tpu and cuda."""
+    from jax import export
+
+    eqn = _attention_eqn(compiled_fp32)
+    (b, _, heads, h), kv = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape[2]
+    page, n, pages = 16, 4, 3 * b
+    rng = np.random.default_rng(1)
+    table = np.full((b, n), pages, np.int32)  # row 0 holds three pages, the others two
+    order = rng.permutation(pages)
+    table[0, :3] = order[:3]
+    table[1:, :2] = order[3 : 3 + 2 * (b - 1)].reshape(b - 1, 2)
+    table = jnp.asarray(table)
+    f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    args = (f32(b, 1, heads, h), f32(b, 1, kv, h), f32(b, 1, kv, h),
+            jnp.asarray([40] + [25] * (b - 1), jnp.int32), jnp.ones((b,), jnp.int32),
+            f32(pages, kv, page, h), f32(pages, kv, page, h))  # fmt: skip
+    rule = kv_pages.paged_rule(table, page)
+    want = jax.jit(lambda *a: rule(eqn, *a))(*args)  # on CPU: the gathered path
+    for platform in ("tpu", "cuda"):
+        got = kv_pages.kernel_branch(eqn, table, page, platform, interpret=True)(*args)
+        np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=1e-5)
+        for g, w in zip(got[1:], want[1:], strict=True):
+            np.testing.assert_array_equal(g, w)
+        checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        text = export.export(jax.jit(lambda *a: rule(eqn, *a)), platforms=[platform],
+                             disabled_checks=checks)(*args).mlir_module()  # fmt: skip
+        assert "paged_decode_attention" in text

@@ -101,7 +101,7 @@ def make_app(engine, model_name: str):
         stats = engine.stats()
         lines = []
         for key, value in sorted(stats.items()):
-            gauge = key in ("running", "waiting")
+            gauge = key in ("running", "waiting", "kv_pages", "kv_pages_used")
             name = f"pallax_{key}" if gauge else f"pallax_{key}_total"
             lines += [f"# TYPE {name} {'gauge' if gauge else 'counter'}", f"{name} {value}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

@@ -24,6 +24,11 @@ def add_parser(sub) -> None:
     s.add_argument("--max-waiting", type=int, default=64,
                    help="requests waiting for a slot before 429 (%(default)s)")  # fmt: skip
     s.add_argument("--served-name", default=None, help="the model id clients use")
+    s.add_argument("--kv-pages", type=int, default=None, metavar="N",
+                   help="a paged KV cache of N pages shared by all requests (preempts when "
+                   "full); memory_report says how many a budget buys")  # fmt: skip
+    s.add_argument("--page-size", type=int, default=None, metavar="P",
+                   help="tokens per page with --kv-pages (16)")  # fmt: skip
     s.add_argument("--draft", default=None, metavar="MODEL",
                    help="a draft model with the same tokenizer (needs --speculate)")  # fmt: skip
     s.add_argument("--draft-passes", default="", help="the draft's passes (as --passes)")
@@ -78,8 +83,9 @@ def serve(args) -> None:
     if args.draft is not None:
         model = pallax.load(args.draft, keep_quantized=args.draft_keep_quantized)
         draft = pallax.compile(model, passes=list(_passes(args.draft_passes)))
+    paged = {"kv_pages": args.kv_pages, "page_size": args.page_size}
     engine = pallax.Engine(compiled, **engine_limits(args), max_waiting=args.max_waiting,
-                           draft=draft)  # fmt: skip
+                           draft=draft, **paged)  # fmt: skip
     name = args.served_name or compiled.config.name or args.model
     print(f"pallax: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     with engine:

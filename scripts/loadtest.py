@@ -12,7 +12,8 @@ Requests arrive as a bounded Poisson process (--rate per second, --requests in a
 mixed lengths: prompt and output lengths drawn log-uniformly from --prompt-len and
 --new-tokens (seeded random token ids, EOS ignored, so every system does the same work).
 
-- engine: `pallax.Engine(max_batch, token_budget)`, every request submitted at its
+- engine: `pallax.Engine(max_batch, token_budget)` (`--kv-pages N`: with a paged KV
+  cache of N pages, which preempts requests when full), every request submitted at its
   arrival time and streamed; prints throughput (generated tokens / (last finish - first
   arrival)), time to first token and inter-token latency p50 / p99, and requests lost;
 - static: the same arrivals served by `compiled.generate` in batches of --max-batch in
@@ -296,6 +297,8 @@ def main(argv=None) -> int:
     ap.add_argument("--token-budget", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-pages", type=int, default=None,
+                    help="a paged KV cache of N 16-token pages (default: slot caches)")  # fmt: skip
     ap.add_argument("--no-static", action="store_true", help="skip the static-batching run")
     ap.add_argument("--interference", action="store_true")
     ap.add_argument("--long-prompt", type=int, default=1000)
@@ -358,7 +361,8 @@ def main(argv=None) -> int:
         need = max(need, (args.prefix or args.long_prompt) + 26)
     max_len = args.max_len or need
     engine = pallax.Engine(compiled, max_batch=args.max_batch, token_budget=args.token_budget,
-                           max_len=max_len, speculate=args.speculate, draft=draft)  # fmt: skip
+                           max_len=max_len, speculate=args.speculate, draft=draft,
+                           kv_pages=args.kv_pages)  # fmt: skip
     with engine:
         if args.interference:
             interference(engine, args, vocab)

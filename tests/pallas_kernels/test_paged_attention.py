@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from pallax.pallas_kernels.decode_attention import decode_attention_reference
 from pallax.pallas_kernels.paged_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -80,7 +81,13 @@ def test_reference_is_the_dense_reference_on_gathered_pages():
     q, k, v, table, lengths = _inputs(2, 4, 2, 16, 3, 32, jnp.float32, [40, 48])
     dense_k, dense_v = gather_pages(k, table), gather_pages(v, table)
     assert dense_k.shape == (2, 2, 48, 32)
-    np.testing.assert_array_equal(dense_k[1, :, 16:32], k[table[1, 1]])
+    np.testing.assert_array_equal(dense_k[1, :, 16:32], k[table[1, 1]])  # page 1 of row 1
+    np.testing.assert_array_equal(dense_v[0, :, 32:48], v[table[0, 2]])
+    kw = dict(scale=0.2, sliding_window=30)
+    np.testing.assert_array_equal(
+        paged_decode_attention_reference(q, k, v, table, lengths, **kw),
+        decode_attention_reference(q, dense_k, dense_v, lengths, **kw),
+    )
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

@@ -226,11 +226,14 @@ def test_cli_serve_answers_on_loopback_and_stops_on_sigint(smollm2_gguf_path):
     from tests.conftest import cli_server, post_json
 
     draft = ["--speculate", "3", "--draft", smollm2_gguf_path, "--draft-keep-quantized"]
-    with cli_server(smollm2_gguf_path, "--max-batch", "2", "--max-len", "128", *draft) as url:
-        # the GGUF-native model drafts for the float one
+    paged = ["--kv-pages", "12"]  # 9 pages of 16 hold one request of 128 + 3 drafts
+    with cli_server(smollm2_gguf_path, "--max-batch", "2", "--max-len", "128", *draft,
+                    *paged) as url:  # fmt: skip
+        # the GGUF-native model drafts for the float one, over a paged cache
         out = post_json(url + "/v1/completions", {"model": "s", "prompt": "The capital of "
                         "France is", "max_tokens": 3, "temperature": 0})  # fmt: skip
         assert out["choices"][0]["text"].startswith(" Paris")
         assert out["usage"]["completion_tokens"] == 3
         metrics = urllib.request.urlopen(url + "/metrics", timeout=60).read().decode()
         assert "pallax_drafted_tokens_total 3" in metrics, metrics
+        assert "pallax_kv_pages 12" in metrics and "pallax_kv_pages_used " in metrics

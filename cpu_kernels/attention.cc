@@ -25,6 +25,12 @@
 // sums) over the blocks, accumulated in float32. Key ranges are cut into chunks of 512
 // (FlashDecoding's split-K) that the threads share (parallel.h), and the chunks'
 // partial results are merged in order at the end.
+//
+// The paged entries (pallax_paged_decode_attention[_int8], runtime/kv_pages.py) take the
+// same problem over a pool of pages [P, K, page, H] (scales [P, K, page]) and a block
+// table [B, n]: position j of row b is row j % page of page table[b, j / page], read and
+// written where it lies. A row attends only positions in the pages its table holds (its
+// leading entries in [0, P)); a token whose page it does not hold is not written.
 
 #include <algorithm>
 #include <cmath>
@@ -67,7 +73,29 @@ struct AttnProblem {
   const int32_t* valid = nullptr;  // [B] (int8 caches): write the token where > 0
   const int32_t* pos = nullptr;
   float* out = nullptr;       // [B, N, H]
+  // A paged cache: kc, vc (and the scales) are pools of `pages` pages of `page` rows,
+  // table [B, per_row] their ids per row; s = per_row * page. nullptr: [B, K, S, H].
+  const int32_t* table = nullptr;
+  int64_t pages = 0, page = 0, per_row = 0;
 };
+
+// The cache row holding position j of (row b, KV head kvh), or -1 when b's table holds
+// no page there: the row index into [B, K, S, (H)] or into the pool [P, K, page, (H)].
+inline int64_t Row(const AttnProblem& p, int64_t b, int64_t kvh, int64_t j) {
+  if (p.table == nullptr) return (b * p.kv + kvh) * p.s + j;
+  const int64_t id = p.table[b * p.per_row + j / p.page];
+  if (id < 0 || id >= p.pages) return -1;
+  return (id * p.kv + kvh) * p.page + j % p.page;
+}
+
+// Positions [0, Held) of row b have their pages (all S without a table).
+inline int64_t Held(const AttnProblem& p, int64_t b) {
+  if (p.table == nullptr) return p.s;
+  int64_t n = 0;
+  while (n < p.per_row && p.table[b * p.per_row + n] >= 0 && p.table[b * p.per_row + n] < p.pages)
+    ++n;
+  return n * p.page;
+}
 
 // ----------------------------------------------------------------- element types
 using pallax_cpu::Widen;
@@ -108,11 +136,9 @@ template <typename T>
 void AttendRange(const AttnProblem& p, int64_t b, int64_t kvh, int64_t j0, int64_t j1,
                  const float* qs, Partial* parts) {
   const int64_t h = p.h, g = p.g;
-  const T* kc = static_cast<const T*>(p.kc) + ((b * p.kv + kvh) * p.s) * h;
-  const T* vc = static_cast<const T*>(p.vc) + ((b * p.kv + kvh) * p.s) * h;
+  const T* kc = static_cast<const T*>(p.kc);
+  const T* vc = static_cast<const T*>(p.vc);
   constexpr bool kInt8 = std::is_same_v<T, int8_t>;
-  const float* ks = kInt8 ? p.k_scale + (b * p.kv + kvh) * p.s : nullptr;  // [S]
-  const float* vs = kInt8 ? p.v_scale + (b * p.kv + kvh) * p.s : nullptr;
   float stack[16 * kKeyBlock];
   std::vector<float> heap;
   if (g > 16) heap.resize(g * kKeyBlock);
@@ -121,10 +147,11 @@ void AttendRange(const AttnProblem& p, int64_t b, int64_t kvh, int64_t j0, int64
     const int64_t nb = std::min(kKeyBlock, j1 - jb);
     // Logits of the block.
     for (int64_t jj = 0; jj < nb; ++jj) {
-      const T* krow = kc + (jb + jj) * h;
+      const int64_t row = Row(p, b, kvh, jb + jj);  // held: KeyRange stops at Held
+      const T* krow = kc + row * h;
       for (int64_t gi = 0; gi < g; ++gi) {
         float logit = pallax_cpu::Dot(qs + gi * h, krow, h);
-        if constexpr (kInt8) logit *= ks[jb + jj];
+        if constexpr (kInt8) logit *= p.k_scale[row];
         logits[gi * kKeyBlock + jj] = Capped(p, logit);
       }
     }
@@ -157,8 +184,9 @@ void AttendRange(const AttnProblem& p, int64_t b, int64_t kvh, int64_t j0, int64
     }
     // Values: acc[g] += sum_j e_j * v_j.
     for (int64_t jj = 0; jj < nb; ++jj) {
-      const T* vrow = vc + (jb + jj) * h;
-      const float row_scale = kInt8 ? vs[jb + jj] : 1.0f;
+      const int64_t row = Row(p, b, kvh, jb + jj);
+      const T* vrow = vc + row * h;
+      const float row_scale = kInt8 ? p.v_scale[row] : 1.0f;
       for (int64_t gi = 0; gi < g; ++gi) {
         const float e = logits[gi * kKeyBlock + jj];
         pallax_cpu::Axpy(kInt8 ? e * row_scale : e, vrow, parts[gi].acc, h);
@@ -175,7 +203,7 @@ void AttendRange(const AttnProblem& p, int64_t b, int64_t kvh, int64_t j0, int64
 inline void KeyRange(const AttnProblem& p, int64_t b, int64_t* lo, int64_t* hi) {
   const int64_t pos = p.pos[b];
   const bool own = p.valid == nullptr || p.valid[b] > 0;
-  *hi = std::min<int64_t>(own ? pos : pos - 1, p.s - 1);
+  *hi = std::min<int64_t>(own ? pos : pos - 1, std::min(p.s, Held(p, b)) - 1);
   *lo = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
 }
 
@@ -183,7 +211,9 @@ template <typename T>
 void WriteToken(const AttnProblem& p, int64_t b) {
   const int64_t slot = std::min<int64_t>(std::max<int64_t>(p.pos[b], 0), p.s - 1);
   for (int64_t kvh = 0; kvh < p.kv; ++kvh) {
-    const int64_t at = ((b * p.kv + kvh) * p.s + slot) * p.h;
+    const int64_t row = Row(p, b, kvh, slot);
+    if (row < 0) return;  // a page the row does not hold: dropped
+    const int64_t at = row * p.h;
     const float* kn = static_cast<const float*>(p.k) + (b * p.kv + kvh) * p.h;
     const float* vn = static_cast<const float*>(p.v) + (b * p.kv + kvh) * p.h;
     for (int64_t i = 0; i < p.h; ++i) {
@@ -200,7 +230,8 @@ void WriteToken<int8_t>(const AttnProblem& p, int64_t b) {
   const int64_t slot = p.pos[b];
   if (p.valid[b] <= 0 || slot < 0 || slot >= p.s) return;
   for (int64_t kvh = 0; kvh < p.kv; ++kvh) {
-    const int64_t row = (b * p.kv + kvh) * p.s + slot, token = b * p.kv + kvh;
+    const int64_t row = Row(p, b, kvh, slot), token = b * p.kv + kvh;
+    if (row < 0) return;
     std::memcpy(static_cast<int8_t*>(p.kc) + row * p.h,
                 static_cast<const int8_t*>(p.k) + token * p.h, p.h);
     std::memcpy(static_cast<int8_t*>(p.vc) + row * p.h,
@@ -317,20 +348,49 @@ inline void Adopt(ffi::AnyBuffer in, void* out) {
   if (out != in.untyped_data()) std::memcpy(out, in.untyped_data(), in.size_bytes());
 }
 
-ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::AnyBuffer k_cache,
-                           ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pos,
-                           ffi::ResultBuffer<ffi::F32> out, ffi::Result<ffi::AnyBuffer> k_out,
-                           ffi::Result<ffi::AnyBuffer> v_out, float scale, int64_t window,
-                           float softcap) {
-  AttnProblem p;
-  ffi::Error err = Sizes("pallax_decode_attention", q.dimensions(), k.dimensions(),
-                         v.dimensions(), k_cache.dimensions(), v_cache.dimensions(),
-                         pos.dimensions(), &p);
-  if (err.failure()) return err;
+// Pools [P, K, page, H] and a block table [B, n] (q [B, N, H], k, v [B, K, H], pos [B])
+// -> p's sizes and paging fields (S = n * page), or an error naming the call.
+template <typename Dims>
+ffi::Error PagedSizes(const char* name, Dims qd, Dims kd, Dims vd, Dims kpd, Dims vpd, Dims td,
+                      Dims posd, AttnProblem* p) {
+  const auto same = [](auto a, auto b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+  };
+  if (qd.size() != 3 || kd.size() != 3 || kpd.size() != 4 || !same(vd, kd) ||
+      !same(vpd, kpd) || td.size() != 2 || posd.size() != 1) {
+    return ffi::Error::InvalidArgument(std::string(name) +
+        ": need q [B, N, H], k, v [B, K, H], pools [P, K, page, H], table [B, n], pos [B]");
+  }
+  p->b = qd[0];
+  p->n = qd[1];
+  p->h = qd[2];
+  p->kv = kd[1];
+  p->pages = kpd[0];
+  p->page = kpd[2];
+  p->per_row = td[1];
+  p->s = p->per_row * p->page;
+  if (kd[0] != p->b || kd[2] != p->h || kpd[1] != p->kv || kpd[3] != p->h || td[0] != p->b ||
+      posd[0] != p->b || p->kv == 0 || p->n % p->kv != 0 || p->s == 0) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": shapes disagree: q [" +
+        std::to_string(p->b) + ", " + std::to_string(p->n) + ", " + std::to_string(p->h) +
+        "], pool [" + std::to_string(kpd[0]) + ", " + std::to_string(kpd[1]) + ", " +
+        std::to_string(kpd[2]) + ", " + std::to_string(kpd[3]) + "], table [" +
+        std::to_string(td[0]) + ", " + std::to_string(td[1]) + "]");
+  }
+  p->g = p->n / p->kv;
+  return ffi::Error::Success();
+}
+
+// The float caches' call once p's sizes are known (slot caches or pools).
+ffi::Error FloatCall(const char* name, AttnProblem& p, ffi::Buffer<ffi::F32> q,
+                     ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::AnyBuffer k_cache,
+                     ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pos,
+                     ffi::ResultBuffer<ffi::F32> out, ffi::Result<ffi::AnyBuffer> k_out,
+                     ffi::Result<ffi::AnyBuffer> v_out, float scale, int64_t window,
+                     float softcap) {
   const auto dt = k_cache.element_type();
   if ((dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) || v_cache.element_type() != dt) {
-    return ffi::Error::InvalidArgument("pallax_decode_attention: caches must be f32 or bf16");
+    return ffi::Error::InvalidArgument(std::string(name) + ": caches must be f32 or bf16");
   }
   p.window = window;
   p.scale = scale;
@@ -353,22 +413,53 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   return ffi::Error::Success();
 }
 
-ffi::Error DecodeAttentionInt8(
-    ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k, ffi::Buffer<ffi::F32> k_new_scale,
-    ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> v_new_scale, ffi::AnyBuffer k_data,
-    ffi::AnyBuffer k_scale, ffi::AnyBuffer v_data, ffi::AnyBuffer v_scale,
+ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::AnyBuffer k_cache,
+                           ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pos,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::Result<ffi::AnyBuffer> k_out,
+                           ffi::Result<ffi::AnyBuffer> v_out, float scale, int64_t window,
+                           float softcap) {
+  constexpr const char* kName = "pallax_decode_attention";
+  AttnProblem p;
+  ffi::Error err = Sizes(kName, q.dimensions(), k.dimensions(), v.dimensions(),
+                         k_cache.dimensions(), v_cache.dimensions(), pos.dimensions(), &p);
+  if (err.failure()) return err;
+  return FloatCall(kName, p, q, k, v, k_cache, v_cache, pos, out, k_out, v_out, scale, window,
+                   softcap);
+}
+
+ffi::Error PagedDecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                ffi::Buffer<ffi::F32> v, ffi::AnyBuffer k_pool,
+                                ffi::AnyBuffer v_pool, ffi::Buffer<ffi::S32> table,
+                                ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out,
+                                ffi::Result<ffi::AnyBuffer> k_out,
+                                ffi::Result<ffi::AnyBuffer> v_out, float scale, int64_t window,
+                                float softcap) {
+  constexpr const char* kName = "pallax_paged_decode_attention";
+  AttnProblem p;
+  ffi::Error err = PagedSizes(kName, q.dimensions(), k.dimensions(), v.dimensions(),
+                              k_pool.dimensions(), v_pool.dimensions(), table.dimensions(),
+                              pos.dimensions(), &p);
+  if (err.failure()) return err;
+  p.table = table.typed_data();
+  return FloatCall(kName, p, q, k, v, k_pool, v_pool, pos, out, k_out, v_out, scale, window,
+                   softcap);
+}
+
+// The int8 caches' call once p's sizes are known (slot caches or pools).
+ffi::Error Int8Call(
+    const char* kName, AttnProblem& p, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
+    ffi::Buffer<ffi::F32> k_new_scale, ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> v_new_scale,
+    ffi::AnyBuffer k_data, ffi::AnyBuffer k_scale, ffi::AnyBuffer v_data, ffi::AnyBuffer v_scale,
     ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> valid, ffi::ResultBuffer<ffi::F32> out,
     ffi::Result<ffi::AnyBuffer> k_data_out, ffi::Result<ffi::AnyBuffer> k_scale_out,
     ffi::Result<ffi::AnyBuffer> v_data_out, ffi::Result<ffi::AnyBuffer> v_scale_out,
     float scale, int64_t window, float softcap) {
-  constexpr const char* kName = "pallax_decode_attention_int8";
-  AttnProblem p;
-  ffi::Error err = Sizes(kName, q.dimensions(), k.dimensions(), v.dimensions(),
-                         k_data.dimensions(), v_data.dimensions(), pos.dimensions(), &p);
-  if (err.failure()) return err;
-  const auto rows = [&](auto d, int64_t rank) {  // [B, K, S] or [B, K]
-    return d.size() == static_cast<size_t>(rank) && d[0] == p.b && d[1] == p.kv &&
-           (rank == 2 || d[2] == p.s);
+  const bool paged = p.table != nullptr;
+  const auto rows = [&](auto d, int64_t rank) {  // [B, K, S] ([P, K, page]) or [B, K]
+    if (d.size() != static_cast<size_t>(rank) || d[1] != p.kv) return false;
+    if (rank == 2) return d[0] == p.b;
+    return paged ? d[0] == p.pages && d[2] == p.page : d[0] == p.b && d[2] == p.s;
   };
   const auto f32 = [](ffi::AnyBuffer a) { return a.element_type() == ffi::DataType::F32; };
   if (k_data.element_type() != ffi::DataType::S8 || v_data.element_type() != ffi::DataType::S8 ||
@@ -377,8 +468,8 @@ ffi::Error DecodeAttentionInt8(
       !rows(v_new_scale.dimensions(), 2) || valid.dimensions().size() != 1 ||
       valid.dimensions()[0] != p.b) {
     return ffi::Error::InvalidArgument(
-        std::string(kName) + ": need int8 caches [B, K, S, H] with float32 scales [B, K, S], "
-        "the token's float32 scales [B, K] and valid [B]");
+        std::string(kName) + ": need int8 caches [B, K, S, H] with float32 scales [B, K, S] "
+        "(pools [P, K, page, H], [P, K, page]), the token's float32 scales [B, K], valid [B]");
   }
   p.window = window;
   p.scale = scale;
@@ -402,6 +493,44 @@ ffi::Error DecodeAttentionInt8(
   if (p.b == 0 || p.n == 0 || p.h == 0) return ffi::Error::Success();
   Run<int8_t>(p);
   return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionInt8(
+    ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k, ffi::Buffer<ffi::F32> k_new_scale,
+    ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> v_new_scale, ffi::AnyBuffer k_data,
+    ffi::AnyBuffer k_scale, ffi::AnyBuffer v_data, ffi::AnyBuffer v_scale,
+    ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> valid, ffi::ResultBuffer<ffi::F32> out,
+    ffi::Result<ffi::AnyBuffer> k_data_out, ffi::Result<ffi::AnyBuffer> k_scale_out,
+    ffi::Result<ffi::AnyBuffer> v_data_out, ffi::Result<ffi::AnyBuffer> v_scale_out,
+    float scale, int64_t window, float softcap) {
+  constexpr const char* kName = "pallax_decode_attention_int8";
+  AttnProblem p;
+  ffi::Error err = Sizes(kName, q.dimensions(), k.dimensions(), v.dimensions(),
+                         k_data.dimensions(), v_data.dimensions(), pos.dimensions(), &p);
+  if (err.failure()) return err;
+  return Int8Call(kName, p, q, k, k_new_scale, v, v_new_scale, k_data, k_scale, v_data, v_scale,
+                  pos, valid, out, k_data_out, k_scale_out, v_data_out, v_scale_out, scale,
+                  window, softcap);
+}
+
+ffi::Error PagedDecodeAttentionInt8(
+    ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k, ffi::Buffer<ffi::F32> k_new_scale,
+    ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> v_new_scale, ffi::AnyBuffer k_data,
+    ffi::AnyBuffer k_scale, ffi::AnyBuffer v_data, ffi::AnyBuffer v_scale,
+    ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> valid,
+    ffi::ResultBuffer<ffi::F32> out, ffi::Result<ffi::AnyBuffer> k_data_out,
+    ffi::Result<ffi::AnyBuffer> k_scale_out, ffi::Result<ffi::AnyBuffer> v_data_out,
+    ffi::Result<ffi::AnyBuffer> v_scale_out, float scale, int64_t window, float softcap) {
+  constexpr const char* kName = "pallax_paged_decode_attention_int8";
+  AttnProblem p;
+  ffi::Error err = PagedSizes(kName, q.dimensions(), k.dimensions(), v.dimensions(),
+                              k_data.dimensions(), v_data.dimensions(), table.dimensions(),
+                              pos.dimensions(), &p);
+  if (err.failure()) return err;
+  p.table = table.typed_data();
+  return Int8Call(kName, p, q, k, k_new_scale, v, v_new_scale, k_data, k_scale, v_data, v_scale,
+                  pos, valid, out, k_data_out, k_scale_out, v_data_out, v_scale_out, scale,
+                  window, softcap);
 }
 
 }  // namespace
@@ -432,6 +561,45 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxDecodeAttentionInt8, DecodeAttentionInt8,
                                   .Arg<ffi::AnyBuffer>()         // k.scale [B, K, S] f32
                                   .Arg<ffi::AnyBuffer>()         // v.data
                                   .Arg<ffi::AnyBuffer>()         // v.scale
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // pos [B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // valid [B]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [B, N, H]
+                                  .Ret<ffi::AnyBuffer>()         // k.data (aliased)
+                                  .Ret<ffi::AnyBuffer>()         // k.scale (aliased)
+                                  .Ret<ffi::AnyBuffer>()         // v.data (aliased)
+                                  .Ret<ffi::AnyBuffer>()         // v.scale (aliased)
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxPagedDecodeAttention, PagedDecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [B, N, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k [B, K, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v [B, K, H]
+                                  .Arg<ffi::AnyBuffer>()         // k pool [P, K, page, H]
+                                  .Arg<ffi::AnyBuffer>()         // v pool
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // table [B, n]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // pos [B]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [B, N, H]
+                                  .Ret<ffi::AnyBuffer>()         // k pool (aliased)
+                                  .Ret<ffi::AnyBuffer>()         // v pool (aliased)
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PallaxPagedDecodeAttentionInt8, PagedDecodeAttentionInt8,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [B, N, H]
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // k [B, K, H] quantized
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // its scales [B, K]
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // v [B, K, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // its scales [B, K]
+                                  .Arg<ffi::AnyBuffer>()         // k.data pool [P, K, page, H]
+                                  .Arg<ffi::AnyBuffer>()         // k.scale pool [P, K, page]
+                                  .Arg<ffi::AnyBuffer>()         // v.data pool
+                                  .Arg<ffi::AnyBuffer>()         // v.scale pool
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // table [B, n]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // pos [B]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // valid [B]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [B, N, H]

@@ -41,6 +41,8 @@ TARGETS = {
     "pallax_float_matmul_multi": "PallaxFloatMatmulMulti",
     "pallax_decode_attention": "PallaxDecodeAttention",
     "pallax_decode_attention_int8": "PallaxDecodeAttentionInt8",
+    "pallax_paged_decode_attention": "PallaxPagedDecodeAttention",
+    "pallax_paged_decode_attention_int8": "PallaxPagedDecodeAttentionInt8",
     "pallax_kivi_attention": "PallaxKiviAttention",
     "pallax_prefill_attention": "PallaxPrefillAttention",
 }

@@ -109,20 +109,42 @@ def kernel_branch(eqn, table, page: int, platform: str, interpret: bool = False)
     return branch
 
 
+def _cpu_branch(eqn, table):
+    """The decode in attention.cc's paged entries (cpu_kernels/paged.py)."""
+    from pallax.cpu_kernels.paged import paged_decode_cpu
+
+    params = eqn.params
+
+    def branch(q, k, v, pos, valid, *pools):
+        out, pools = paged_decode_cpu(
+            q, k, v, pos, valid, pools, table, params["format"], scale=params["scale"],
+            sliding_window=params["sliding_window"], softcap=params["softcap"],
+        )  # fmt: skip
+        return [out, *pools]
+
+    return branch
+
+
 def _kernel_branches(eqn, q, pools, table, page: int) -> dict:
+    """{platform: the decode reading pages in place} where a kernel covers it: CPU's for
+    dense and int8 caches, the Pallas one on tpu and cuda for dense ones."""
+    from pallax.cpu_kernels import paged as cpu_paged
     from pallax.ir.kvcache import FULL, Dense
     from pallax.pallas_kernels.paged_attention import supports
     from pallax.pallas_kernels.platforms import PLATFORMS
 
-    params = eqn.params
-    if q.shape[1] != 1 or not isinstance(params["format"], Dense) or params["policy"] != FULL:
+    fmt, policy = eqn.params["format"], eqn.params["policy"]
+    if q.shape[1] != 1 or policy != FULL:
         return {}
-    head_dim, dtype = pools[0].shape[-1], pools[0].dtype
-    return {
-        platform: kernel_branch(eqn, table, page, platform)
-        for platform in PLATFORMS
-        if supports(platform, page, head_dim, dtype)
-    }
+    branches = {}
+    if cpu_paged.supports(q, fmt, policy, pools):
+        branches["cpu"] = _cpu_branch(eqn, table)
+    if isinstance(fmt, Dense):
+        head_dim, dtype = pools[0].shape[-1], pools[0].dtype
+        for platform in PLATFORMS:
+            if supports(platform, page, head_dim, dtype):
+                branches[platform] = kernel_branch(eqn, table, page, platform)
+    return branches
 
 
 def _gather(pool, table):

@@ -8,21 +8,26 @@ block table (`PagedKV.table`, [rows, S / P] page ids; N where no page is held): 
 positions p live in page `table[slot, p // P]` at row `p % P`.
 
 The engine's steps run the graph's step with one rule for the `attention` primitive
-(`paged_rule`): it gathers the layer's pages of each row into the slot cache's shape
-(pages past a row's table read zeros), runs the op's own method on it (so every format
-and kernel that runs on a slot cache runs here, with the same bits), and writes back
-the rows of the positions the call wrote; rows of pages a slot does not hold are
-dropped. Only one layer's gathered rows live at a time. Formats whose state is rows
-addressed by position (dense, int8) can be paged (`prefix_cache.supported`); KIVI's
-staging ring and H2O's or the sinks' rows cannot, and `kv_pages` is refused for them.
+(`paged_rule`). Decode (one token, every position kept) reads and writes each row's
+positions in its pages where they lie: on CPU in attention.cc's paged entries (dense
+and int8 caches; `cpu_kernels/paged.py`), on tpu and cuda in the Pallas kernel
+(`pallas_kernels/paged_attention`, dense caches), chosen per platform at lowering.
+Everything else (prompt chunks, verification, other caches) gathers the layer's pages
+of each row into the slot cache's shape (pages a row does not hold read zeros), runs
+the op's own method on it (so every format and kernel that runs on a slot cache runs
+here, with the same bits), and writes back the positions the call wrote; positions in
+pages a row does not hold are dropped. Only one layer's gathered rows live at a time.
+Formats whose state is rows addressed by position (dense, int8) can be paged
+(`prefix_cache.supported`); KIVI's staging ring and H2O's or the sinks' rows cannot,
+and `kv_pages` is refused for them.
 
 `PagedKV` is the host's bookkeeping: which pages are free, a reference count per page,
 and the prefix cache (full pages of prompt KV keyed by their token prefix, shared by
 reference and evicted least recently used once no request holds them). When a request
 needs a page and none is free, the engine preempts the request admitted last: its
 pages are copied to host memory (`swap_out`) and freed, and it waits at the head of the
-queue until its pages fit again (`swap_in`), so no request is dropped and its KV keeps
-its bits.
+queue until its pages fit again (`admit`, `restore`), so no request is dropped and its
+KV keeps its bits.
 """
 
 from __future__ import annotations

@@ -128,6 +128,7 @@ def test_an_artifact_engine_takes_its_exported_limits_or_less(engine_artifact):
         ({"speculate": 1}, r"speculate=1: this artifact's engine was exported with speculate=2"),
         ({"token_budget": 10}, r"token_budget=10 must be at least max_batch \+ 16 = 18"),
         ({"max_batch": 0}, "max_batch=0 must be an integer >= 1"),
+        ({"kv_pages": 64}, "kv_pages= needs a CompiledModel: an artifact's engine modules"),
     ]:
         with pytest.raises(ValueError, match=match):
             pallax.Engine(art, **limits)

@@ -126,8 +126,8 @@ class CompiledModel(Generator):
         """Weight bytes, KV bytes per token (all layers, one sequence) and fixed KV bytes
         per sequence (a KIVI residual window, a fixed-size cache), after the passes;
         sharded, also what one device holds (`..._per_device`); the bytes of one page of
-        `page_size` tokens of the engine's paged cache (None for formats that cannot be
-        paged: KIVI, H2O, sinks, sharded).
+        `page_size` tokens of the engine's paged cache (default 16, KIVI's group if
+        larger; None for caches that cannot be paged: H2O, sinks, sharded).
 
         With `budget_bytes` (the device memory for weights + KV cache), also the
         largest batch at `context` tokens (default: the model's context length), the

@@ -320,21 +320,24 @@ def collectives(compiled, step, platform) -> dict[str, int]:
 # ----------------------------------------------------------------------------- memory
 def memory_report(compiled, budget_bytes, context, page_size=None) -> dict:
     """`CompiledModel.memory_report`."""
-    from pallax.runtime import kv_pages, prefix_cache
+    from pallax.runtime import kv_pages
     from pallax.runtime.engine_steps import positive_int
 
-    page = kv_pages.PAGE_SIZE if page_size is None else positive_int("page_size", page_size)
+    page = None if page_size is None else positive_int("page_size", page_size)
     g = compiled.pipeline_graph()
+    try:  # the engine's paged cache (Engine(kv_pages=...)), where the format can page
+        page = kv_pages.default_page(g.cache) if page is None else page
+        kv_pages.check_layout(g, page)
+        per_page = page * g.cache.bytes_per_token()
+    except ValueError:
+        per_page = None
     report = {
         "weight_bytes": g.weight_bytes(),
         "kv_bytes_per_token": g.cache.bytes_per_token(),
         "kv_fixed_bytes_per_sequence": g.cache.fixed_bytes(),
         "kv_layout": g.cache.kind,
-        # the engine's paged cache (Engine(kv_pages=...)): None where the format cannot page
         "kv_page_size": page,
-        "kv_bytes_per_page": page * g.cache.bytes_per_token()
-        if prefix_cache.addressed(g)
-        else None,
+        "kv_bytes_per_page": per_page,  # None where the format cannot page
     }
     mesh = g.meta.get("mesh")
     data = 1

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallax.runtime import kv_pages as paging
+from pallax.runtime import page_pool
 from pallax.runtime.engine_handle import Counters, EngineBusy, EngineClosed, Live, RequestHandle
 from pallax.runtime.engine_steps import (
     MAX_CHUNK,
@@ -96,15 +97,14 @@ class Engine:
         self.max_len, self.speculate = shape.max_len, shape.speculate
         self._rows, self._chunk_rows = shape.rows, shape.chunk_rows
         self._cache_len = shape.cache_len
-        self._kv = None  # a kv_pages.PagedKV: the pages and block tables of a paged cache
+        self._kv = None  # a page_pool.PagedKV: the pages and block tables of a paged cache
         paged = None
         if kv_pages is not None or page_size is not None:
-            paged = paging.plan(kv_pages, page_size, shape, compiled)
-            self._kv = paging.PagedKV(*paged, self._rows, shape.cache_len // paged[1])
-            paged = paged[:2]
+            pages, page, longest, per_slot = paging.plan(kv_pages, page_size, shape, compiled)
+            per_row = shape.cache_len // page
+            self._kv = page_pool.PagedKV(pages, page, longest, self._rows, per_row, per_slot)
+            paged = (pages, page)
         self._steps = compiled.slot_steps(shape, paged=paged)
-        if paged is not None:
-            paging.check_layout(self._steps.decode()[0])
         self._draft = None
         if draft is not None:  # checked here, before the loop runs
             from pallax.runtime import prefix_cache
@@ -261,7 +261,7 @@ class Engine:
         self.metrics.add("steps", 1)
         for live in [x for x in self._running if x.decoding] if self._kv is not None else ():
             # the positions its next step writes: a token in flight and K drafts included
-            paging.room(self, live, live.last_pos + 2 + self.speculate)
+            page_pool.room(self, live, live.last_pos + 2 + self.speculate)
         decoding = [x for x in self._running if x.decoding]
         left, chunks = self.token_budget - len(decoding), []
         for live in [x for x in self._running if not x.decoding]:
@@ -275,7 +275,7 @@ class Engine:
             else:
                 n = min(rest, left)
             chunk = self._chunk(live, n)
-            if self._kv is not None and not paging.room(self, live, live.prefilled + chunk[1]):
+            if self._kv is not None and not page_pool.room(self, live, live.prefilled + chunk[1]):
                 continue  # it was preempted
             chunks.append(chunk)
             left -= chunk[1]

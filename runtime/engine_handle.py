@@ -141,7 +141,7 @@ class Live:
     text: str = ""  # decoded so far (stop tokens not included)
     emitted: int = 0  # characters of `text` handed to the handle
     draft_pos: int = 0  # positions the draft model's cache holds (runtime/engine_draft.py)
-    saved: object = None  # a preempted request's pages in host memory (runtime/kv_pages.py)
+    saved: object = None  # a preempted request's pages in host memory (runtime/page_pool.py)
 
     @property
     def decoding(self) -> bool:

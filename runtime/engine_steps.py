@@ -42,7 +42,8 @@ class SlotSteps:
     def _graph(self, rows: int, t: int, name: str = "prefill") -> Graph:
         from pallax.ir.graph import StepSpec
 
-        return self.c._capture([StepSpec(name, rows, t, self.s)])
+        build = lambda: self.c._capture([StepSpec(name, rows, t, self.s)])  # noqa: E731
+        return self.c._timed(("engine-graph", name, rows, t, self.s), build)
 
     def decode(self):
         """(the decode step's graph, `make_slot_decode`)."""
@@ -62,11 +63,13 @@ class SlotSteps:
 
             pages, page = self.paged
             table = jnp.full((self.b, self.s // page), pages, jnp.int32)
-            return {"pool": allocate(self.decode()[0].cache, pages, page), "table": table}
+            pool = allocate(self.decode()[0].cache, pages, page, self.b)
+            return {"pool": pool, "table": table}
         return _allocate(self.decode()[0], self.b, self.s)
 
     def prefill(self, t: int):
         build = lambda: make_slot_prefill(self._graph(self.p, t), self.b, self.page)  # noqa: E731
+
         return self.c._timed(("engine-prefill", self.p, t, self.s, self.b, self.page), build)
 
     def draft(self, k: int, steps: int):
@@ -76,6 +79,11 @@ class SlotSteps:
     def verify(self, t: int):
         build = lambda: make_slot_verify(self._graph(self.b, t, "chunk"), self.page)  # noqa: E731
         return self.c._timed(("engine-verify", self.b, t, self.s, self.page), build)
+
+
+def page_pool_size(pool: dict, per_slot) -> int:
+    """The number of pages of a paged cache's pool (its arrays but the per-slot ones)."""
+    return next(v.shape[0] for k, v in pool.items() if k not in per_slot)
 
 
 def _runner(graph: Graph, page: int):
@@ -137,12 +145,20 @@ def make_slot_prefill(graph: Graph, slots: int, page: int = 0):
     if page:
         run = _runner(graph, page)
 
+        from pallax.runtime.kv_pages import page_parts
+
+        per_slot = [k for k, g in page_parts(graph.cache).items() if not g]  # KIVI's ring
+
         def paged(weights, cache, rows, fresh, tokens, pos, last, sampling):
-            table, pool = cache["table"], cache["pool"]
-            none = jax.tree.leaves(pool)[0].shape[0]  # a page id past the pool: no page
+            table, pool = cache["table"], dict(cache["pool"])
+            none = page_pool_size(pool, per_slot)  # a page id past the pool: no page
             mine = jnp.take(table, rows, axis=0, mode="fill", fill_value=none)
-            logits, sub = run(weights, {"pool": pool, "table": mine}, tokens, pos, last)
-            return sample(logits, sampling, jnp.int32(0)), {"pool": sub["pool"], "table": table}
+            src = jnp.where(fresh, slots, rows)  # per-slot arrays as the slot cache's rows
+            sub = {k: jnp.take(pool[k], src, axis=0, mode="fill", fill_value=0) for k in per_slot}
+            logits, out = run(weights, {"pool": pool | sub, "table": mine}, tokens, pos, last)
+            pool = out["pool"] | {k: pool[k].at[rows].set(out["pool"][k], mode="drop")
+                                  for k in per_slot}  # fmt: skip
+            return sample(logits, sampling, jnp.int32(0)), {"pool": pool, "table": table}
 
         return jax.jit(paged, donate_argnums=(1,))
 

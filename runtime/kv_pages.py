@@ -15,30 +15,33 @@ and int8 caches; `cpu_kernels/paged.py`), on tpu and cuda in the Pallas kernel
 Everything else (prompt chunks, verification, other caches) gathers the layer's pages
 of each row into the slot cache's shape (pages a row does not hold read zeros), runs
 the op's own method on it (so every format and kernel that runs on a slot cache runs
-here, with the same bits), and writes back the positions the call wrote; positions in
-pages a row does not hold are dropped. Only one layer's gathered rows live at a time.
-Formats whose state is rows addressed by position (dense, int8) can be paged
-(`prefix_cache.supported`); KIVI's staging ring and H2O's or the sinks' rows cannot,
-and `kv_pages` is refused for them.
+here, with the same bits), and writes back the positions the call may have written
+(with KIVI: the granules that left its staging ring); positions in pages a row does not
+hold are dropped. Only one layer's gathered rows live at a time.
 
-`PagedKV` is the host's bookkeeping: which pages are free, a reference count per page,
-and the prefix cache (full pages of prompt KV keyed by their token prefix, shared by
-reference and evicted least recently used once no request holds them). When a request
-needs a page and none is free, the engine preempts the request admitted last: its
-pages are copied to host memory (`swap_out`) and freed, and it waits at the head of the
-queue until its pages fit again (`admit`, `restore`), so no request is dropped and its
-KV keeps its bits.
+What pages (`page_parts`): arrays of rows addressed by position (dense, int8, KIVI's
+packed rows and per-token scales) and KIVI's per-granule key scales (page / G rows a
+page, so pages are a multiple of its group, 32 by default). KIVI's staging ring and
+first rows stay per slot (`[rows, ...]`, as in the slot cache; swapped with a preempted
+request's pages). H2O's and the sinks' rows hold slots, not positions: `kv_pages` is
+refused for them, and for a sharded cache.
+
+The host's bookkeeping is `page_pool.PagedKV`: which pages are free, a reference count
+per page, and the prefix cache (full pages of prompt KV keyed by their token prefix,
+shared by reference and evicted least recently used once no request holds them). When a
+request needs a page and none is free, the engine preempts the request admitted last:
+its pages are copied to host memory (`swap_out`) and freed, and it waits at the head of
+the queue until its pages fit again (`admit`, `restore`), so no request is dropped and
+its KV keeps its bits.
 """
 
 from __future__ import annotations
 
-import collections
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from pallax.runtime.page_pool import pages_for
 
 PAGE_SIZE = 16  # tokens per page unless the engine is told otherwise
 
@@ -59,15 +62,25 @@ def paged_rule(table, page: int, inner=None):
             return ops.attention_p.bind(q, k, v, pos, valid, *cache, **eqn.params)
 
     def gathered(eqn, q, k, v, pos, valid, *pools):
-        b, n = table.shape
-        views = [_gather(p, table) for p in pools]
+        fmt = eqn.params["format"]
+        per_row = _tokens_per_row(fmt, eqn.params["policy"])  # 0: a per-slot array
+        views = [_gather(p, table) if g else p for p, g in zip(pools, per_row, strict=True)]
         out, *views = inner(eqn, q, k, v, pos, valid, *views)
+        # what the call may have written: positions pos .. pos + T - 1, or with a staging
+        # ring (KIVI) the granules that left it, from stored(pos) on
         t = q.shape[1]
-        at = jnp.minimum(pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], n * page - 1)
+        first = fmt.stored(pos)
+        span = -(-(fmt.staging + t) // fmt.granule) * fmt.granule if fmt.staging else t
         new = []
-        for p, view in zip(pools, views, strict=True):
-            rows = jnp.take_along_axis(view, at.reshape(b, 1, t, *[1] * (view.ndim - 3)), axis=2)
-            new.append(_put(p, jnp.moveaxis(rows, 2, 1), table, pos, page))  # [B, T, kv, ...]
+        for p, view, g in zip(pools, views, per_row, strict=True):
+            if not g:
+                new.append(view)
+                continue
+            at = first[:, None] // g + jnp.arange(span // g or 1, dtype=jnp.int32)[None, :]
+            idx = jnp.minimum(at, view.shape[2] - 1)
+            idx = idx.reshape(at.shape[0], 1, at.shape[1], *[1] * (view.ndim - 3))
+            rows = jnp.take_along_axis(view, idx, axis=2)
+            new.append(_put(p, jnp.moveaxis(rows, 2, 1), table, first // g, page // g))
         return [out, *new]
 
     def rule(eqn, q, k, v, pos, valid, *pools):
@@ -82,9 +95,21 @@ def paged_rule(table, page: int, inner=None):
     return rule
 
 
+def _tokens_per_row(fmt, policy) -> list[int]:
+    """Per cache operand of the op: tokens per row of a paged array (1, or the granule for
+    KIVI's per-granule scales), or 0 for an array kept per slot (its staging ring, its
+    first rows)."""
+    from pallax.ir import kvcache
+
+    return [0 if name.endswith((".res", ".first")) else
+            fmt.granule if name in fmt.granule_parts else 1
+            for name in kvcache.part_names(fmt, policy)]  # fmt: skip
+
+
 def _put(pool, rows, table, pos, page: int):
-    """`pool` with `rows` [B, T, kv, ...] written at positions pos .. pos + T - 1 of each
-    row's pages; positions in pages a row does not hold (or past its table) are dropped."""
+    """`pool` with `rows` [B, T, kv, ...] written at rows pos .. pos + T - 1 of each
+    sequence's pages of `page` rows; rows in pages it does not hold (or past its table)
+    are dropped."""
     b, t = rows.shape[:2]
     n = table.shape[1]
     at = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
@@ -173,27 +198,31 @@ def paged_run(graph, name: str, page: int, weights, cache, *args):
     return logits, {"pool": pool, "table": cache["table"]}
 
 
-def plan(kv_pages, page_size, shape, compiled) -> tuple[int, int, int]:
-    """(pages, page size, the most tokens a request holds) for an engine of `shape` (an
-    `engine_steps.EngineShape`); bad values are refused by name, before any compile."""
+def plan(kv_pages, page_size, shape, compiled) -> tuple[int, int, int, tuple]:
+    """(pages, page size, the most tokens a request holds, the cache arrays kept per slot)
+    for an engine of `shape` (an
+    `engine_steps.EngineShape`) on `compiled`; bad values are refused by name, before any
+    compile (the engine's decode graph is traced for its cache layout)."""
+    from pallax.runtime.artifact import Artifact
     from pallax.runtime.engine_steps import positive_int
 
     if kv_pages is None:
         raise ValueError(f"page_size={page_size!r} needs kv_pages= (the pool's size in pages)")
-    from pallax.runtime.artifact import Artifact
-
     if isinstance(compiled, Artifact):  # its engine modules were exported for slot caches
         raise ValueError(
             "kv_pages= needs a CompiledModel: an artifact's engine modules were exported "
             "for a slot cache"
         )
-    page = PAGE_SIZE if page_size is None else positive_int("page_size", page_size)
+    pages = positive_int("kv_pages", kv_pages)
+    page = None if page_size is None else positive_int("page_size", page_size)
+    graph = compiled.slot_steps(shape).decode()[0]
+    page = default_page(graph.cache) if page is None else page
+    check_layout(graph, page)
     if shape.cache_len % page:
         raise ValueError(
             f"page_size={page} must divide the engine's cache length {shape.cache_len} (a "
             "power of two up to 256 does)"
         )
-    pages = positive_int("kv_pages", kv_pages)
     longest = min(shape.max_len + shape.speculate, shape.cache_len)  # drafts past max_len
     if pages < pages_for(longest, page):
         raise ValueError(
@@ -201,199 +230,57 @@ def plan(kv_pages, page_size, shape, compiled) -> tuple[int, int, int]:
             f"max_len={shape.max_len} (with {shape.speculate} drafted tokens) needs {longest} "
             f"tokens of cache, {pages_for(longest, page)} pages of {page}"
         )
-    return pages, page, longest
+    per_slot = tuple(k for k, g in page_parts(graph.cache).items() if not g)
+    return pages, page, longest, per_slot
 
 
-def check_layout(graph) -> None:
-    """Refuse a cache whose state is not rows addressed by position on one device."""
-    from pallax.runtime.prefix_cache import addressed
-
-    if not addressed(graph):
-        raise ValueError(
-            f"kv_pages= needs a cache of rows addressed by position on one device (dense or "
-            f"int8, unsharded); this model's is {graph.cache.kind}"
-        )
-
-
-def allocate(layout, pages: int, page: int) -> dict:
-    """A zeroed pool of `pages` pages for a cache layout."""
-    shapes = layout.shapes(1, page)
-    return {k: jnp.zeros((pages, *s.shape[1:]), s.dtype) for k, s in shapes.items()}
+def check_layout(graph, page: int) -> None:
+    """Refuse a cache that cannot page, or pages that split its granules."""
+    if graph.meta.get("mesh") is not None:
+        raise ValueError("kv_pages= needs a cache on one device; this model's is sharded")
+    granules = {g for g in page_parts(graph.cache).values() if g > 1}
+    for g in granules:
+        if page % g:
+            raise ValueError(
+                f"page_size={page} must be a multiple of the {graph.cache.kind} cache's "
+                f"granule of {g} tokens"
+            )
 
 
-def pages_for(tokens: int, page: int) -> int:
-    return -(-tokens // page)
+def default_page(layout) -> int:
+    """PAGE_SIZE, or a layout's largest granule if larger (KIVI's group)."""
+    return max([PAGE_SIZE, *page_parts(layout).values()])
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _write(pool, ids, data):
-    return {k: p.at[ids].set(data[k], mode="drop") for k, p in pool.items()}
-
-
-@jax.jit
-def _read(pool, ids):
-    return {k: jnp.take(p, ids, axis=0, mode="fill", fill_value=0) for k, p in pool.items()}
-
-
-class PagedKV:
-    """Pages of a pool: free pages, reference counts, block tables, the prefix cache. A
-    request never holds more than `longest` tokens' pages (what `plan` checked fits)."""
-
-    def __init__(self, pages: int, page: int, longest: int, rows: int, per_row: int):
-        self.pages, self.page, self.per_row = pages, page, per_row
-        self.longest = longest
-        self.table = np.full((rows, per_row), pages, np.int32)
-        self.held = [0] * rows  # pages each slot's table holds (its leading entries)
-        self.refs = np.zeros((pages,), np.int32)
-        self._free = list(range(pages))[::-1]
-        self._keys: collections.OrderedDict = collections.OrderedDict()  # key -> page, LRU
-        self._ids: dict = {}  # key -> a small int, the parent of the next page's key
-        self._next_id = 0
-        self.dirty = True  # the table changed since the device last got it
-
-    # ------------------------------------------------------------------ pages
-    def available(self) -> int:
-        """Pages free now or held by the prefix cache alone (evictable)."""
-        return len(self._free) + sum(1 for p in self._keys.values() if self.refs[p] == 1)
-
-    def fits(self, live) -> bool:
-        """Whether a waiting request's pages are free: a preempted one's, or a new one's
-        whole prompt and its first generated token."""
-        if live.saved is not None:
-            need = live.saved[1] + 1
+def page_parts(layout) -> dict[str, int]:
+    """name -> tokens per row of each cache array of a layout that can page: 1 for rows
+    addressed by position, G for per-granule rows (KIVI's key scales), 0 for an array
+    kept per slot (KIVI's staging ring, its first rows). ValueError for any other array
+    (H2O's and the sinks' rows hold slots, not positions)."""
+    parts = {}
+    for name, shape, _ in layout.entries:
+        rows = shape[2] if len(shape) >= 3 and shape[0] == "B" else None
+        if rows == "S" and "S" not in shape[3:]:
+            parts[name] = 1
+        elif isinstance(rows, str) and rows.startswith("S/"):
+            parts[name] = int(rows[2:])
+        elif name.endswith((".res", ".first")) and rows is not None and "S" not in shape:
+            parts[name] = 0
         else:
-            need = pages_for(len(live.req.prompt_ids) + 1, self.page)
-        return min(need, pages_for(self.longest, self.page)) <= self.available()
-
-    def used(self) -> int:
-        return self.pages - len(self._free)
-
-    def reserve(self, slot: int, tokens: int) -> bool:
-        """Give `slot` pages for its first `tokens` positions; False (nothing taken) if
-        they do not fit."""
-        need = pages_for(min(tokens, self.longest), self.page) - self.held[slot]
-        if need <= 0:
-            return True
-        if need > self.available():
-            return False
-        for _ in range(need):
-            self._hold(slot, self._take())
-        return True
-
-    def release(self, slot: int) -> None:
-        for i in range(self.held[slot]):
-            self._unref(int(self.table[slot, i]))
-        self.table[slot] = self.pages
-        self.held[slot] = 0
-        self.dirty = True
-
-    def _hold(self, slot: int, page: int) -> None:
-        self.refs[page] += 1
-        self.table[slot, self.held[slot]] = page
-        self.held[slot] += 1
-        self.dirty = True
-
-    def _unref(self, page: int) -> None:
-        self.refs[page] -= 1
-        if self.refs[page] == 0:
-            self._free.append(page)
-
-    def _take(self) -> int:
-        if not self._free:  # evict the least recently used page no request holds
-            key = next(k for k, p in self._keys.items() if self.refs[p] == 1)
-            self._unref(self._keys.pop(key))
-            self._ids.pop(key)  # its descendants' keys are unreachable now, and age out
-        return self._free.pop()
-
-    # ----------------------------------------------------------- prefix cache
-    def _chain(self, ids):
-        key = None
-        for i in range(len(ids) // self.page):
-            key = (None if key is None else self._ids[key],
-                   tuple(ids[i * self.page : (i + 1) * self.page]))  # fmt: skip
-            yield i, key
-            if key not in self._ids:
-                return
-
-    def share(self, slot: int, ids) -> int:
-        """Point `slot`'s table at the cached pages of `ids`' longest cached run of leading
-        full pages (one token at least is left to prefill, for its logits); the tokens."""
-        n = 0
-        for _, key in self._chain(ids[: len(ids) - 1]):
-            page = self._keys.get(key)
-            if page is None:
-                break
-            self._keys.move_to_end(key)
-            self._hold(slot, page)
-            n += self.page
-        return n
-
-    def insert(self, slot: int, ids) -> None:
-        """Keep `slot`'s full pages of prompt `ids` in the prefix cache (no copy: the
-        cache holds a reference to the slot's own pages)."""
-        for i, key in self._chain(ids):
-            if key in self._keys:
-                self._keys.move_to_end(key)
-            elif i < self.held[slot]:
-                page = int(self.table[slot, i])
-                self.refs[page] += 1
-                self._keys[key] = page
-                self._next_id += 1
-                self._ids[key] = self._next_id
-
-    # ------------------------------------------------------------------- swap
-    def swap_out(self, pool, slot: int):
-        """(host copies of `slot`'s pages, how many); the pages are released."""
-        m = self.held[slot]
-        data = jax.device_get(_read(pool, jnp.asarray(self._padded(self.table[slot, :m]))))
-        self.release(slot)
-        return {k: v[:m] for k, v in data.items()}, m
-
-    def admit(self, live, share: bool) -> int:
-        """Pages for a request taking a slot (the caller checked `fits`): a preempted
-        one's as many as it had, a new one's its prompt's, the prefix cache's first
-        (`share`); the prompt tokens those hold."""
-        if live.saved is not None:
-            self.reserve(live.slot, live.saved[1] * self.page)
-            return 0
-        n = self.share(live.slot, live.req.prompt_ids) if share else 0
-        self.reserve(live.slot, len(live.req.prompt_ids))
-        return n
-
-    def restore(self, pool, slot: int, saved):
-        """`pool` with the pages `admit` gave a preempted request holding what `swap_out`
-        saved of it."""
-        data, m = saved
-        pad = {k: np.concatenate([v, np.zeros((self.per_row - m, *v.shape[1:]), v.dtype)])
-               for k, v in data.items()}  # fmt: skip
-        return _write(pool, jnp.asarray(self._padded(self.table[slot, :m])), pad)
-
-    def _padded(self, ids):
-        out = np.full((self.per_row,), self.pages, np.int32)  # past the pool: dropped
-        out[: len(ids)] = ids
-        return out
+            raise ValueError(
+                f"kv_pages= needs a cache of rows addressed by position (dense, int8, KIVI with "
+                f"every position kept); this model's {layout.kind} cache has {name} {shape}"
+            )
+    return parts
 
 
-def room(engine, live, tokens: int) -> bool:
-    """Pages for `live`'s first `tokens` positions in `engine`, preempting the requests
-    admitted last until they fit; False if `live` itself was preempted (or ended)."""
-    while not engine._kv.reserve(live.slot, tokens):
-        preempt(engine, engine._running[-1])
-        if live not in engine._running:
-            return False
-    return True
-
-
-def preempt(engine, live) -> None:
-    """Swap `live`'s pages out to host memory; it waits at the head of the queue (vLLM's
-    swap preemption: its KV comes back with the same bits, nothing is recomputed)."""
-    engine._read_flight()  # its token in flight, if any, is handed out first
-    if live not in engine._running:
-        return  # it ended on that token
-    live.saved = engine._kv.swap_out(engine._cache["pool"], live.slot)
-    engine._running.remove(live)
-    engine._free.append(live.slot)
-    engine._sampling = None
-    live.draft_pos = 0  # a draft model's cache is prefilled again
-    engine._waiting.appendleft(live)
-    engine.metrics.add("preempted", 1)
+def allocate(layout, pages: int, page: int, rows: int) -> dict:
+    """A zeroed pool of `pages` pages of `page` tokens for a cache layout (arrays kept per
+    slot: `rows` of them)."""
+    parts = page_parts(layout)
+    out = {}
+    for k, s in layout.shapes(1, page).items():
+        lead = pages if parts[k] else rows
+        rest = (s.shape[1], page // parts[k], *s.shape[3:]) if parts[k] else s.shape[1:]
+        out[k] = jnp.zeros((lead, *rest), s.dtype)
+    return out

@@ -4,13 +4,16 @@ back, so every request still gets the tokens `generate` gives it alone."""
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import pallax
-from pallax.runtime import kv_pages
+from pallax.ir.kvcache import DENSE, FULL
+from pallax.runtime import kv_pages, page_pool
 from pallax.runtime.engine_steps import EngineShape
 from tests.runtime.test_batch_invariance import PROMPTS
 
@@ -20,19 +23,21 @@ LONG = PROMPTS[3]  # ~70 tokens: four full pages of 16
 MIXED = [LONG, "Tell me a story about a dragon. " + LONG, PROMPTS[0] + " " + LONG[:120],
          LONG + " Summarize it.", PROMPTS[1]]  # fmt: skip
 SHAPE = dict(max_batch=4, token_budget=24, max_len=256)
+H2O = "evict_kv:h2o:budget=64:recent=16"
 
 
 # ---------------------------------------------------------------- the rule itself
-def _toy_inner(eqn, q, k, v, pos, valid, cache):
-    """A position-addressed cache op: writes k's T rows at pos .. pos + T - 1 and returns
-    the sum of each row's rows up to its last position (what it "attends" over)."""
+def _toy_inner(eqn, q, k, v, pos, valid, k_cache, v_cache):
+    """A position-addressed cache op: writes k's and v's T rows at pos .. pos + T - 1 and
+    returns the sum of each row's keys up to its last position (what it "attends" over)."""
     b, t = k.shape[:2]
     at = pos[:, None] + jnp.arange(t)[None, :]
     rows = jnp.arange(b)[:, None]
-    cache = cache.at[rows, :, at].set(k, mode="drop")  # [B, kv, S, H]
-    seen = jnp.arange(cache.shape[2])[None, :] < (pos + t)[:, None]
-    out = jnp.sum(jnp.where(seen[:, None, :, None], cache, 0.0), axis=2)
-    return [out, cache]
+    k_cache = k_cache.at[rows, :, at].set(k, mode="drop")  # [B, kv, S, H]
+    v_cache = v_cache.at[rows, :, at].set(v, mode="drop")
+    seen = jnp.arange(k_cache.shape[2])[None, :] < (pos + t)[:, None]
+    out = jnp.sum(jnp.where(seen[:, None, :, None], k_cache, 0.0), axis=2)
+    return [out, k_cache, v_cache]
 
 
 def test_paged_rule_gathers_and_writes_back_like_a_slot_cache():
@@ -50,8 +55,9 @@ def test_paged_rule_gathers_and_writes_back_like_a_slot_cache():
     k = jnp.asarray(rng.normal(size=(b, 3, kv, h)), jnp.float32)
     pos = jnp.asarray([5, 6, 0], jnp.int32)  # row 1 writes its positions 6, 7, then 8 (unheld)
     rule = kv_pages.paged_rule(jnp.asarray(table), page, _toy_inner)
-    out, new_pool = rule(None, k, k, k, pos, None, pool)
-    ref_out, ref_slot = _toy_inner(None, k, k, k, pos, None, slot)
+    dense = types.SimpleNamespace(params={"format": DENSE, "policy": FULL})  # one k, one v
+    out, new_pool, new_v = rule(dense, k, k, 2 * k, pos, None, pool, pool)
+    ref_out, ref_slot, ref_v = _toy_inner(None, k, k, 2 * k, pos, None, slot, slot)
     held = table < pool_pages
     # rows read what they hold and the call's own rows; other rows of unheld pages zeros
     at = np.arange(n * page)[None, :]
@@ -63,11 +69,12 @@ def test_paged_rule_gathers_and_writes_back_like_a_slot_cache():
     for r in range(2):
         for j in range(n):
             if held[r, j]:  # every held page equals the slot cache's after the call
-                np.testing.assert_array_equal(
-                    new_pool[table[r, j]], ref_slot[r, :, j * page : (j + 1) * page]
-                )
-    unheld = sorted(set(range(pool_pages)) - set(table[held].tolist()))
-    np.testing.assert_array_equal(new_pool[np.asarray(unheld)], 0.0)  # writes dropped
+                rows = slice(j * page, (j + 1) * page)
+                np.testing.assert_array_equal(new_pool[table[r, j]], ref_slot[r, :, rows])
+                np.testing.assert_array_equal(new_v[table[r, j]], ref_v[r, :, rows])
+    unheld = np.asarray(sorted(set(range(pool_pages)) - set(table[held].tolist())))
+    np.testing.assert_array_equal(new_pool[unheld], 0.0)  # writes dropped
+    np.testing.assert_array_equal(new_v[unheld], 0.0)
     np.testing.assert_allclose(ref_out[0], out[0], rtol=1e-6)  # row 0 holds all it reads
 
 
@@ -83,7 +90,7 @@ class _Live:
 
 
 def test_pages_are_counted_shared_and_evicted():
-    kv = kv_pages.PagedKV(pages=8, page=4, longest=16, rows=3, per_row=4)
+    kv = page_pool.PagedKV(pages=8, page=4, longest=16, rows=3, per_row=4)
     a = _Live(0, list(range(10)))  # 2 full pages and 2 tokens
     assert kv.fits(a) and kv.admit(a, share=True) == 0 and kv.held[0] == 3
     kv.insert(0, a.req.prompt_ids)  # its two full pages go to the prefix cache
@@ -107,7 +114,7 @@ def test_pages_are_counted_shared_and_evicted():
 
 
 def test_a_swapped_out_request_gets_its_bits_back():
-    kv = kv_pages.PagedKV(pages=6, page=2, longest=8, rows=2, per_row=4)
+    kv = page_pool.PagedKV(pages=6, page=2, longest=8, rows=2, per_row=4)
     pool = {"k": jnp.arange(6 * 3 * 2 * 5, dtype=jnp.float32).reshape(6, 3, 2, 5),
             "s": jnp.arange(6 * 3 * 2, dtype=jnp.float32).reshape(6, 3, 2)}  # fmt: skip
     assert kv.reserve(0, 5)
@@ -163,6 +170,19 @@ def test_paged_int8_cache_with_speculation_preempts(smollm2):
     assert stats["preempted"] >= 1 and stats["drafted_tokens"] > 0
 
 
+@pytest.mark.slow
+def test_paged_kivi_cache_preempts(smollm2):
+    """KIVI-2 over pages of 32 (its packed rows and per-token scales by position, its key
+    scales by group) with its staging ring per slot: prompts of ~150 tokens and 40 new
+    ones, so groups leave the 160-slot ring into pages, and 10 pages for ~24 wanted."""
+    compiled = pallax.compile(smollm2, passes=["kivi2"])
+    prompts = [LONG + " " + LONG, "Once upon a time. " + LONG + " " + LONG, PROMPTS[0],
+               LONG + " And then? " + LONG]  # fmt: skip
+    results, stats = _run(compiled, prompts, 40, gap=0.3, kv_pages=10)
+    assert [r.token_ids for r in results] == _alone(compiled, prompts, 40)
+    assert stats["preempted"] >= 1 and stats["prefix_hit_tokens"] == 0  # no prefix pages
+
+
 def test_kv_pages_bad_values_are_refused_by_name(compiled_fp32, smollm2):
     cases = [
         (dict(kv_pages=15), "kv_pages=15 must be at least 16"),
@@ -177,8 +197,12 @@ def test_kv_pages_bad_values_are_refused_by_name(compiled_fp32, smollm2):
         with pytest.raises(ValueError, match=message):
             pallax.Engine(compiled_fp32, **(SHAPE | kwargs))
     kivi = pallax.compile(smollm2, passes=["kivi2"])
+    with pytest.raises(ValueError, match="page_size=16 must be a multiple of the kivi cache's "
+                       "granule of 32 tokens"):  # fmt: skip
+        pallax.Engine(kivi, **SHAPE, kv_pages=64, page_size=16)
+    h2o = pallax.compile(smollm2, passes=[H2O])
     with pytest.raises(ValueError, match="kv_pages= needs a cache of rows addressed by position"):
-        pallax.Engine(kivi, **SHAPE, kv_pages=64)
+        pallax.Engine(h2o, **SHAPE, kv_pages=64)
 
 
 def test_memory_report_says_what_pages_a_budget_buys(smollm2, compiled_fp32):
@@ -190,7 +214,11 @@ def test_memory_report_says_what_pages_a_budget_buys(smollm2, compiled_fp32):
     assert int8["kv_bytes_per_page"] == 64 * int8["kv_bytes_per_token"]
     assert int8["kv_pages"] * 64 > dense["kv_pages"] * 16  # smaller rows: more tokens
     kivi = pallax.compile(smollm2, passes=["kivi2"]).memory_report(2**30)
-    assert kivi["kv_bytes_per_page"] is None and "kv_pages" not in kivi
+    assert kivi["kv_page_size"] == 32  # its group
+    assert kivi["kv_bytes_per_page"] == 32 * kivi["kv_bytes_per_token"]
+    assert kivi["kv_pages"] * 32 > int8["kv_pages"] * 64
+    h2o = pallax.compile(smollm2, passes=[H2O]).memory_report(2**30)
+    assert h2o["kv_bytes_per_page"] is None and "kv_pages" not in h2o
 
 
 def _attention_eqn(compiled):

@@ -20,7 +20,9 @@ mixed lengths: prompt and output lengths drawn log-uniformly from --prompt-len a
   arrival order (a batch starts once its last request has arrived and the previous batch
   is done); prints its throughput and the engine's ratio to it.
 
-Each system runs the whole workload once untimed first (compiles), then timed.
+Each system runs the whole workload once untimed first (compiles; the engine's warm-up
+prompts are other random ids of the same lengths, so the timed prompts are not in its
+prefix cache), then timed.
 
 `--http` sends the same workload to the OpenAI-compatible server (`pallax serve`'s app on
 127.0.0.1, streamed SSE; an inter-token latency is then the gap between events).
@@ -65,6 +67,15 @@ def workload(n, rate, prompt_len, new_tokens, vocab, seed):
         (float(a), rng.integers(100, min(vocab, 30000), size=int(p)).tolist(), int(m))
         for a, p, m in zip(arrivals, plen, new, strict=True)
     ]
+
+
+def fresh_ids(reqs, vocab, seed):
+    """`reqs` with other random prompt ids of the same lengths: a warm-up that compiles
+    every chunk size the timed run takes, without leaving its prompts in the engine's
+    prefix cache (a timed run of the same ids would skip their prefill)."""
+    rng = np.random.default_rng(seed + 1)
+    return [(a, rng.integers(100, min(vocab, 30000), size=len(p)).tolist(), m)
+            for a, p, m in reqs]  # fmt: skip
 
 
 def pct(xs, q):
@@ -380,7 +391,7 @@ def main(argv=None) -> int:
             server = _serving(engine, compiled.config.name or args.model)
         with server as url:
             target = url or engine
-            run_engine(target, reqs)  # warm-up
+            run_engine(target, fresh_ids(reqs, vocab, args.seed))  # warm-up
             tput, ttft, itl, lost, tokens = run_engine(target, reqs)
     print(f"engine: {tput:7.1f} tok/s  TTFT p50 {pct(ttft, 50):.2f} s p99 {pct(ttft, 99):.2f} s  "
           f"ITL p50 {pct(itl, 50) * 1e3:.1f} ms p99 {pct(itl, 99) * 1e3:.1f} ms  "

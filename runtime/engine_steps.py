@@ -214,15 +214,14 @@ def make_slot_verify(graph: Graph, page: int = 0):
     rules = {p: rows for p in per_row}
 
     def verify(weights, cache, tokens, pos, sampling, steps, n_draft):
+        step_rules = rules | {ops.attention_p: attention}
         if page:  # one gather of each layer's pages, K + 1 tokens on it, one write back
             from pallax.runtime.kv_pages import paged_rule
 
             table, cache = cache["table"], cache["pool"]
-            rules[ops.attention_p] = paged_rule(table, page, attention)
-        else:
-            rules[ops.attention_p] = attention
+            step_rules[ops.attention_p] = paged_rule(table, page, attention)
         flat = jax.tree.leaves((weights, cache, tokens, pos))
-        outs = eval_with_rules(step.jaxpr.jaxpr, step.jaxpr.consts, flat, rules)
+        outs = eval_with_rules(step.jaxpr.jaxpr, step.jaxpr.consts, flat, step_rules)
         logits, cache = jax.tree.unflatten(step.out_tree, outs)  # [B, K+1, V]
         if page:
             cache = {"pool": cache, "table": table}

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallax.pallas_kernels.paged_attention.reference import gather_pages
 from pallax.runtime.page_pool import pages_for
 
 PAGE_SIZE = 16  # tokens per page unless the engine is told otherwise
@@ -64,7 +65,7 @@ def paged_rule(table, page: int, inner=None):
     def gathered(eqn, q, k, v, pos, valid, *pools):
         fmt = eqn.params["format"]
         per_row = _tokens_per_row(fmt, eqn.params["policy"])  # 0: a per-slot array
-        views = [_gather(p, table) if g else p for p, g in zip(pools, per_row, strict=True)]
+        views = [gather_pages(p, table) if g else p for p, g in zip(pools, per_row, strict=True)]
         out, *views = inner(eqn, q, k, v, pos, valid, *views)
         # what the call may have written: positions pos .. pos + T - 1, or with a staging
         # ring (KIVI) the granules that left it, from stored(pos) on
@@ -175,14 +176,6 @@ def _kernel_branches(eqn, q, pools, table, page: int) -> dict:
             if supports(platform, page, head_dim, dtype):
                 branches[platform] = kernel_branch(eqn, table, page, platform)
     return branches
-
-
-def _gather(pool, table):
-    """[N, kv, page, ...] pool, [B, n] table -> [B, kv, n * page, ...] (zeros where the
-    table holds no page)."""
-    g = jnp.take(pool, table, axis=0, mode="fill", fill_value=0)  # [B, n, kv, page, ...]
-    g = jnp.moveaxis(g, 1, 2)
-    return g.reshape(g.shape[0], g.shape[1], g.shape[2] * g.shape[3], *g.shape[4:])
 
 
 def paged_run(graph, name: str, page: int, weights, cache, *args):

@@ -108,13 +108,9 @@ class PagedKV:
 
     # ----------------------------------------------------------- prefix cache
     def _chain(self, ids):
-        key = None
-        for i in range(len(ids) // self.page):
-            key = (None if key is None else self._ids[key],
-                   tuple(ids[i * self.page : (i + 1) * self.page]))  # fmt: skip
-            yield i, key
-            if key not in self._ids:
-                return
+        from pallax.runtime.prefix_cache import page_keys
+
+        return page_keys(ids, self.page, self._ids)
 
     def share(self, slot: int, ids) -> int:
         """Point `slot`'s table at the cached pages of `ids`' longest cached run of leading

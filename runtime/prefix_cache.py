@@ -40,6 +40,18 @@ def addressed(graph) -> bool:
     return supported(graph.cache) and graph.meta.get("mesh") is None
 
 
+def page_keys(ids, page: int, known: dict):
+    """(i, key) of `ids`' full pages of `page` tokens: the key of page i is (the small int
+    `known` gives page i - 1's key, page i's tokens), exact where a hash may collide. The
+    chain stops after the first key `known` lacks (no later key can be known)."""
+    key = None
+    for i in range(len(ids) // page):
+        key = (None if key is None else known[key], tuple(ids[i * page : (i + 1) * page]))
+        yield i, key
+        if key not in known:
+            return
+
+
 class PrefixCache:
     """A pool of `pages` pages of `page` tokens for a slot cache of length `seq`."""
 
@@ -57,13 +69,7 @@ class PrefixCache:
         self._next_id = 0
 
     def _chain(self, ids):
-        key = None
-        for i in range(len(ids) // self.page):
-            key = (None if key is None else self._ids[key], tuple(ids[i * self.page : (i + 1) *
-                                                                     self.page]))  # fmt: skip
-            yield i, key
-            if key not in self._ids:
-                return
+        return page_keys(ids, self.page, self._ids)
 
     def lookup(self, ids) -> list[int]:
         """Pool pages holding the longest cached run of `ids`' leading full pages (at least

@@ -16,13 +16,13 @@ from pallax.ir.kvcache import DENSE, FULL
 from pallax.runtime import kv_pages, page_pool
 from pallax.runtime.engine_steps import EngineShape
 from tests.runtime.test_batch_invariance import PROMPTS
+from tests.runtime.test_engine import SHAPE, _staggered  # 4 slots, budget 24, max_len 256
 
 LONG = PROMPTS[3]  # ~70 tokens: four full pages of 16
 # five requests of 6-77 prompt tokens and 40 new ones: ~29 pages of 16 at once, more than
 # the 16 or 18 of the engines below, so requests are preempted and resumed
 MIXED = [LONG, "Tell me a story about a dragon. " + LONG, PROMPTS[0] + " " + LONG[:120],
          LONG + " Summarize it.", PROMPTS[1]]  # fmt: skip
-SHAPE = dict(max_batch=4, token_budget=24, max_len=256)
 H2O = "evict_kv:h2o:budget=64:recent=16"
 
 
@@ -131,25 +131,13 @@ def test_a_swapped_out_request_gets_its_bits_back():
 
 
 # -------------------------------------------------------------------- the engine
-def _run(compiled, prompts, new, gap=0.0, **engine):
-    import time
-
-    with pallax.Engine(compiled, **(SHAPE | engine)) as eng:
-        handles = []
-        for p in prompts:
-            handles.append(eng.submit(p, max_new_tokens=new))
-            time.sleep(gap)
-        results = [h.result(timeout=900) for h in handles]
-        return results, eng.stats()
-
-
 def _alone(compiled, prompts, new):
     return [compiled.generate([p], max_new_tokens=new)[0].token_ids for p in prompts]
 
 
 @pytest.mark.slow
 def test_paged_engine_preempts_and_shares_prefixes_fp32(compiled_fp32):
-    results, stats = _run(compiled_fp32, MIXED, 40, kv_pages=16)
+    results, stats = _staggered(compiled_fp32, MIXED, 40, gap=0.0, kv_pages=16)
     assert [r.token_ids for r in results] == _alone(compiled_fp32, MIXED, 40)
     assert stats["preempted"] >= 1 and stats["finished"] == len(MIXED)
     assert stats["kv_pages"] == 16 and stats["running"] == stats["waiting"] == 0
@@ -165,7 +153,7 @@ def test_paged_engine_preempts_and_shares_prefixes_fp32(compiled_fp32):
 @pytest.mark.slow
 def test_paged_int8_cache_with_speculation_preempts(smollm2):
     compiled = pallax.compile(smollm2, passes=["int8", "int8kv"])
-    results, stats = _run(compiled, MIXED, 40, gap=0.3, kv_pages=18, speculate=3)
+    results, stats = _staggered(compiled, MIXED, 40, gap=0.3, kv_pages=18, speculate=3)
     assert [r.token_ids for r in results] == _alone(compiled, MIXED, 40)
     assert stats["preempted"] >= 1 and stats["drafted_tokens"] > 0
 
@@ -178,7 +166,7 @@ def test_paged_kivi_cache_preempts(smollm2):
     compiled = pallax.compile(smollm2, passes=["kivi2"])
     prompts = [LONG + " " + LONG, "Once upon a time. " + LONG + " " + LONG, PROMPTS[0],
                LONG + " And then? " + LONG]  # fmt: skip
-    results, stats = _run(compiled, prompts, 40, gap=0.3, kv_pages=10)
+    results, stats = _staggered(compiled, prompts, 40, gap=0.3, kv_pages=10)
     assert [r.token_ids for r in results] == _alone(compiled, prompts, 40)
     assert stats["preempted"] >= 1 and stats["prefix_hit_tokens"] == 0  # no prefix pages
 
